@@ -1,0 +1,405 @@
+//! Channels: join, leave, token refresh and expiry, and server-side shutdown
+//! (PROTOCOL.md §2).
+
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use crate::auth::{Claims, TokenError};
+use crate::connection::ReplyTo;
+use crate::limits::FixedWindow;
+use crate::protocol::{self, json_str, Inbound, InboundPayload, Vsn};
+use crate::room::{Room, RoomKey};
+use crate::timers::Timer;
+use crate::{ConnId, Engine, Output};
+
+/// One joined channel instance on a connection.
+#[derive(Debug)]
+pub(crate) struct Channel {
+    /// `realtime:<sub>`, as joined.
+    pub(crate) topic: Arc<str>,
+    pub(crate) room: RoomKey,
+    /// Unique per join, so timers and presence can tell a channel from its rejoined twin.
+    pub(crate) instance: u64,
+    /// The `ref` of the `phx_join`; clients drop channel messages with another join_ref.
+    pub(crate) join_ref: Option<Box<str>>,
+    /// `broadcast.self`: receive own broadcasts.
+    pub(crate) self_broadcast: bool,
+    /// `broadcast.ack`: reply to each broadcast push.
+    pub(crate) ack: bool,
+    /// Whether the join asked for `presence_state`.
+    pub(crate) presence_enabled: bool,
+    /// The presence key: the configured one or a generated UUID.
+    pub(crate) presence_key: Box<str>,
+    /// The channel's own token, when it is not the connection token.
+    pub(crate) token: Option<Box<str>>,
+    pub(crate) claims: Arc<Claims>,
+    /// Postgres changes bindings, echoed with ids.
+    pub(crate) bindings: Vec<Binding>,
+    /// Upstream's per-channel client presence limiter.
+    pub(crate) presence_calls: FixedWindow,
+}
+
+/// A postgres_changes binding as the client sent it, with its id.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Binding {
+    pub(crate) id: u32,
+    pub(crate) params: Map<String, Value>,
+}
+
+/// The join payload, read leniently: an invalid field falls back to its default and never
+/// fails the join (upstream logs `InvalidJoinPayload` and carries on).
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct JoinConfig {
+    pub(crate) self_broadcast: bool,
+    pub(crate) ack: bool,
+    pub(crate) presence_enabled: bool,
+    pub(crate) presence_key: Option<String>,
+    pub(crate) private: bool,
+    pub(crate) bindings: Vec<Map<String, Value>>,
+    pub(crate) token: Option<String>,
+}
+
+impl JoinConfig {
+    pub(crate) fn parse(payload: &Value) -> JoinConfig {
+        let config = payload.get("config");
+        let at = |path: &[&str]| path.iter().try_fold(config?, |value, key| value.get(key));
+        let flag = |path: &[&str]| at(path).and_then(flexible_bool).unwrap_or(false);
+        let token = ["user_token", "access_token"]
+            .iter()
+            .find_map(|key| payload.get(key).and_then(Value::as_str))
+            .map(str::to_owned);
+        JoinConfig {
+            self_broadcast: flag(&["broadcast", "self"]),
+            ack: flag(&["broadcast", "ack"]),
+            presence_enabled: flag(&["presence", "enabled"]),
+            presence_key: at(&["presence", "key"])
+                .and_then(Value::as_str)
+                .filter(|key| !key.is_empty())
+                .map(str::to_owned),
+            private: flag(&["private"]),
+            bindings: at(&["postgres_changes"])
+                .and_then(Value::as_array)
+                .map(|list| list.iter().filter_map(|b| b.as_object().cloned()).collect())
+                .unwrap_or_default(),
+            token,
+        }
+    }
+}
+
+/// `true`/`false` or the strings `"true"`/`"false"` in any case.
+fn flexible_bool(value: &Value) -> Option<bool> {
+    match value {
+        Value::Bool(b) => Some(*b),
+        Value::String(s) if s.eq_ignore_ascii_case("true") => Some(true),
+        Value::String(s) if s.eq_ignore_ascii_case("false") => Some(false),
+        _ => None,
+    }
+}
+
+/// A stable id for a binding: identical bindings get identical ids, in 0..2³¹.
+pub(crate) fn binding_id(params: &Map<String, Value>) -> u32 {
+    // serde_json's Map is ordered by key, so equal bindings serialise identically.
+    let text = serde_json::to_string(params).expect("a JSON map serialises");
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in text.bytes() {
+        hash = (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193);
+    }
+    hash & 0x7fff_ffff
+}
+
+/// `{"extension":…,"status":…,"message":…,"channel":…}`.
+pub(crate) fn system_payload(extension: &str, status: &str, message: &str, sub: &str) -> String {
+    format!(
+        r#"{{"extension":"{extension}","status":"{status}","message":{},"channel":{}}}"#,
+        json_str(message),
+        json_str(sub)
+    )
+}
+
+impl Engine {
+    pub(crate) fn join(&mut self, conn: ConnId, vsn: Vsn, inbound: &Inbound<'_>) {
+        let reply_to = ReplyTo::of(inbound);
+        let Some(sub) = inbound.topic.strip_prefix("realtime:") else {
+            self.reply(conn, vsn, &ReplyTo { join_ref: None, ..reply_to }, "error", r#"{"reason":"unmatched topic"}"#);
+            return;
+        };
+        // Phoenix closes a duplicate join's old instance before handling the new join.
+        if let Some(index) = self.conns[&conn].channel_index(&inbound.topic) {
+            let old = &self.conns[&conn].channels[index];
+            let join_ref = old.join_ref.clone();
+            self.send_one(conn, phx_close(vsn, join_ref.as_deref(), &inbound.topic));
+            self.remove_channel(conn, index);
+        }
+        let payload: Value = match &inbound.payload {
+            InboundPayload::Json(raw) => serde_json::from_str(raw.get()).unwrap_or(Value::Null),
+            _ => Value::Null,
+        };
+        let config = JoinConfig::parse(&payload);
+        let now = self.now.mono;
+        let c = &self.conns[&conn];
+        let refusal = if sub.is_empty() {
+            Some(("TopicNameRequired: You must provide a topic name".to_owned(), false))
+        } else if self.shutting_down {
+            Some(("RealtimeRestarting: Realtime is restarting, please standby".to_owned(), false))
+        } else if self.config.private_only && !config.private {
+            Some(("PrivateOnly: This project only allows private channels".to_owned(), false))
+        } else if !c.counted && self.users >= self.config.concurrent_users_max {
+            Some(("ConnectionRateLimitReached: Too many connected users".to_owned(), false))
+        } else if !self.joins.take(now, 1) {
+            Some(("ClientJoinRateLimitReached: Too many joins per second".to_owned(), true))
+        } else if c.channels.len() >= self.config.channels_per_client_max {
+            Some(("ChannelRateLimitReached: Too many channels".to_owned(), false))
+        } else {
+            None
+        };
+        if let Some((reason, close_socket)) = refusal {
+            self.refuse_join(conn, vsn, &reply_to, &reason, close_socket);
+            return;
+        }
+        // The channel token: the join's own unless it is an opaque `sb_` key.
+        let own_token = config.token.clone().filter(|t| !t.starts_with("sb_"));
+        let claims = match &own_token {
+            None => Ok(c.claims.clone()),
+            Some(token) => self.verifier.verify(token, self.now.unix_ms).map(Arc::new),
+        };
+        let claims = match claims {
+            Ok(claims) => claims,
+            Err(e) => {
+                self.refuse_join(conn, vsn, &reply_to, &e.join_reason(), false);
+                return;
+            }
+        };
+        if config.private && !claims.is_service_role() {
+            // Private channels are authorised by RLS policies on realtime.messages, which
+            // need the project database; without it only service_role may join.
+            let reason = "UnableToConnectToProject: Realtime was unable to connect to the project database";
+            self.refuse_join(conn, vsn, &reply_to, reason, false);
+            return;
+        }
+        self.admit(conn, vsn, &reply_to, sub, config.private, claims, own_token, config);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn admit(
+        &mut self,
+        conn: ConnId,
+        vsn: Vsn,
+        reply_to: &ReplyTo<'_>,
+        sub: &str,
+        private: bool,
+        claims: Arc<Claims>,
+        own_token: Option<String>,
+        config: JoinConfig,
+    ) {
+        let presence_key = match config.presence_key {
+            Some(key) => key.into_boxed_str(),
+            None => self.uuid().into_boxed_str(),
+        };
+        let bindings: Vec<Binding> = config
+            .bindings
+            .into_iter()
+            .map(|params| Binding { id: binding_id(&params), params })
+            .collect();
+        self.next_instance += 1;
+        let instance = self.next_instance;
+        let topic: Arc<str> = Arc::from(reply_to.topic);
+        let room = RoomKey { private, sub: Arc::from(sub) };
+        let exp = claims.exp;
+        let channel = Channel {
+            topic: topic.clone(),
+            room: room.clone(),
+            instance,
+            join_ref: reply_to.join_ref.map(Box::from),
+            self_broadcast: config.self_broadcast,
+            ack: config.ack,
+            presence_enabled: config.presence_enabled || self.config.presence_enabled,
+            presence_key,
+            token: own_token.map(String::into_boxed_str),
+            claims,
+            bindings,
+            presence_calls: FixedWindow::default(),
+        };
+        let response = join_response(&channel.bindings);
+        let has_bindings = !channel.bindings.is_empty();
+        let c = self.conns.get_mut(&conn).expect("join runs on a live connection");
+        c.channels.push(channel);
+        c.empty_since = None;
+        if !c.counted {
+            c.counted = true;
+            self.users += 1;
+        }
+        self.rooms.entry(room).or_insert_with(|| Room::new(topic.clone())).add(conn, vsn);
+        self.stats.channels += 1;
+        self.arm_expiry(conn, instance, exp);
+        self.reply(conn, vsn, reply_to, "ok", &response);
+        if has_bindings {
+            self.postgres_changes_status(conn, vsn, reply_to.join_ref, &topic, sub);
+        }
+    }
+
+    /// Reports whether the channel's postgres_changes bindings are live.
+    fn postgres_changes_status(&mut self, conn: ConnId, vsn: Vsn, join_ref: Option<&str>, topic: &str, sub: &str) {
+        let payload = if self.config.postgres_changes {
+            system_payload("postgres_changes", "ok", "Subscribed to PostgreSQL", sub)
+        } else {
+            self.stats.errors += 1;
+            system_payload(
+                "postgres_changes",
+                "error",
+                "Realtime was unable to connect to the project database",
+                sub,
+            )
+        };
+        self.send_one(conn, protocol::encode_text(vsn, join_ref, None, topic, "system", &payload));
+    }
+
+    /// Sends a join error after the configured backoff; the channel never exists.
+    fn refuse_join(&mut self, conn: ConnId, vsn: Vsn, to: &ReplyTo<'_>, reason: &str, close_socket: bool) {
+        self.stats.errors += 1;
+        let response = format!(r#"{{"reason":{}}}"#, json_str(reason));
+        let reply = protocol::encode_reply(vsn, to.join_ref, to.ref_, to.topic, "error", &response);
+        let mut outputs = vec![Output::Send { to: crate::To::One(conn), msg: reply }];
+        if close_socket {
+            outputs.push(Output::Close { conn, code: 1001, reason: "too many joins per second" });
+            // Forget the connection now; the reply and close follow after the backoff.
+            self.closed(conn);
+        }
+        self.delay(self.config.join_error_backoff_ms, outputs);
+    }
+
+    pub(crate) fn leave(&mut self, conn: ConnId, vsn: Vsn, index: usize, reply_to: &ReplyTo<'_>) {
+        self.reply(conn, vsn, reply_to, "ok", "{}");
+        let join_ref = self.conns[&conn].channels[index].join_ref.clone();
+        self.send_one(conn, phx_close(vsn, join_ref.as_deref(), reply_to.topic));
+        self.remove_channel(conn, index);
+    }
+
+    /// Removes channel `index` of `conn` from its room and frees its slot.
+    pub(crate) fn remove_channel(&mut self, conn: ConnId, index: usize) -> Option<Channel> {
+        let now = self.now.mono;
+        let c = self.conns.get_mut(&conn)?;
+        let channel = c.channels.swap_remove(index);
+        if c.channels.is_empty() {
+            c.empty_since = Some(now);
+            if c.counted {
+                c.counted = false;
+                self.users -= 1;
+            }
+            self.timers.set(now.plus_ms(self.config.no_channel_timeout_ms), Timer::NoChannel(conn));
+        }
+        if let Some(room) = self.rooms.get_mut(&channel.room) {
+            room.remove(conn);
+            if room.is_empty() {
+                self.rooms.remove(&channel.room);
+            }
+        }
+        self.stats.channels -= 1;
+        Some(channel)
+    }
+
+    /// Ends a channel from the server side: a `system` error, then `phx_close`.
+    pub(crate) fn shutdown_channel(&mut self, conn: ConnId, topic: &str, message: &str) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        let Some(index) = c.channel_index(topic) else { return };
+        let vsn = c.vsn;
+        let channel = &c.channels[index];
+        let join_ref = channel.join_ref.clone();
+        let payload = system_payload("system", "error", message, &channel.room.sub);
+        self.stats.errors += 1;
+        self.send_one(conn, protocol::encode_text(vsn, join_ref.as_deref(), None, topic, "system", &payload));
+        self.send_one(conn, phx_close(vsn, join_ref.as_deref(), topic));
+        self.remove_channel(conn, index);
+    }
+
+    /// `access_token` push: swap the channel's claims, or shut the channel down.
+    pub(crate) fn refresh(&mut self, conn: ConnId, index: usize, inbound: &Inbound<'_>) {
+        let InboundPayload::Json(raw) = &inbound.payload else { return };
+        let Ok(payload) = serde_json::from_str::<Value>(raw.get()) else { return };
+        let Some(token) = payload.get("access_token").and_then(Value::as_str) else { return };
+        let c = &self.conns[&conn];
+        let channel = &c.channels[index];
+        let current = channel.token.as_deref().unwrap_or(&c.token);
+        if token.starts_with("sb_") || token == current {
+            return;
+        }
+        match self.verifier.verify(token, self.now.unix_ms) {
+            Ok(claims) => {
+                let vsn = c.vsn;
+                let c = self.conns.get_mut(&conn).expect("checked above");
+                let channel = &mut c.channels[index];
+                let exp = claims.exp;
+                channel.claims = Arc::new(claims);
+                channel.token = Some(token.into());
+                let (instance, join_ref, topic, sub) = (
+                    channel.instance,
+                    channel.join_ref.clone(),
+                    channel.topic.clone(),
+                    channel.room.sub.clone(),
+                );
+                let has_bindings = !channel.bindings.is_empty();
+                self.arm_expiry(conn, instance, exp);
+                if has_bindings {
+                    self.postgres_changes_status(conn, vsn, join_ref.as_deref(), &topic, &sub);
+                }
+            }
+            Err(e) => {
+                let topic = channel.topic.clone();
+                self.shutdown_channel(conn, &topic, &refresh_message(&e));
+            }
+        }
+    }
+
+    fn arm_expiry(&mut self, conn: ConnId, instance: u64, exp: u64) {
+        let until_exp = (exp * 1000).saturating_sub(self.now.unix_ms);
+        self.timers.set(self.now.mono.plus_ms(until_exp), Timer::TokenExpiry { conn, instance });
+    }
+
+    pub(crate) fn token_expiry(&mut self, conn: ConnId, instance: u64) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        let Some(channel) = c.channels.iter().find(|ch| ch.instance == instance) else { return };
+        let now_secs = self.now.unix_ms / 1000;
+        if channel.claims.exp <= now_secs {
+            let message = TokenError::Expired { secs_ago: now_secs - channel.claims.exp }.to_string();
+            let topic = channel.topic.clone();
+            self.shutdown_channel(conn, &topic, &message);
+        }
+    }
+
+    /// A UUID v4 from the engine's seeded RNG: presence keys.
+    pub(crate) fn uuid(&mut self) -> String {
+        use rand_core::RngCore;
+        let mut b = [0u8; 16];
+        self.rng.fill_bytes(&mut b);
+        b[6] = (b[6] & 0x0f) | 0x40;
+        b[8] = (b[8] & 0x3f) | 0x80;
+        let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+    }
+}
+
+/// What a refused `access_token` refresh tells the channel (no `Code:` prefix).
+fn refresh_message(e: &TokenError) -> String {
+    match e {
+        TokenError::Missing => TokenError::Malformed.to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// `{"postgres_changes":[…]}`: each binding exactly as sent, plus its id.
+fn join_response(bindings: &[Binding]) -> String {
+    let list: Vec<Value> = bindings
+        .iter()
+        .map(|b| {
+            let mut params = b.params.clone();
+            params.insert("id".to_owned(), Value::from(b.id));
+            Value::Object(params)
+        })
+        .collect();
+    serde_json::json!({ "postgres_changes": list }).to_string()
+}
+
+/// `phx_close` for a channel: `ref` is the join_ref, as upstream sends it.
+pub(crate) fn phx_close(vsn: Vsn, join_ref: Option<&str>, topic: &str) -> crate::WsMessage {
+    protocol::encode_text(vsn, join_ref, join_ref, topic, "phx_close", "{}")
+}

@@ -1,0 +1,74 @@
+//! Engine configuration. Every limit is a field, defaulting to self-hosted Supabase
+//! Realtime's value so an unconfigured switchboard behaves like upstream.
+
+/// What the engine enforces. Built and checked once by the binary; the engine trusts it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// HMAC secret for HS256/HS384/HS512 JWTs (the project's JWT secret).
+    pub jwt_secret: String,
+    /// A socket that sends nothing for this long is closed (Phoenix transport timeout).
+    pub heartbeat_timeout_ms: u64,
+    /// A socket without any channel for this long is closed (`NO_CHANNEL_TIMEOUT_IN_MS`).
+    pub no_channel_timeout_ms: u64,
+    /// Delay before a join error reply, slowing rejoin storms (`CHANNEL_ERROR_BACKOFF_MS`).
+    pub join_error_backoff_ms: u64,
+    /// Delay before a refused upgrade is answered (`CONNECT_ERROR_BACKOFF_MS`).
+    pub connect_error_backoff_ms: u64,
+    /// Sockets with at least one channel (`TENANT_MAX_CONCURRENT_USERS`).
+    pub concurrent_users_max: usize,
+    /// Channels one socket may hold (`TENANT_MAX_CHANNELS_PER_CLIENT`).
+    pub channels_per_client_max: usize,
+    /// Sustained joins per second for the project (`TENANT_MAX_JOINS_PER_SECOND`).
+    pub joins_per_sec_max: u32,
+    /// Sustained events per second for the project: pushes and deliveries
+    /// (`TENANT_MAX_EVENTS_PER_SECOND`).
+    pub events_per_sec_max: u32,
+    /// Sustained presence events per second for the project.
+    pub presence_events_per_sec_max: u32,
+    /// Presence pushes one channel may make per window (`CLIENT_PRESENCE_MAX_CALLS`).
+    pub client_presence_calls_max: u32,
+    /// The window for `client_presence_calls_max` (`CLIENT_PRESENCE_WINDOW_MS`).
+    pub client_presence_window_ms: u64,
+    /// Largest payload in kilobytes; the byte limit is `kb * 1000 + 500` as upstream.
+    pub payload_kb_max: u64,
+    /// Rate limits average over this window: a token bucket holds `rate * window` tokens,
+    /// so bursty but compliant clients are not cut off.
+    pub rate_window_secs: u64,
+    /// Every join gets `presence_state`, whatever its config says.
+    pub presence_enabled: bool,
+    /// Public channels are refused.
+    pub private_only: bool,
+    /// A database is configured, so postgres_changes bindings can be served.
+    pub postgres_changes: bool,
+}
+
+impl Config {
+    /// The payload byte limit derived from `payload_kb_max`.
+    pub fn payload_bytes_max(&self) -> usize {
+        (self.payload_kb_max * 1000 + 500) as usize
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            jwt_secret: String::new(),
+            heartbeat_timeout_ms: 60_000,
+            no_channel_timeout_ms: 600_000,
+            join_error_backoff_ms: 5_000,
+            connect_error_backoff_ms: 2_000,
+            concurrent_users_max: 200,
+            channels_per_client_max: 100,
+            joins_per_sec_max: 100,
+            events_per_sec_max: 100,
+            presence_events_per_sec_max: 1_000,
+            client_presence_calls_max: 5,
+            client_presence_window_ms: 30_000,
+            payload_kb_max: 3_000,
+            rate_window_secs: 60,
+            presence_enabled: false,
+            private_only: false,
+            postgres_changes: false,
+        }
+    }
+}

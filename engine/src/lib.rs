@@ -1,0 +1,431 @@
+//! The switchboard engine: every rule of the Supabase Realtime protocol as a pure,
+//! deterministic state machine.
+//!
+//! The engine owns connections, channels, broadcast routing, rate limits and the exact error
+//! replies the official clients expect. It performs no IO, reads no clock and spawns no
+//! thread: runtimes (tokio, glommio, the turmoil simulator) feed it [`Input`]s stamped with
+//! the time they read, and carry out the [`Output`]s it queues. The same engine therefore runs
+//! in production and in the simulator, and a run is a pure function of its inputs and seed.
+//!
+//! # Run loop
+//!
+//! Drain after every mutation: call [`Engine::handle`], then [`Engine::poll_output`] until it
+//! returns `None`, then arm one timer for [`Engine::poll_timeout`] and call
+//! `handle(now, Input::Tick)` when it fires.
+//!
+//! ```no_run
+//! use switchboard_engine::{Config, Engine, Input, Instant, NodeId, Now, Output};
+//!
+//! let mut engine = Engine::new(Config::default(), NodeId(1), 7);
+//! let now = Now { mono: Instant(0), unix_ms: 1_700_000_000_000 };
+//! engine.handle(now, Input::Tick);
+//! while let Some(output) = engine.poll_output() {
+//!     match output {
+//!         Output::Send { to, msg } => { /* write `msg` to every connection in `to` */ }
+//!         _ => { /* accept, reject, close, reply, peers */ }
+//!     }
+//! }
+//! let _wake_at = engine.poll_timeout();
+//! ```
+//!
+//! Bad input never panics the engine: it becomes an error reply, a close of the one offending
+//! connection, or is ignored, exactly as the upstream server does. A panic is a bug.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod auth;
+mod broadcast;
+mod channel;
+mod config;
+mod connection;
+pub mod limits;
+pub mod peer;
+pub mod protocol;
+pub mod rest;
+mod room;
+mod timers;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rand_chacha::ChaCha8Rng;
+use rand_core::SeedableRng;
+use rustc_hash::FxHashMap;
+
+pub use broadcast::{BroadcastBody, Encoding};
+pub use config::Config;
+pub use peer::PeerMsg;
+pub use protocol::Vsn;
+pub use rest::RestRequest;
+pub use room::RoomKey;
+
+use connection::Conn;
+use limits::TokenBucket;
+use room::Room;
+use timers::Timers;
+
+/// Monotonic milliseconds since an origin the runtime chose.
+///
+/// Timers, heartbeats and rate limits run on this clock so that wall-clock steps never
+/// fire or starve them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Instant(pub u64);
+
+impl Instant {
+    /// The instant `ms` milliseconds later, saturating instead of overflowing.
+    pub fn plus_ms(self, ms: u64) -> Instant {
+        Instant(self.0.saturating_add(ms))
+    }
+
+    /// Milliseconds from `earlier` to `self`, zero if `earlier` is later.
+    pub fn since(self, earlier: Instant) -> u64 {
+        self.0.saturating_sub(earlier.0)
+    }
+}
+
+/// Both clocks, read once by the runtime before each [`Engine::handle`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Now {
+    /// Monotonic time for every timer and rate limit.
+    pub mono: Instant,
+    /// Wall-clock milliseconds since the Unix epoch: only for JWT `exp` and timestamps
+    /// clients see.
+    pub unix_ms: u64,
+}
+
+/// A WebSocket connection, numbered by the runtime and never reused, so that a late output
+/// can never reach a stranger.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConnId(pub u64);
+
+/// An HTTP request awaiting its [`Output::Reply`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ReqId(pub u64);
+
+/// A replica: a shard of this process or another node of the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+pub struct NodeId(pub u64);
+
+/// One WebSocket message. Owned `Bytes`, so one encoding can be shared by many sockets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WsMessage {
+    /// A UTF-8 text frame (JSON in every serializer version).
+    Text(Bytes),
+    /// A binary frame (vsn 2.0.0 user broadcasts).
+    Binary(Bytes),
+}
+
+impl WsMessage {
+    /// The payload bytes, whatever the frame type.
+    pub fn bytes(&self) -> &Bytes {
+        match self {
+            WsMessage::Text(bytes) | WsMessage::Binary(bytes) => bytes,
+        }
+    }
+}
+
+/// What a WebSocket upgrade request carried, for the engine to accept or refuse it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConnectParams {
+    /// The `vsn` query parameter, absent meaning 1.0.0.
+    pub vsn: Option<String>,
+    /// The `apikey` query parameter, URL-decoded.
+    pub apikey: Option<String>,
+    /// The `x-api-key` header, which wins over `apikey` as it does upstream.
+    pub x_api_key: Option<String>,
+}
+
+/// Something that happened, for the engine to react to.
+#[derive(Debug)]
+pub enum Input {
+    /// A WebSocket upgrade was requested; the engine answers [`Output::Accept`] or
+    /// [`Output::Reject`] for `conn`.
+    Connect {
+        /// The id the runtime gives the connection if it is accepted.
+        conn: ConnId,
+        /// What the upgrade request carried.
+        params: ConnectParams,
+    },
+    /// A frame arrived on an accepted connection.
+    Frame {
+        /// Where it arrived.
+        conn: ConnId,
+        /// The frame itself.
+        msg: WsMessage,
+    },
+    /// The connection is gone (closed by either side, crashed, or never upgraded).
+    Closed {
+        /// The connection that ended.
+        conn: ConnId,
+    },
+    /// The runtime's send queue for `conn` is full: the client reads too slowly.
+    Lagging {
+        /// The slow connection.
+        conn: ConnId,
+    },
+    /// An HTTP request for the REST API arrived.
+    Rest {
+        /// Where the [`Output::Reply`] goes.
+        req: ReqId,
+        /// What was asked.
+        request: RestRequest,
+    },
+    /// A message from another replica arrived over the peer bus.
+    Peer {
+        /// The sender.
+        from: NodeId,
+        /// The message.
+        msg: PeerMsg,
+    },
+    /// A replica became reachable.
+    PeerUp(NodeId),
+    /// A replica is considered down.
+    PeerDown(NodeId),
+    /// The server is draining: tell every channel and close every socket.
+    Shutdown,
+    /// A timer set from [`Engine::poll_timeout`] fired (spurious ticks are harmless).
+    Tick,
+}
+
+/// Something the runtime must do, in the order given.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Complete the WebSocket upgrade for `conn`.
+    Accept {
+        /// The connection from [`Input::Connect`].
+        conn: ConnId,
+    },
+    /// Refuse the upgrade with a plain HTTP response.
+    Reject {
+        /// The connection from [`Input::Connect`].
+        conn: ConnId,
+        /// HTTP status code.
+        status: u16,
+        /// Response body (JSON `{"error": …}` except for an unsupported `vsn`).
+        body: Bytes,
+    },
+    /// Write `msg` to every connection in `to`.
+    Send {
+        /// The recipients.
+        to: To,
+        /// One encoding, shared by every recipient.
+        msg: WsMessage,
+    },
+    /// Close the connection with a close frame, after anything sent before.
+    Close {
+        /// The connection to close.
+        conn: ConnId,
+        /// WebSocket close code.
+        code: u16,
+        /// Close reason text.
+        reason: &'static str,
+    },
+    /// Answer a REST request.
+    Reply {
+        /// The request from [`Input::Rest`].
+        req: ReqId,
+        /// HTTP status code.
+        status: u16,
+        /// JSON body, empty for 202.
+        body: Bytes,
+    },
+    /// Send a message to every peer replica.
+    ToPeers(PeerMsg),
+}
+
+/// Recipients of one [`Output::Send`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum To {
+    /// A single connection.
+    One(ConnId),
+    /// Members of a room with one serializer version; the list is cached by the room, so a
+    /// fan-out to thousands allocates nothing per member.
+    Members {
+        /// Every member with the frame's serializer version.
+        list: Arc<[ConnId]>,
+        /// The sender when it did not ask for its own broadcasts.
+        except: Option<ConnId>,
+    },
+}
+
+impl To {
+    /// Every recipient connection.
+    pub fn iter(&self) -> impl Iterator<Item = ConnId> + '_ {
+        let (slice, except): (&[ConnId], Option<ConnId>) = match self {
+            To::One(conn) => (std::slice::from_ref(conn), None),
+            To::Members { list, except } => (list, *except),
+        };
+        slice.iter().copied().filter(move |conn| Some(*conn) != except)
+    }
+}
+
+/// Counters the runtime exports as metrics. Gauges are current values; the rest only grow.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Open WebSocket connections.
+    pub connections: u64,
+    /// Joined channels across all connections.
+    pub channels: u64,
+    /// Frames received from clients.
+    pub frames_in: u64,
+    /// Bytes received from clients.
+    pub bytes_in: u64,
+    /// Frames queued to clients, counting each recipient.
+    pub messages_out: u64,
+    /// Broadcasts accepted for routing (socket, REST and peer origins).
+    pub broadcasts: u64,
+    /// Error replies, system errors and rejected upgrades sent.
+    pub errors: u64,
+    /// Frames that could not be decoded and were ignored.
+    pub malformed: u64,
+}
+
+/// The state machine. One per shard; `Send`, so a runtime may move it between threads.
+pub struct Engine {
+    config: Config,
+    node: NodeId,
+    rng: ChaCha8Rng,
+    now: Now,
+    out: VecDeque<Output>,
+    conns: FxHashMap<ConnId, Conn>,
+    rooms: FxHashMap<RoomKey, Room>,
+    timers: Timers,
+    peers: BTreeSet<NodeId>,
+    /// Sockets with at least one channel: upstream's "concurrent users".
+    users: usize,
+    joins: TokenBucket,
+    events: TokenBucket,
+    /// Channel instances are numbered so timers can tell a channel from its rejoined twin.
+    next_instance: u64,
+    shutting_down: bool,
+    stats: Stats,
+    verifier: auth::Verifier,
+}
+
+impl Engine {
+    /// Builds an engine. Every random choice (presence keys and refs) comes from `seed`.
+    pub fn new(config: Config, node: NodeId, seed: u64) -> Self {
+        let verifier = auth::Verifier::new(&config.jwt_secret);
+        let joins = TokenBucket::new(config.joins_per_sec_max, config.rate_window_secs);
+        let events = TokenBucket::new(config.events_per_sec_max, config.rate_window_secs);
+        Engine {
+            node,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            now: Now::default(),
+            out: VecDeque::new(),
+            conns: FxHashMap::default(),
+            rooms: FxHashMap::default(),
+            timers: Timers::default(),
+            peers: BTreeSet::new(),
+            users: 0,
+            joins,
+            events,
+            next_instance: 0,
+            shutting_down: false,
+            stats: Stats::default(),
+            verifier,
+            config,
+        }
+    }
+
+    /// Runs due timers, then applies `input`. Never blocks, reads no clock and cannot fail:
+    /// bad input becomes an error reply or a close for that one connection.
+    pub fn handle(&mut self, now: Now, input: Input) {
+        // A clock that goes backwards is ignored rather than trusted (timers never rewind).
+        if now.mono >= self.now.mono {
+            self.now.mono = now.mono;
+        }
+        self.now.unix_ms = now.unix_ms;
+        self.run_timers();
+        match input {
+            Input::Connect { conn, params } => self.connect(conn, params),
+            Input::Frame { conn, msg } => self.frame(conn, msg),
+            Input::Closed { conn } => self.closed(conn),
+            Input::Lagging { conn } => self.lagging(conn),
+            Input::Rest { req, request } => self.rest(req, request),
+            Input::Peer { from, msg } => self.peer_message(from, msg),
+            Input::PeerUp(node) => {
+                self.peers.insert(node);
+            }
+            Input::PeerDown(node) => {
+                self.peers.remove(&node);
+            }
+            Input::Shutdown => self.shutdown(),
+            Input::Tick => {}
+        }
+    }
+
+    /// The next thing to do; drain to `None` after every [`Engine::handle`].
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// The latest time at which the runtime must call `handle(now, Input::Tick)`.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next_deadline()
+    }
+
+    /// Counters for metrics.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// This replica's id.
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// The configuration the engine runs with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn emit(&mut self, output: Output) {
+        if let Output::Send { to, .. } = &output {
+            self.stats.messages_out += to.iter().count() as u64;
+        }
+        self.out.push_back(output);
+    }
+
+    fn send_one(&mut self, conn: ConnId, msg: WsMessage) {
+        self.emit(Output::Send { to: To::One(conn), msg });
+    }
+
+    fn shutdown(&mut self) {
+        self.shutting_down = true;
+        let mut ids: Vec<ConnId> = self.conns.keys().copied().collect();
+        ids.sort();
+        for conn in ids {
+            let Some(vsn) = self.conns.get(&conn).map(|c| c.vsn) else { continue };
+            let topics: Vec<Arc<str>> =
+                self.conns[&conn].channels.iter().map(|c| c.topic.clone()).collect();
+            for topic in topics {
+                let msg = protocol::encode_text(
+                    vsn,
+                    None,
+                    None,
+                    &topic,
+                    "system",
+                    r#"{"extension":"system","status":"ok","message":"Server requested disconnect"}"#,
+                );
+                self.send_one(conn, msg);
+            }
+            self.emit(Output::Close { conn, code: 1012, reason: "server shutting down" });
+            self.closed(conn);
+        }
+    }
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("node", &self.node)
+            .field("connections", &self.conns.len())
+            .field("rooms", &self.rooms.len())
+            .finish_non_exhaustive()
+    }
+}
