@@ -86,7 +86,9 @@ pub struct Verifier {
 impl Verifier {
     /// A verifier for HS256/384/512 tokens signed with `secret`.
     pub fn new(secret: &str) -> Self {
-        Verifier { key: DecodingKey::from_secret(secret.as_bytes()) }
+        Verifier {
+            key: DecodingKey::from_secret(secret.as_bytes()),
+        }
     }
 
     /// Verifies `token` at `now_unix_ms`: signature, then the `role` and `exp` claims.
@@ -102,7 +104,10 @@ impl Verifier {
             return Err(TokenError::Missing);
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
-        if !matches!(header.alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
+        if !matches!(
+            header.alg,
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
+        ) {
             return Err(TokenError::Signer);
         }
         let mut validation = Validation::new(header.alg);
@@ -126,16 +131,26 @@ impl Verifier {
         let exp = exp.round().max(0.0) as u64;
         let now_secs = now_unix_ms / 1000;
         if exp <= now_secs {
-            return Err(TokenError::Expired { secs_ago: now_secs - exp });
+            return Err(TokenError::Expired {
+                secs_ago: now_secs - exp,
+            });
         }
-        Ok(Claims { role: role.to_owned(), exp, all: Arc::new(claims) })
+        Ok(Claims {
+            role: role.to_owned(),
+            exp,
+            all: Arc::new(claims),
+        })
     }
 }
 
 /// Signs `claims` with HS256: development keys printed by the binary, and tests.
 pub fn sign(secret: &str, claims: &Value) -> String {
-    jsonwebtoken::encode(&Header::default(), claims, &EncodingKey::from_secret(secret.as_bytes()))
-        .expect("HS256 signing of a JSON object cannot fail")
+    jsonwebtoken::encode(
+        &Header::default(),
+        claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("HS256 signing of a JSON object cannot fail")
 }
 
 #[cfg(test)]
@@ -152,7 +167,10 @@ mod tests {
 
     #[test]
     fn valid_token_keeps_role_and_every_claim() {
-        let token = sign("secret", &json!({"role": "authenticated", "exp": 1_800_000_000u64, "sub": "u1"}));
+        let token = sign(
+            "secret",
+            &json!({"role": "authenticated", "exp": 1_800_000_000u64, "sub": "u1"}),
+        );
         let claims = verify(&token).unwrap();
         assert_eq!(claims.role, "authenticated");
         assert_eq!(claims.all["sub"], "u1");
@@ -165,7 +183,10 @@ mod tests {
         assert_eq!(err, TokenError::Expired { secs_ago: 10 });
         assert_eq!(err.to_string(), "Token has expired 10 seconds ago");
         assert_eq!(err.connect_message(), "Token has expired");
-        assert_eq!(err.join_reason(), "InvalidJWTToken: Token has expired 10 seconds ago");
+        assert_eq!(
+            err.join_reason(),
+            "InvalidJWTToken: Token has expired 10 seconds ago"
+        );
     }
 
     #[test]
@@ -190,7 +211,10 @@ mod tests {
             TokenError::Malformed.join_reason(),
             "MalformedJWT: The token provided is not a valid JWT"
         );
-        assert_eq!(verify("").unwrap_err().connect_message(), "API key is missing");
+        assert_eq!(
+            verify("").unwrap_err().connect_message(),
+            "API key is missing"
+        );
     }
 
     #[test]

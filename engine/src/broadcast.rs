@@ -52,8 +52,21 @@ impl BroadcastBody {
     pub fn encode(&self, vsn: Vsn, topic: &str) -> Option<WsMessage> {
         match (self, vsn) {
             (BroadcastBody::Json(object), _) => Some(text(vsn, topic, object)),
-            (BroadcastBody::User { encoding: Encoding::Binary, .. }, Vsn::V1) => None,
-            (BroadcastBody::User { event, encoding, payload }, Vsn::V2) => {
+            (
+                BroadcastBody::User {
+                    encoding: Encoding::Binary,
+                    ..
+                },
+                Vsn::V1,
+            ) => None,
+            (
+                BroadcastBody::User {
+                    event,
+                    encoding,
+                    payload,
+                },
+                Vsn::V2,
+            ) => {
                 match encode_user_broadcast(topic, event, None, *encoding, payload) {
                     Some(frame) => Some(WsMessage::Binary(frame)),
                     // Header strings over 255 bytes: only JSON can still travel, as text.
@@ -90,7 +103,13 @@ fn user_object(event: &str, payload: &[u8]) -> Vec<u8> {
 
 impl Engine {
     /// A broadcast push from a joined channel (PROTOCOL.md §3.1).
-    pub(crate) fn broadcast_push(&mut self, conn: ConnId, vsn: Vsn, index: usize, inbound: &Inbound<'_>) {
+    pub(crate) fn broadcast_push(
+        &mut self,
+        conn: ConnId,
+        vsn: Vsn,
+        index: usize,
+        inbound: &Inbound<'_>,
+    ) {
         let channel = &self.conns[&conn].channels[index];
         let (ack, room) = (channel.ack, channel.room.clone());
         let except = (!channel.self_broadcast).then_some(conn);
@@ -128,7 +147,13 @@ impl Engine {
         }
         if body.payload_len() > self.config.payload_bytes_max() {
             if ack {
-                self.reply(conn, vsn, &reply_to, "error", r#"{"reason":"payload_size_exceeded"}"#);
+                self.reply(
+                    conn,
+                    vsn,
+                    &reply_to,
+                    "error",
+                    r#"{"reason":"payload_size_exceeded"}"#,
+                );
             }
             return;
         }
@@ -143,7 +168,10 @@ impl Engine {
         self.stats.broadcasts += 1;
         self.fan_out(room, body, except);
         if !self.peers.is_empty() {
-            self.emit(Output::ToPeers(PeerMsg::Broadcast { room: room.clone(), body: body.clone() }));
+            self.emit(Output::ToPeers(PeerMsg::Broadcast {
+                room: room.clone(),
+                body: body.clone(),
+            }));
         }
     }
 }
@@ -193,6 +221,9 @@ mod tests {
             encoding: Encoding::Json,
             payload: Bytes::from_static(b"1"),
         };
-        assert!(matches!(body.encode(Vsn::V2, "realtime:r"), Some(WsMessage::Text(_))));
+        assert!(matches!(
+            body.encode(Vsn::V2, "realtime:r"),
+            Some(WsMessage::Text(_))
+        ));
     }
 }

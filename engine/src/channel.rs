@@ -121,7 +121,16 @@ impl Engine {
     pub(crate) fn join(&mut self, conn: ConnId, vsn: Vsn, inbound: &Inbound<'_>) {
         let reply_to = ReplyTo::of(inbound);
         let Some(sub) = inbound.topic.strip_prefix("realtime:") else {
-            self.reply(conn, vsn, &ReplyTo { join_ref: None, ..reply_to }, "error", r#"{"reason":"unmatched topic"}"#);
+            self.reply(
+                conn,
+                vsn,
+                &ReplyTo {
+                    join_ref: None,
+                    ..reply_to
+                },
+                "error",
+                r#"{"reason":"unmatched topic"}"#,
+            );
             return;
         };
         // Phoenix closes a duplicate join's old instance before handling the new join.
@@ -139,17 +148,35 @@ impl Engine {
         let now = self.now.mono;
         let c = &self.conns[&conn];
         let refusal = if sub.is_empty() {
-            Some(("TopicNameRequired: You must provide a topic name".to_owned(), false))
+            Some((
+                "TopicNameRequired: You must provide a topic name".to_owned(),
+                false,
+            ))
         } else if self.shutting_down {
-            Some(("RealtimeRestarting: Realtime is restarting, please standby".to_owned(), false))
+            Some((
+                "RealtimeRestarting: Realtime is restarting, please standby".to_owned(),
+                false,
+            ))
         } else if self.config.private_only && !config.private {
-            Some(("PrivateOnly: This project only allows private channels".to_owned(), false))
+            Some((
+                "PrivateOnly: This project only allows private channels".to_owned(),
+                false,
+            ))
         } else if !c.counted && self.users >= self.config.concurrent_users_max {
-            Some(("ConnectionRateLimitReached: Too many connected users".to_owned(), false))
+            Some((
+                "ConnectionRateLimitReached: Too many connected users".to_owned(),
+                false,
+            ))
         } else if !self.joins.take(now, 1) {
-            Some(("ClientJoinRateLimitReached: Too many joins per second".to_owned(), true))
+            Some((
+                "ClientJoinRateLimitReached: Too many joins per second".to_owned(),
+                true,
+            ))
         } else if c.channels.len() >= self.config.channels_per_client_max {
-            Some(("ChannelRateLimitReached: Too many channels".to_owned(), false))
+            Some((
+                "ChannelRateLimitReached: Too many channels".to_owned(),
+                false,
+            ))
         } else {
             None
         };
@@ -173,11 +200,21 @@ impl Engine {
         if config.private && !claims.is_service_role() {
             // Private channels are authorised by RLS policies on realtime.messages, which
             // need the project database; without it only service_role may join.
-            let reason = "UnableToConnectToProject: Realtime was unable to connect to the project database";
+            let reason =
+                "UnableToConnectToProject: Realtime was unable to connect to the project database";
             self.refuse_join(conn, vsn, &reply_to, reason, false);
             return;
         }
-        self.admit(conn, vsn, &reply_to, sub, config.private, claims, own_token, config);
+        self.admit(
+            conn,
+            vsn,
+            &reply_to,
+            sub,
+            config.private,
+            claims,
+            own_token,
+            config,
+        );
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -199,12 +236,18 @@ impl Engine {
         let bindings: Vec<Binding> = config
             .bindings
             .into_iter()
-            .map(|params| Binding { id: binding_id(&params), params })
+            .map(|params| Binding {
+                id: binding_id(&params),
+                params,
+            })
             .collect();
         self.next_instance += 1;
         let instance = self.next_instance;
         let topic: Arc<str> = Arc::from(reply_to.topic);
-        let room = RoomKey { private, sub: Arc::from(sub) };
+        let room = RoomKey {
+            private,
+            sub: Arc::from(sub),
+        };
         let exp = claims.exp;
         let channel = Channel {
             topic: topic.clone(),
@@ -222,14 +265,20 @@ impl Engine {
         };
         let response = join_response(&channel.bindings);
         let has_bindings = !channel.bindings.is_empty();
-        let c = self.conns.get_mut(&conn).expect("join runs on a live connection");
+        let c = self
+            .conns
+            .get_mut(&conn)
+            .expect("join runs on a live connection");
         c.channels.push(channel);
         c.empty_since = None;
         if !c.counted {
             c.counted = true;
             self.users += 1;
         }
-        self.rooms.entry(room).or_insert_with(|| Room::new(topic.clone())).add(conn, vsn);
+        self.rooms
+            .entry(room)
+            .or_insert_with(|| Room::new(topic.clone()))
+            .add(conn, vsn);
         self.stats.channels += 1;
         self.arm_expiry(conn, instance, exp);
         self.reply(conn, vsn, reply_to, "ok", &response);
@@ -239,7 +288,14 @@ impl Engine {
     }
 
     /// Reports whether the channel's postgres_changes bindings are live.
-    fn postgres_changes_status(&mut self, conn: ConnId, vsn: Vsn, join_ref: Option<&str>, topic: &str, sub: &str) {
+    fn postgres_changes_status(
+        &mut self,
+        conn: ConnId,
+        vsn: Vsn,
+        join_ref: Option<&str>,
+        topic: &str,
+        sub: &str,
+    ) {
         let payload = if self.config.postgres_changes {
             system_payload("postgres_changes", "ok", "Subscribed to PostgreSQL", sub)
         } else {
@@ -251,17 +307,34 @@ impl Engine {
                 sub,
             )
         };
-        self.send_one(conn, protocol::encode_text(vsn, join_ref, None, topic, "system", &payload));
+        self.send_one(
+            conn,
+            protocol::encode_text(vsn, join_ref, None, topic, "system", &payload),
+        );
     }
 
     /// Sends a join error after the configured backoff; the channel never exists.
-    fn refuse_join(&mut self, conn: ConnId, vsn: Vsn, to: &ReplyTo<'_>, reason: &str, close_socket: bool) {
+    fn refuse_join(
+        &mut self,
+        conn: ConnId,
+        vsn: Vsn,
+        to: &ReplyTo<'_>,
+        reason: &str,
+        close_socket: bool,
+    ) {
         self.stats.errors += 1;
         let response = format!(r#"{{"reason":{}}}"#, json_str(reason));
         let reply = protocol::encode_reply(vsn, to.join_ref, to.ref_, to.topic, "error", &response);
-        let mut outputs = vec![Output::Send { to: crate::To::One(conn), msg: reply }];
+        let mut outputs = vec![Output::Send {
+            to: crate::To::One(conn),
+            msg: reply,
+        }];
         if close_socket {
-            outputs.push(Output::Close { conn, code: 1001, reason: "too many joins per second" });
+            outputs.push(Output::Close {
+                conn,
+                code: 1001,
+                reason: "too many joins per second",
+            });
             // Forget the connection now; the reply and close follow after the backoff.
             self.closed(conn);
         }
@@ -286,7 +359,10 @@ impl Engine {
                 c.counted = false;
                 self.users -= 1;
             }
-            self.timers.set(now.plus_ms(self.config.no_channel_timeout_ms), Timer::NoChannel(conn));
+            self.timers.set(
+                now.plus_ms(self.config.no_channel_timeout_ms),
+                Timer::NoChannel(conn),
+            );
         }
         if let Some(room) = self.rooms.get_mut(&channel.room) {
             room.remove(conn);
@@ -300,23 +376,36 @@ impl Engine {
 
     /// Ends a channel from the server side: a `system` error, then `phx_close`.
     pub(crate) fn shutdown_channel(&mut self, conn: ConnId, topic: &str, message: &str) {
-        let Some(c) = self.conns.get(&conn) else { return };
-        let Some(index) = c.channel_index(topic) else { return };
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        let Some(index) = c.channel_index(topic) else {
+            return;
+        };
         let vsn = c.vsn;
         let channel = &c.channels[index];
         let join_ref = channel.join_ref.clone();
         let payload = system_payload("system", "error", message, &channel.room.sub);
         self.stats.errors += 1;
-        self.send_one(conn, protocol::encode_text(vsn, join_ref.as_deref(), None, topic, "system", &payload));
+        self.send_one(
+            conn,
+            protocol::encode_text(vsn, join_ref.as_deref(), None, topic, "system", &payload),
+        );
         self.send_one(conn, phx_close(vsn, join_ref.as_deref(), topic));
         self.remove_channel(conn, index);
     }
 
     /// `access_token` push: swap the channel's claims, or shut the channel down.
     pub(crate) fn refresh(&mut self, conn: ConnId, index: usize, inbound: &Inbound<'_>) {
-        let InboundPayload::Json(raw) = &inbound.payload else { return };
-        let Ok(payload) = serde_json::from_str::<Value>(raw.get()) else { return };
-        let Some(token) = payload.get("access_token").and_then(Value::as_str) else { return };
+        let InboundPayload::Json(raw) = &inbound.payload else {
+            return;
+        };
+        let Ok(payload) = serde_json::from_str::<Value>(raw.get()) else {
+            return;
+        };
+        let Some(token) = payload.get("access_token").and_then(Value::as_str) else {
+            return;
+        };
         let c = &self.conns[&conn];
         let channel = &c.channels[index];
         let current = channel.token.as_deref().unwrap_or(&c.token);
@@ -352,15 +441,25 @@ impl Engine {
 
     fn arm_expiry(&mut self, conn: ConnId, instance: u64, exp: u64) {
         let until_exp = (exp * 1000).saturating_sub(self.now.unix_ms);
-        self.timers.set(self.now.mono.plus_ms(until_exp), Timer::TokenExpiry { conn, instance });
+        self.timers.set(
+            self.now.mono.plus_ms(until_exp),
+            Timer::TokenExpiry { conn, instance },
+        );
     }
 
     pub(crate) fn token_expiry(&mut self, conn: ConnId, instance: u64) {
-        let Some(c) = self.conns.get(&conn) else { return };
-        let Some(channel) = c.channels.iter().find(|ch| ch.instance == instance) else { return };
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        let Some(channel) = c.channels.iter().find(|ch| ch.instance == instance) else {
+            return;
+        };
         let now_secs = self.now.unix_ms / 1000;
         if channel.claims.exp <= now_secs {
-            let message = TokenError::Expired { secs_ago: now_secs - channel.claims.exp }.to_string();
+            let message = TokenError::Expired {
+                secs_ago: now_secs - channel.claims.exp,
+            }
+            .to_string();
             let topic = channel.topic.clone();
             self.shutdown_channel(conn, &topic, &message);
         }
@@ -374,7 +473,14 @@ impl Engine {
         b[6] = (b[6] & 0x0f) | 0x40;
         b[8] = (b[8] & 0x3f) | 0x80;
         let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-        format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+        format!(
+            "{}-{}-{}-{}-{}",
+            &hex[0..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..32]
+        )
     }
 }
 

@@ -57,13 +57,20 @@ impl Engine {
         let Some(vsn) = Vsn::parse(params.vsn.as_deref()) else {
             // Phoenix refuses an unknown serializer with a bare 403, at once.
             self.stats.errors += 1;
-            self.emit(Output::Reject { conn, status: 403, body: Bytes::new() });
+            self.emit(Output::Reject {
+                conn,
+                status: 403,
+                body: Bytes::new(),
+            });
             return;
         };
         let token = params.x_api_key.or(params.apikey);
         let refused = match &token {
             None => Err((401, "API key is missing".to_owned())),
-            Some(token) => self.verifier.verify(token, self.now.unix_ms).map_err(|e| (401, e.connect_message())),
+            Some(token) => self
+                .verifier
+                .verify(token, self.now.unix_ms)
+                .map_err(|e| (401, e.connect_message())),
         }
         .and_then(|claims| {
             if self.shutting_down {
@@ -92,8 +99,14 @@ impl Engine {
                         counted: false,
                     },
                 );
-                self.timers.set(now.plus_ms(self.config.heartbeat_timeout_ms), Timer::Idle(conn));
-                self.timers.set(now.plus_ms(self.config.no_channel_timeout_ms), Timer::NoChannel(conn));
+                self.timers.set(
+                    now.plus_ms(self.config.heartbeat_timeout_ms),
+                    Timer::Idle(conn),
+                );
+                self.timers.set(
+                    now.plus_ms(self.config.no_channel_timeout_ms),
+                    Timer::NoChannel(conn),
+                );
                 self.stats.connections += 1;
                 self.emit(Output::Accept { conn });
             }
@@ -108,7 +121,9 @@ impl Engine {
 
     pub(crate) fn frame(&mut self, conn: ConnId, msg: WsMessage) {
         let now = self.now.mono;
-        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
         c.last_seen = now;
         let vsn = c.vsn;
         self.stats.frames_in += 1;
@@ -158,7 +173,14 @@ impl Engine {
         }
     }
 
-    pub(crate) fn reply(&mut self, conn: ConnId, vsn: Vsn, to: &ReplyTo<'_>, status: &str, response: &str) {
+    pub(crate) fn reply(
+        &mut self,
+        conn: ConnId,
+        vsn: Vsn,
+        to: &ReplyTo<'_>,
+        status: &str,
+        response: &str,
+    ) {
         if status != "ok" {
             self.stats.errors += 1;
         }
@@ -167,7 +189,10 @@ impl Engine {
     }
 
     fn unmatched_topic(&mut self, conn: ConnId, vsn: Vsn, to: &ReplyTo<'_>) {
-        let to = ReplyTo { join_ref: None, ..*to };
+        let to = ReplyTo {
+            join_ref: None,
+            ..*to
+        };
         self.reply(conn, vsn, &to, "error", r#"{"reason":"unmatched topic"}"#);
     }
 
@@ -176,13 +201,16 @@ impl Engine {
         if ms == 0 {
             outputs.into_iter().for_each(|o| self.emit(o));
         } else {
-            self.timers.set(self.now.mono.plus_ms(ms), Timer::Delayed(outputs));
+            self.timers
+                .set(self.now.mono.plus_ms(ms), Timer::Delayed(outputs));
         }
     }
 
     /// Forgets a connection: every channel ends, as if each had left.
     pub(crate) fn closed(&mut self, conn: ConnId) {
-        let Some(c) = self.conns.get(&conn) else { return };
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
         for index in (0..c.channels.len()).rev() {
             self.remove_channel(conn, index);
         }
@@ -208,7 +236,9 @@ impl Engine {
         while let Some(timer) = self.timers.pop_due(now) {
             match timer {
                 Timer::Idle(conn) => {
-                    let Some(c) = self.conns.get(&conn) else { continue };
+                    let Some(c) = self.conns.get(&conn) else {
+                        continue;
+                    };
                     let deadline = c.last_seen.plus_ms(self.config.heartbeat_timeout_ms);
                     if deadline <= now {
                         self.close(conn, 1000, "heartbeat timeout");

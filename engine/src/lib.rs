@@ -107,7 +107,9 @@ pub struct ConnId(pub u64);
 pub struct ReqId(pub u64);
 
 /// A replica: a shard of this process or another node of the cluster.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct NodeId(pub u64);
 
 /// One WebSocket message. Owned `Bytes`, so one encoding can be shared by many sockets.
@@ -259,7 +261,10 @@ impl To {
             To::One(conn) => (std::slice::from_ref(conn), None),
             To::Members { list, except } => (list, *except),
         };
-        slice.iter().copied().filter(move |conn| Some(*conn) != except)
+        slice
+            .iter()
+            .copied()
+            .filter(move |conn| Some(*conn) != except)
     }
 }
 
@@ -392,7 +397,10 @@ impl Engine {
     }
 
     fn send_one(&mut self, conn: ConnId, msg: WsMessage) {
-        self.emit(Output::Send { to: To::One(conn), msg });
+        self.emit(Output::Send {
+            to: To::One(conn),
+            msg,
+        });
     }
 
     fn shutdown(&mut self) {
@@ -400,9 +408,14 @@ impl Engine {
         let mut ids: Vec<ConnId> = self.conns.keys().copied().collect();
         ids.sort();
         for conn in ids {
-            let Some(vsn) = self.conns.get(&conn).map(|c| c.vsn) else { continue };
-            let topics: Vec<Arc<str>> =
-                self.conns[&conn].channels.iter().map(|c| c.topic.clone()).collect();
+            let Some(vsn) = self.conns.get(&conn).map(|c| c.vsn) else {
+                continue;
+            };
+            let topics: Vec<Arc<str>> = self.conns[&conn]
+                .channels
+                .iter()
+                .map(|c| c.topic.clone())
+                .collect();
             for topic in topics {
                 let msg = protocol::encode_text(
                     vsn,
@@ -414,7 +427,11 @@ impl Engine {
                 );
                 self.send_one(conn, msg);
             }
-            self.emit(Output::Close { conn, code: 1012, reason: "server shutting down" });
+            self.emit(Output::Close {
+                conn,
+                code: 1012,
+                reason: "server shutting down",
+            });
             self.closed(conn);
         }
     }

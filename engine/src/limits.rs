@@ -25,23 +25,33 @@ impl TokenBucket {
     /// A full bucket for `rate` events per second averaged over `window_secs`.
     pub fn new(rate: u32, window_secs: u64) -> Self {
         let rate = i64::from(rate);
-        let capacity = rate.saturating_mul(window_secs.max(1) as i64).saturating_mul(1000);
-        TokenBucket { rate, capacity, balance: capacity, refilled_at: Instant(0) }
+        let capacity = rate
+            .saturating_mul(window_secs.max(1) as i64)
+            .saturating_mul(1000);
+        TokenBucket {
+            rate,
+            capacity,
+            balance: capacity,
+            refilled_at: Instant(0),
+        }
     }
 
     fn refill(&mut self, now: Instant) {
         let elapsed = now.since(self.refilled_at) as i64;
-        self.balance = self.balance.saturating_add(elapsed.saturating_mul(self.rate)).min(self.capacity);
+        self.balance = self
+            .balance
+            .saturating_add(elapsed.saturating_mul(self.rate))
+            .min(self.capacity);
         self.refilled_at = self.refilled_at.max(now);
     }
 
-    /// Whether the average rate is over the limit right now.
+    /// Whether the average rate is over the limit right now: less than one whole token left.
     pub fn tripped(&mut self, now: Instant) -> bool {
         if self.rate == 0 {
             return false;
         }
         self.refill(now);
-        self.balance <= 0
+        self.balance < 1000
     }
 
     /// Counts `n` events. Returns false, counting nothing, if the limit was already tripped.
@@ -107,7 +117,10 @@ mod tests {
         assert!(bucket.take(Instant(0), 20));
         assert!(!bucket.take(Instant(0), 1), "20 tokens spent, tripped");
         assert!(!bucket.take(Instant(99), 1), "0.99 tokens is not enough");
-        assert!(bucket.take(Instant(100), 1), "one token refilled after 100 ms");
+        assert!(
+            bucket.take(Instant(100), 1),
+            "one token refilled after 100 ms"
+        );
     }
 
     #[test]
@@ -132,7 +145,10 @@ mod tests {
         for _ in 0..5 {
             assert!(window.allow(Instant(1000), 5, 30_000));
         }
-        assert!(!window.allow(Instant(30_999), 5, 30_000), "the 6th in the window");
+        assert!(
+            !window.allow(Instant(30_999), 5, 30_000),
+            "the 6th in the window"
+        );
         assert!(window.allow(Instant(31_000), 5, 30_000), "a new window");
     }
 }

@@ -68,12 +68,19 @@ fn message(status: u16, text: &str) -> Answer {
 impl Engine {
     pub(crate) fn rest(&mut self, req: ReqId, request: RestRequest) {
         let answer = match request {
-            RestRequest::Broadcast { auth, body } => {
-                self.authorize(&auth).and_then(|claims| self.rest_batch(&claims, &body))
-            }
-            RestRequest::BroadcastEvent { auth, topic, event, private, content_type, body } => self
+            RestRequest::Broadcast { auth, body } => self
                 .authorize(&auth)
-                .and_then(|claims| self.rest_single(&claims, topic, event, private, content_type, body)),
+                .and_then(|claims| self.rest_batch(&claims, &body)),
+            RestRequest::BroadcastEvent {
+                auth,
+                topic,
+                event,
+                private,
+                content_type,
+                body,
+            } => self.authorize(&auth).and_then(|claims| {
+                self.rest_single(&claims, topic, event, private, content_type, body)
+            }),
         };
         let (status, body) = match answer {
             Ok(()) => (202, Bytes::new()),
@@ -87,13 +94,19 @@ impl Engine {
 
     fn authorize(&self, auth: &RestAuth) -> Result<Claims, Answer> {
         let token = auth.token().ok_or_else(|| message(401, "Unauthorized"))?;
-        self.verifier.verify(token, self.now.unix_ms).map_err(|_| message(401, "Unauthorized"))
+        self.verifier
+            .verify(token, self.now.unix_ms)
+            .map_err(|_| message(401, "Unauthorized"))
     }
 
     fn rest_batch(&mut self, claims: &Claims, body: &[u8]) -> Result<(), Answer> {
-        let body: Value = serde_json::from_slice(body).map_err(|_| message(400, "Malformed JSON body"))?;
+        let body: Value =
+            serde_json::from_slice(body).map_err(|_| message(400, "Malformed JSON body"))?;
         let blank = || (422, json!({ "errors": { "messages": ["can't be blank"] } }));
-        let list = body.get("messages").and_then(Value::as_array).ok_or_else(blank)?;
+        let list = body
+            .get("messages")
+            .and_then(Value::as_array)
+            .ok_or_else(blank)?;
         if list.is_empty() {
             return Err(blank());
         }
@@ -134,14 +147,19 @@ impl Engine {
         content_type: Option<String>,
         body: Bytes,
     ) -> Result<(), Answer> {
-        let media = content_type
-            .as_deref()
-            .map(|ct| ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase());
+        let media = content_type.as_deref().map(|ct| {
+            ct.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        });
         let encoding = match media.as_deref() {
             None | Some("application/json") => Encoding::Json,
             Some("application/octet-stream") => Encoding::Binary,
             Some(_) => {
-                let text = "Unsupported Media Type. Use application/json or application/octet-stream";
+                let text =
+                    "Unsupported Media Type. Use application/json or application/octet-stream";
                 return Err((415, json!({ "error": text })));
             }
         };
@@ -149,7 +167,9 @@ impl Engine {
         if body.is_empty() {
             return Err(payload_error("can't be blank"));
         }
-        if encoding == Encoding::Json && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
+        if encoding == Encoding::Json
+            && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err()
+        {
             return Err(payload_error("is invalid"));
         }
         if body.len() > self.config.payload_bytes_max() {
@@ -162,8 +182,19 @@ impl Engine {
             return Err(message(403, "Unauthorized"));
         }
         self.events.charge(self.now.mono, 1);
-        let room = RoomKey { private, sub: topic.into() };
-        self.route(&room, &BroadcastBody::User { event, encoding, payload: body }, None);
+        let room = RoomKey {
+            private,
+            sub: topic.into(),
+        };
+        self.route(
+            &room,
+            &BroadcastBody::User {
+                event,
+                encoding,
+                payload: body,
+            },
+            None,
+        );
         Ok(())
     }
 
@@ -172,18 +203,28 @@ impl Engine {
             return Err(message(429, "You have exceeded your rate limit"));
         }
         if !self.events.has(self.now.mono, count) {
-            return Err(message(429, "Too many messages to broadcast, please reduce the batch size"));
+            return Err(message(
+                429,
+                "Too many messages to broadcast, please reduce the batch size",
+            ));
         }
         Ok(())
     }
 }
 
 /// One message of a batch, or its Ecto-style field errors.
-fn batch_message(item: &Value, limit: usize) -> Result<(RoomKey, BroadcastBody), Map<String, Value>> {
+fn batch_message(
+    item: &Value,
+    limit: usize,
+) -> Result<(RoomKey, BroadcastBody), Map<String, Value>> {
     let mut errors = Map::new();
     let mut require = |key: &str, ok: bool, blank: bool| {
         if !ok {
-            let text = if blank { "can't be blank" } else { "is invalid" };
+            let text = if blank {
+                "can't be blank"
+            } else {
+                "is invalid"
+            };
             errors.insert(key.to_owned(), json!([text]));
         }
     };
@@ -193,7 +234,11 @@ fn batch_message(item: &Value, limit: usize) -> Result<(RoomKey, BroadcastBody),
     let payload = field("payload");
     require("topic", topic.is_some(), field("topic").is_none());
     require("event", event.is_some(), field("event").is_none());
-    require("payload", payload.is_some_and(Value::is_object), payload.is_none());
+    require(
+        "payload",
+        payload.is_some_and(Value::is_object),
+        payload.is_none(),
+    );
     let private = match field("private") {
         None => Some(false),
         Some(Value::Bool(b)) => Some(*b),
@@ -215,10 +260,19 @@ fn batch_message(item: &Value, limit: usize) -> Result<(RoomKey, BroadcastBody),
     }
     let text = object.to_string();
     if payload.to_string().len() > limit {
-        errors.insert("payload".to_owned(), json!(["Payload size exceeds tenant limit"]));
+        errors.insert(
+            "payload".to_owned(),
+            json!(["Payload size exceeds tenant limit"]),
+        );
         return Err(errors);
     }
-    Ok((RoomKey { private, sub: topic.into() }, BroadcastBody::Json(Bytes::from(text))))
+    Ok((
+        RoomKey {
+            private,
+            sub: topic.into(),
+        },
+        BroadcastBody::Json(Bytes::from(text)),
+    ))
 }
 
 #[cfg(test)]
@@ -245,17 +299,32 @@ mod tests {
             Value::Object(errors),
             json!({"event": ["can't be blank"], "payload": ["can't be blank"]})
         );
-        let errors = batch_message(&json!({"topic": "r", "event": "e", "payload": 1}), 100).unwrap_err();
+        let errors =
+            batch_message(&json!({"topic": "r", "event": "e", "payload": 1}), 100).unwrap_err();
         assert_eq!(Value::Object(errors), json!({"payload": ["is invalid"]}));
     }
 
     #[test]
     fn batch_message_carries_its_id_as_meta() {
-        let (room, body) =
-            batch_message(&json!({"topic": "r", "event": "e", "payload": {"a": 1}, "id": "x"}), 100).unwrap();
-        assert_eq!(room, RoomKey { private: false, sub: "r".into() });
-        let BroadcastBody::Json(text) = body else { panic!("REST batch bodies are JSON") };
+        let (room, body) = batch_message(
+            &json!({"topic": "r", "event": "e", "payload": {"a": 1}, "id": "x"}),
+            100,
+        )
+        .unwrap();
+        assert_eq!(
+            room,
+            RoomKey {
+                private: false,
+                sub: "r".into()
+            }
+        );
+        let BroadcastBody::Json(text) = body else {
+            panic!("REST batch bodies are JSON")
+        };
         let value: Value = serde_json::from_slice(&text).unwrap();
-        assert_eq!(value, json!({"payload": {"a": 1}, "event": "e", "type": "broadcast", "meta": {"id": "x"}}));
+        assert_eq!(
+            value,
+            json!({"payload": {"a": 1}, "event": "e", "type": "broadcast", "meta": {"id": "x"}})
+        );
     }
 }

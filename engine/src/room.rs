@@ -31,7 +31,11 @@ pub(crate) struct Room {
 
 impl Room {
     pub(crate) fn new(topic: Arc<str>) -> Self {
-        Room { topic, members: FxHashMap::default(), cache: [None, None] }
+        Room {
+            topic,
+            members: FxHashMap::default(),
+            cache: [None, None],
+        }
     }
 
     pub(crate) fn add(&mut self, conn: ConnId, vsn: Vsn) {
@@ -58,8 +62,11 @@ impl Room {
         let members = &self.members;
         self.cache[vsn as usize]
             .get_or_insert_with(|| {
-                let mut list: Vec<ConnId> =
-                    members.iter().filter(|(_, v)| **v == vsn).map(|(c, _)| *c).collect();
+                let mut list: Vec<ConnId> = members
+                    .iter()
+                    .filter(|(_, v)| **v == vsn)
+                    .map(|(c, _)| *c)
+                    .collect();
                 list.sort_unstable();
                 list.into()
             })
@@ -72,15 +79,22 @@ impl Engine {
     /// event rate is over its limit, every would-be recipient channel is shut down instead,
     /// as upstream channels do on receiving a message while the limit is tripped.
     pub(crate) fn fan_out(&mut self, key: &RoomKey, body: &BroadcastBody, except: Option<ConnId>) {
-        let Some(room) = self.rooms.get_mut(key) else { return };
-        let recipients = room.len() - usize::from(except.is_some_and(|c| room.members.contains_key(&c)));
+        let Some(room) = self.rooms.get_mut(key) else {
+            return;
+        };
+        let recipients =
+            room.len() - usize::from(except.is_some_and(|c| room.members.contains_key(&c)));
         if recipients == 0 {
             return;
         }
         if self.events.tripped(self.now.mono) {
             let topic = room.topic.clone();
-            let mut victims: Vec<ConnId> =
-                room.members.keys().copied().filter(|c| Some(*c) != except).collect();
+            let mut victims: Vec<ConnId> = room
+                .members
+                .keys()
+                .copied()
+                .filter(|c| Some(*c) != except)
+                .collect();
             victims.sort_unstable();
             for conn in victims {
                 self.shutdown_channel(conn, &topic, "Too many messages per second");
@@ -90,13 +104,18 @@ impl Engine {
         self.events.charge(self.now.mono, recipients as u64);
         let topic = room.topic.clone();
         for vsn in Vsn::ALL {
-            let Some(room) = self.rooms.get_mut(key) else { return };
+            let Some(room) = self.rooms.get_mut(key) else {
+                return;
+            };
             let list = room.members(vsn);
             if list.iter().all(|c| Some(*c) == except) {
                 continue;
             }
             if let Some(msg) = body.encode(vsn, &topic) {
-                self.emit(Output::Send { to: To::Members { list, except }, msg });
+                self.emit(Output::Send {
+                    to: To::Members { list, except },
+                    msg,
+                });
             }
         }
     }

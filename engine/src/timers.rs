@@ -59,7 +59,11 @@ pub(crate) struct Timers {
 impl Timers {
     pub(crate) fn set(&mut self, deadline: Instant, timer: Timer) {
         self.seq += 1;
-        self.heap.push(Entry { deadline, seq: self.seq, timer });
+        self.heap.push(Entry {
+            deadline,
+            seq: self.seq,
+            timer,
+        });
     }
 
     /// The earliest timer due at `now`, if any.

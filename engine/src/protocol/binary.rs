@@ -118,13 +118,22 @@ pub fn decode_binary(data: &Bytes) -> Result<BinaryFrame, DecodeError> {
             let ref_ = r.opt_string(rf)?;
             let topic = r.string(t)?;
             let event = r.string(e)?;
-            let metadata = if m > 0 { Some(r.bytes(m as usize)?) } else { None };
+            let metadata = if m > 0 {
+                Some(r.bytes(m as usize)?)
+            } else {
+                None
+            };
             let payload = r.rest();
             Ok(BinaryFrame::UserBroadcastPush {
                 join_ref,
                 ref_,
                 topic,
-                push: UserBroadcastPush { event, metadata, encoding, payload },
+                push: UserBroadcastPush {
+                    event,
+                    metadata,
+                    encoding,
+                    payload,
+                },
             })
         }
         other => Err(DecodeError::UnknownKind(other)),
@@ -141,7 +150,11 @@ pub fn encode_user_broadcast(
     payload: &[u8],
 ) -> Option<Bytes> {
     let meta = metadata.unwrap_or_default();
-    let (t, e, m) = (len_u8(topic.len())?, len_u8(event.len())?, len_u8(meta.len())?);
+    let (t, e, m) = (
+        len_u8(topic.len())?,
+        len_u8(event.len())?,
+        len_u8(meta.len())?,
+    );
     let mut out = Vec::with_capacity(5 + topic.len() + event.len() + meta.len() + payload.len());
     out.extend_from_slice(&[KIND_USER_BROADCAST, t, e, m, encoding as u8]);
     out.extend_from_slice(topic.as_bytes());
@@ -172,7 +185,13 @@ pub fn encode_user_broadcast_push(
     ];
     let mut out = Vec::with_capacity(header.len() + 64 + push.payload.len());
     out.extend_from_slice(&header);
-    for part in [join_ref.as_bytes(), ref_.as_bytes(), topic.as_bytes(), push.event.as_bytes(), meta] {
+    for part in [
+        join_ref.as_bytes(),
+        ref_.as_bytes(),
+        topic.as_bytes(),
+        push.event.as_bytes(),
+        meta,
+    ] {
         out.extend_from_slice(part);
     }
     out.extend_from_slice(&push.payload);
@@ -180,7 +199,7 @@ pub fn encode_user_broadcast_push(
 }
 
 /// A decoded kind 4 frame, as a client sees it.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UserBroadcast {
     /// The recipient's joined topic.
     pub topic: String,
@@ -209,8 +228,18 @@ pub fn decode_user_broadcast(data: &Bytes) -> Result<UserBroadcast, DecodeError>
     };
     let topic = r.string(t)?;
     let event = r.string(e)?;
-    let metadata = if m > 0 { Some(r.bytes(m as usize)?) } else { None };
-    Ok(UserBroadcast { topic, event, metadata, encoding, payload: r.rest() })
+    let metadata = if m > 0 {
+        Some(r.bytes(m as usize)?)
+    } else {
+        None
+    };
+    Ok(UserBroadcast {
+        topic,
+        event,
+        metadata,
+        encoding,
+        payload: r.rest(),
+    })
 }
 
 fn len_u8(len: usize) -> Option<u8> {

@@ -107,14 +107,25 @@ pub fn decode(vsn: Vsn, msg: &WsMessage) -> Result<Inbound<'_>, DecodeError> {
         (Vsn::V1, WsMessage::Text(text)) => v1::decode(text),
         (Vsn::V2, WsMessage::Text(text)) => v2::decode(text),
         (Vsn::V2, WsMessage::Binary(data)) => match decode_binary(data)? {
-            BinaryFrame::Push { join_ref, ref_, topic, event, payload } => Ok(Inbound {
+            BinaryFrame::Push {
+                join_ref,
+                ref_,
+                topic,
+                event,
+                payload,
+            } => Ok(Inbound {
                 join_ref: join_ref.map(Cow::Owned),
                 ref_: ref_.map(Cow::Owned),
                 topic: Cow::Owned(topic),
                 event: Cow::Owned(event),
                 payload: InboundPayload::Binary(payload),
             }),
-            BinaryFrame::UserBroadcastPush { join_ref, ref_, topic, push } => Ok(Inbound {
+            BinaryFrame::UserBroadcastPush {
+                join_ref,
+                ref_,
+                topic,
+                push,
+            } => Ok(Inbound {
                 join_ref: join_ref.map(Cow::Owned),
                 ref_: ref_.map(Cow::Owned),
                 topic: Cow::Owned(topic),

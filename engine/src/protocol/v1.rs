@@ -34,7 +34,13 @@ pub(super) fn decode(text: &[u8]) -> Result<Inbound<'_>, DecodeError> {
     })
 }
 
-pub(super) fn encode(out: &mut Vec<u8>, ref_: Option<&str>, topic: &str, event: &str, payload: &str) {
+pub(super) fn encode(
+    out: &mut Vec<u8>,
+    ref_: Option<&str>,
+    topic: &str,
+    event: &str,
+    payload: &str,
+) {
     out.extend_from_slice(b"{\"topic\":");
     push_json_str(out, topic);
     out.extend_from_slice(b",\"event\":");

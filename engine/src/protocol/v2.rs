@@ -26,7 +26,13 @@ impl<'de> Visitor<'de> for FrameVisitor {
         let event: Cow<'de, str> = seq.next_element()?.ok_or_else(missing)?;
         let payload: &'de RawValue = seq.next_element()?.ok_or_else(missing)?;
         while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Inbound { join_ref, ref_, topic, event, payload: InboundPayload::Json(payload) })
+        Ok(Inbound {
+            join_ref,
+            ref_,
+            topic,
+            event,
+            payload: InboundPayload::Json(payload),
+        })
     }
 }
 
