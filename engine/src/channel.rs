@@ -30,7 +30,7 @@ pub(crate) struct Channel {
     /// Whether the join asked for `presence_state`.
     pub(crate) presence_enabled: bool,
     /// The presence key: the configured one or a generated UUID.
-    pub(crate) presence_key: Box<str>,
+    pub(crate) presence_key: Arc<str>,
     /// The channel's own token, when it is not the connection token.
     pub(crate) token: Option<Box<str>>,
     pub(crate) claims: Arc<Claims>,
@@ -230,8 +230,8 @@ impl Engine {
         config: JoinConfig,
     ) {
         let presence_key = match config.presence_key {
-            Some(key) => key.into_boxed_str(),
-            None => self.uuid().into_boxed_str(),
+            Some(key) => Arc::from(key),
+            None => Arc::from(self.uuid()),
         };
         let bindings: Vec<Binding> = config
             .bindings
@@ -265,6 +265,7 @@ impl Engine {
         };
         let response = join_response(&channel.bindings);
         let has_bindings = !channel.bindings.is_empty();
+        let presence_enabled = channel.presence_enabled;
         let c = self
             .conns
             .get_mut(&conn)
@@ -276,13 +277,21 @@ impl Engine {
             self.users += 1;
         }
         self.rooms
-            .entry(room)
+            .entry(room.clone())
             .or_insert_with(|| Room::new(topic.clone()))
             .add(conn, vsn);
         self.stats.channels += 1;
         self.arm_expiry(conn, instance, exp);
         self.reply(conn, vsn, reply_to, "ok", &response);
-        if has_bindings {
+        if presence_enabled {
+            self.presence_state(conn, vsn, reply_to.join_ref, &topic, &room);
+        }
+        // presence_state may have shut the channel down.
+        let joined = self.conns[&conn]
+            .channels
+            .iter()
+            .any(|ch| ch.instance == instance);
+        if has_bindings && joined {
             self.postgres_changes_status(conn, vsn, reply_to.join_ref, &topic, sub);
         }
     }
@@ -371,6 +380,7 @@ impl Engine {
             }
         }
         self.stats.channels -= 1;
+        self.presence_forget(channel.instance);
         Some(channel)
     }
 

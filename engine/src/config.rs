@@ -34,6 +34,9 @@ pub struct Config {
     /// Rate limits average over this window: a token bucket holds `rate * window` tokens,
     /// so bursty but compliant clients are not cut off.
     pub rate_window_secs: u64,
+    /// How often presence heartbeats go to peer replicas (Phoenix.Tracker's broadcast
+    /// period).
+    pub presence_broadcast_ms: u64,
     /// Every join gets `presence_state`, whatever its config says.
     pub presence_enabled: bool,
     /// Public channels are refused.
@@ -66,6 +69,7 @@ impl Default for Config {
             client_presence_window_ms: 30_000,
             payload_kb_max: 3_000,
             rate_window_secs: 60,
+            presence_broadcast_ms: 1_500,
             presence_enabled: false,
             private_only: false,
             postgres_changes: false,

@@ -168,6 +168,7 @@ impl Engine {
             "phx_leave" => self.leave(conn, vsn, index, &reply_to),
             "broadcast" => self.broadcast_push(conn, vsn, index, &inbound),
             "access_token" => self.refresh(conn, index, &inbound),
+            "presence" => self.presence_push(conn, vsn, index, &inbound),
             // Unknown events count toward the event rate and get no reply.
             _ => self.events.charge(self.now.mono, 1),
         }
@@ -258,6 +259,7 @@ impl Engine {
                     }
                 }
                 Timer::TokenExpiry { conn, instance } => self.token_expiry(conn, instance),
+                Timer::PeerHeartbeat => self.peer_heartbeat(),
                 Timer::Delayed(outputs) => outputs.into_iter().for_each(|o| self.emit(o)),
             }
         }

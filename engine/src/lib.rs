@@ -40,6 +40,7 @@ mod config;
 mod connection;
 pub mod limits;
 pub mod peer;
+pub mod presence;
 pub mod protocol;
 pub mod rest;
 mod room;
@@ -304,6 +305,11 @@ pub struct Engine {
     users: usize,
     joins: TokenBucket,
     events: TokenBucket,
+    presence_rate: TokenBucket,
+    presence: presence::crdt::Replica,
+    /// Presence changes of this step, sent as one `presence_diff` per room at its end.
+    pending_diffs: std::collections::BTreeMap<RoomKey, Vec<presence::crdt::Change>>,
+    phx_ref_counter: u64,
     /// Channel instances are numbered so timers can tell a channel from its rejoined twin.
     next_instance: u64,
     shutting_down: bool,
@@ -317,9 +323,17 @@ impl Engine {
         let verifier = auth::Verifier::new(&config.jwt_secret);
         let joins = TokenBucket::new(config.joins_per_sec_max, config.rate_window_secs);
         let events = TokenBucket::new(config.events_per_sec_max, config.rate_window_secs);
+        let presence_rate =
+            TokenBucket::new(config.presence_events_per_sec_max, config.rate_window_secs);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let phx_ref_counter = u64::from(rand_core::RngCore::next_u32(&mut rng)) << 8;
         Engine {
             node,
-            rng: ChaCha8Rng::seed_from_u64(seed),
+            rng,
+            presence_rate,
+            presence: presence::crdt::Replica::new(node),
+            pending_diffs: std::collections::BTreeMap::new(),
+            phx_ref_counter,
             now: Now::default(),
             out: VecDeque::new(),
             conns: FxHashMap::default(),
@@ -353,15 +367,12 @@ impl Engine {
             Input::Lagging { conn } => self.lagging(conn),
             Input::Rest { req, request } => self.rest(req, request),
             Input::Peer { from, msg } => self.peer_message(from, msg),
-            Input::PeerUp(node) => {
-                self.peers.insert(node);
-            }
-            Input::PeerDown(node) => {
-                self.peers.remove(&node);
-            }
+            Input::PeerUp(node) => self.peer_up(node),
+            Input::PeerDown(node) => self.peer_down(node),
             Input::Shutdown => self.shutdown(),
             Input::Tick => {}
         }
+        self.flush_presence();
     }
 
     /// The next thing to do; drain to `None` after every [`Engine::handle`].

@@ -18,6 +18,8 @@ pub(crate) enum Timer {
     NoChannel(ConnId),
     /// Re-verify the token of channel instance `instance` on `conn`.
     TokenExpiry { conn: ConnId, instance: u64 },
+    /// Send a presence heartbeat to peers.
+    PeerHeartbeat,
     /// Outputs held back by an error backoff.
     Delayed(Vec<Output>),
 }

@@ -4,6 +4,7 @@
 mod broadcast;
 mod channels;
 mod limits;
+mod presence;
 mod robustness;
 
 use std::collections::BTreeMap;
@@ -62,6 +63,8 @@ pub(crate) struct TestEngine {
     pub(crate) replies: BTreeMap<ReqId, (u16, Bytes)>,
     /// Every Send output, for tests about encoding and sharing.
     pub(crate) sends: Vec<(crate::To, WsMessage)>,
+    /// Messages for peer replicas, in order.
+    pub(crate) to_peers: Vec<crate::PeerMsg>,
     /// Join refs of each connection's channels, by topic.
     join_refs: BTreeMap<(ConnId, String), String>,
 }
@@ -72,12 +75,17 @@ impl TestEngine {
     }
 
     pub(crate) fn with_config(config: Config) -> Self {
+        Self::node(config, NodeId(1))
+    }
+
+    /// An engine as replica `node`, for multi-replica scenarios.
+    pub(crate) fn node(config: Config, node: NodeId) -> Self {
         let now = Now {
             mono: Instant(1_000),
             unix_ms: EPOCH_MS,
         };
         TestEngine {
-            engine: Engine::new(config, NodeId(1), 42),
+            engine: Engine::new(config, node, 42 + node.0),
             now,
             next_conn: 0,
             next_ref: 0,
@@ -87,6 +95,7 @@ impl TestEngine {
             rejected: BTreeMap::new(),
             replies: BTreeMap::new(),
             sends: Vec::new(),
+            to_peers: Vec::new(),
             join_refs: BTreeMap::new(),
         }
     }
@@ -241,6 +250,11 @@ impl TestEngine {
         self.replies[&req].clone()
     }
 
+    /// Puts a frame back at the end of `conn`'s inbox.
+    pub(crate) fn requeue(&mut self, conn: ConnId, frame: Received) {
+        self.inbox.entry(conn).or_default().push(frame);
+    }
+
     /// Everything `conn` received since the last call.
     pub(crate) fn take(&mut self, conn: ConnId) -> Vec<Received> {
         self.inbox.remove(&conn).unwrap_or_default()
@@ -284,7 +298,8 @@ impl TestEngine {
                 Output::Reply { req, status, body } => {
                     self.replies.insert(req, (status, body));
                 }
-                Output::Accept { .. } | Output::ToPeers(_) => {}
+                Output::ToPeers(msg) => self.to_peers.push(msg),
+                Output::Accept { .. } => {}
             }
         }
     }
