@@ -292,34 +292,8 @@ impl Engine {
             .iter()
             .any(|ch| ch.instance == instance);
         if has_bindings && joined {
-            self.postgres_changes_status(conn, vsn, reply_to.join_ref, &topic, sub);
+            self.subscribe_changes(conn, instance);
         }
-    }
-
-    /// Reports whether the channel's postgres_changes bindings are live.
-    fn postgres_changes_status(
-        &mut self,
-        conn: ConnId,
-        vsn: Vsn,
-        join_ref: Option<&str>,
-        topic: &str,
-        sub: &str,
-    ) {
-        let payload = if self.config.postgres_changes {
-            system_payload("postgres_changes", "ok", "Subscribed to PostgreSQL", sub)
-        } else {
-            self.stats.errors += 1;
-            system_payload(
-                "postgres_changes",
-                "error",
-                "Realtime was unable to connect to the project database",
-                sub,
-            )
-        };
-        self.send_one(
-            conn,
-            protocol::encode_text(vsn, join_ref, None, topic, "system", &payload),
-        );
     }
 
     /// Sends a join error after the configured backoff; the channel never exists.
@@ -381,6 +355,7 @@ impl Engine {
         }
         self.stats.channels -= 1;
         self.presence_forget(channel.instance);
+        self.unsubscribe_changes(conn, channel.instance);
         Some(channel)
     }
 
@@ -424,23 +399,15 @@ impl Engine {
         }
         match self.verifier.verify(token, self.now.unix_ms) {
             Ok(claims) => {
-                let vsn = c.vsn;
                 let c = self.conns.get_mut(&conn).expect("checked above");
                 let channel = &mut c.channels[index];
                 let exp = claims.exp;
                 channel.claims = Arc::new(claims);
                 channel.token = Some(token.into());
-                let (instance, join_ref, topic, sub) = (
-                    channel.instance,
-                    channel.join_ref.clone(),
-                    channel.topic.clone(),
-                    channel.room.sub.clone(),
-                );
-                let has_bindings = !channel.bindings.is_empty();
+                let instance = channel.instance;
                 self.arm_expiry(conn, instance, exp);
-                if has_bindings {
-                    self.postgres_changes_status(conn, vsn, join_ref.as_deref(), &topic, &sub);
-                }
+                // Re-registered under the new claims: RLS follows the new token.
+                self.subscribe_changes(conn, instance);
             }
             Err(e) => {
                 let topic = channel.topic.clone();

@@ -35,6 +35,7 @@
 
 pub mod auth;
 mod broadcast;
+pub mod changes;
 mod channel;
 mod config;
 mod connection;
@@ -188,6 +189,18 @@ pub enum Input {
     PeerUp(NodeId),
     /// A replica is considered down.
     PeerDown(NodeId),
+    /// The publication's tables, read from the catalogs: at start and whenever the runtime
+    /// sees them change. Replaces the previous list.
+    Publication(Vec<changes::Table>),
+    /// Decoded WAL changes, whole transactions in commit order.
+    Changes(changes::ChangeBatch),
+    /// The database's answer to an [`Output::Visibility`] query, one verdict per check.
+    Visibility {
+        /// The query's id.
+        id: u64,
+        /// One verdict per [`changes::RowCheck`], in order; `None` if the query failed.
+        verdicts: Option<Vec<changes::Verdict>>,
+    },
     /// The server is draining: tell every channel and close every socket.
     Shutdown,
     /// A timer set from [`Engine::poll_timeout`] fired (spurious ticks are harmless).
@@ -238,6 +251,15 @@ pub enum Output {
     },
     /// Send a message to every peer replica.
     ToPeers(PeerMsg),
+    /// Ask the database which rows a claims group may see; answer with
+    /// [`Input::Visibility`].
+    Visibility(changes::VisibilityQuery),
+    /// Every change up to this WAL position has been handed out: the runtime may confirm
+    /// it to Postgres.
+    WalProgress {
+        /// The confirmed position.
+        lsn: u64,
+    },
 }
 
 /// Recipients of one [`Output::Send`].
@@ -310,6 +332,7 @@ pub struct Engine {
     /// Presence changes of this step, sent as one `presence_diff` per room at its end.
     pending_diffs: std::collections::BTreeMap<RoomKey, Vec<presence::crdt::Change>>,
     phx_ref_counter: u64,
+    changes: changes::State,
     /// Channel instances are numbered so timers can tell a channel from its rejoined twin.
     next_instance: u64,
     shutting_down: bool,
@@ -334,6 +357,7 @@ impl Engine {
             presence: presence::crdt::Replica::new(node),
             pending_diffs: std::collections::BTreeMap::new(),
             phx_ref_counter,
+            changes: changes::State::default(),
             now: Now::default(),
             out: VecDeque::new(),
             conns: FxHashMap::default(),
@@ -369,6 +393,9 @@ impl Engine {
             Input::Peer { from, msg } => self.peer_message(from, msg),
             Input::PeerUp(node) => self.peer_up(node),
             Input::PeerDown(node) => self.peer_down(node),
+            Input::Publication(tables) => self.publication(tables),
+            Input::Changes(batch) => self.changes(batch),
+            Input::Visibility { id, verdicts } => self.visibility(id, verdicts),
             Input::Shutdown => self.shutdown(),
             Input::Tick => {}
         }

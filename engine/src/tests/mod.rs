@@ -2,6 +2,7 @@
 //! `handle`/`poll_output`, with every output decoded as a client would see it.
 
 mod broadcast;
+mod changes;
 mod channels;
 mod limits;
 mod presence;
@@ -63,6 +64,10 @@ pub(crate) struct TestEngine {
     pub(crate) replies: BTreeMap<ReqId, (u16, Bytes)>,
     /// Every Send output, for tests about encoding and sharing.
     pub(crate) sends: Vec<(crate::To, WsMessage)>,
+    /// Visibility queries asked, in order.
+    pub(crate) visibility: Vec<crate::changes::VisibilityQuery>,
+    /// WAL progress reported, in order.
+    pub(crate) progress: Vec<u64>,
     /// Messages for peer replicas, in order.
     pub(crate) to_peers: Vec<crate::PeerMsg>,
     /// Join refs of each connection's channels, by topic.
@@ -96,6 +101,8 @@ impl TestEngine {
             replies: BTreeMap::new(),
             sends: Vec::new(),
             to_peers: Vec::new(),
+            visibility: Vec::new(),
+            progress: Vec::new(),
             join_refs: BTreeMap::new(),
         }
     }
@@ -299,6 +306,8 @@ impl TestEngine {
                     self.replies.insert(req, (status, body));
                 }
                 Output::ToPeers(msg) => self.to_peers.push(msg),
+                Output::Visibility(query) => self.visibility.push(query),
+                Output::WalProgress { lsn } => self.progress.push(lsn),
                 Output::Accept { .. } => {}
             }
         }

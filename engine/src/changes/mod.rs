@@ -1,0 +1,587 @@
+//! Postgres changes: subscriptions from join configs, filters, batched RLS visibility and
+//! delivery in commit order (PROTOCOL.md §5).
+//!
+//! A batch of changes is matched against the subscriptions registered when it arrives.
+//! Inserts and updates of tables with RLS need the database's verdict: one
+//! [`VisibilityQuery`] per claims group per batch, never one per subscriber or row.
+//! Batches are delivered strictly in arrival order, so a batch waiting for verdicts holds
+//! back the ones behind it and every subscriber sees changes in commit order. WAL progress
+//! is reported only for delivered batches.
+
+mod filter;
+mod types;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+use rustc_hash::FxHashMap;
+use serde_json::{json, Map, Value};
+
+pub use types::{
+    Change, ChangeBatch, ChangeKind, Column, RowCheck, Table, Verdict, VisibilityQuery,
+};
+
+use crate::auth::Claims;
+use crate::channel::{system_payload, Binding};
+use crate::protocol::{self, Vsn};
+use crate::{ConnId, Engine, Output, To};
+use filter::Condition;
+
+/// What makes two postgres_changes frames identical: topic, ids, serializer, and whether
+/// the row was withheld as unauthorized.
+type FrameKey = (Arc<str>, Vec<u32>, Vsn, bool);
+
+/// A channel instance: subscriptions are registered and removed per channel.
+type ChannelKey = (ConnId, u64);
+
+/// Subscribers that share role and claims share visibility verdicts.
+#[derive(Debug)]
+struct ClaimsGroup {
+    /// The claims as canonical JSON: the group's identity.
+    key: String,
+    role: String,
+    claims: Arc<Map<String, Value>>,
+}
+
+/// One validated binding of a channel.
+#[derive(Debug)]
+struct Subscription {
+    id: u32,
+    event: Option<ChangeKind>,
+    /// `None` is every schema.
+    schema: Option<String>,
+    /// `None` is every table of the schema.
+    table: Option<String>,
+    conditions: Vec<Condition>,
+}
+
+impl Subscription {
+    fn matches(&self, change: &Change) -> bool {
+        if self.event.is_some_and(|e| e != change.kind)
+            || self.schema.as_ref().is_some_and(|s| *s != change.schema)
+            || self.table.as_ref().is_some_and(|t| *t != change.table)
+        {
+            return false;
+        }
+        // Deletes are judged on the old identity, so a filter on a non-identity column
+        // never passes for them (PROTOCOL.md C59).
+        let row = match change.kind {
+            ChangeKind::Delete => change.old_record.as_ref(),
+            _ => change.record.as_ref(),
+        };
+        match row {
+            Some(row) => self.conditions.iter().all(|c| c.matches(row)),
+            None => self.conditions.is_empty(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ChannelSubscriptions {
+    group: Arc<ClaimsGroup>,
+    subscriptions: Vec<Subscription>,
+}
+
+/// Who gets one change: a channel, the ids of its matching bindings, whether a verdict is
+/// needed, and from which claims group.
+#[derive(Debug)]
+struct Delivery {
+    channel: ChannelKey,
+    ids: Vec<u32>,
+    group: Option<Arc<ClaimsGroup>>,
+}
+
+#[derive(Debug)]
+struct PendingBatch {
+    batch: ChangeBatch,
+    deliveries: Vec<Vec<Delivery>>,
+    /// Verdicts by claims group key and change index.
+    verdicts: FxHashMap<(String, usize), Verdict>,
+    awaiting: BTreeSet<u64>,
+}
+
+/// Questions sent and not yet answered: which batch, which group, which changes.
+#[derive(Debug)]
+struct Question {
+    group: String,
+    changes: Vec<usize>,
+}
+
+/// The engine's postgres_changes state.
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    /// Tables of the publication by (schema, name); `None` until the runtime reads them.
+    publication: Option<BTreeMap<(String, String), Table>>,
+    channels: BTreeMap<ChannelKey, ChannelSubscriptions>,
+    /// Channels waiting for the publication before they can subscribe.
+    waiting: Vec<ChannelKey>,
+    groups: FxHashMap<String, Arc<ClaimsGroup>>,
+    batches: VecDeque<PendingBatch>,
+    questions: BTreeMap<u64, Question>,
+    next_query: u64,
+    /// Visibility queries issued, for benchmarks and metrics.
+    pub(crate) queries: u64,
+}
+
+/// `[event: INSERT, schema: public, table: todos, filters: [], select: nil]`, as upstream
+/// prints subscription parameters.
+fn describe(params: &Map<String, Value>, conditions: &[Condition]) -> String {
+    let text = |key: &str| {
+        params
+            .get(key)
+            .and_then(Value::as_str)
+            .map_or("nil".to_owned(), str::to_owned)
+    };
+    let filters: Vec<String> = conditions.iter().map(Condition::describe).collect();
+    let select = params
+        .get("select")
+        .map_or("nil".to_owned(), Value::to_string);
+    format!(
+        "[event: {}, schema: {}, table: {}, filters: [{}], select: {}]",
+        text("event"),
+        text("schema"),
+        text("table"),
+        filters.join(", "),
+        select
+    )
+}
+
+/// Validates one binding against the publication.
+fn subscription(
+    binding: &Binding,
+    tables: &BTreeMap<(String, String), Table>,
+) -> Result<Subscription, String> {
+    let params = &binding.params;
+    let text = |key: &str| {
+        params
+            .get(key)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    };
+    let event = match text("event").map(str::to_ascii_uppercase).as_deref() {
+        Some("INSERT") => Some(ChangeKind::Insert),
+        Some("UPDATE") => Some(ChangeKind::Update),
+        Some("DELETE") => Some(ChangeKind::Delete),
+        _ => None,
+    };
+    let (schema, table) = match (text("schema"), text("table")) {
+        (None, None) => {
+            return Err(format!(
+                "No subscription params provided. Please provide at least a `schema` or `table` to subscribe to: {}",
+                describe(params, &[])
+            ))
+        }
+        (schema, table) => (schema.unwrap_or("public"), table),
+    };
+    let conditions = filter::parse(text("filter").unwrap_or_default())
+        .map_err(|e| format!("Error parsing `filter` params: {e}"))?;
+    let wildcard = |s: &str| s == "*";
+    let matching: Vec<&Table> = tables
+        .values()
+        .filter(|t| wildcard(schema) || t.schema == schema)
+        .filter(|t| table.is_none_or(|name| wildcard(name) || t.name == name))
+        .collect();
+    if matching.is_empty() {
+        return Err(format!(
+            "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: {}",
+            describe(params, &conditions)
+        ));
+    }
+    for table in &matching {
+        for condition in &conditions {
+            condition.validate(&table.columns).map_err(|exception| {
+                format!(
+                    "Unable to subscribe to changes with given parameters. An exception happened so please check your connect parameters: {}. Exception: {exception}",
+                    describe(params, &conditions)
+                )
+            })?;
+        }
+    }
+    Ok(Subscription {
+        id: binding.id,
+        event,
+        schema: (!wildcard(schema)).then(|| schema.to_owned()),
+        table: table.filter(|t| !wildcard(t)).map(str::to_owned),
+        conditions,
+    })
+}
+
+/// `data` of a postgres_changes frame: identical for every recipient of a change.
+fn data(change: &Change, table: Option<&Table>, errors: Option<&str>) -> String {
+    let mut data = Map::new();
+    data.insert("schema".into(), json!(change.schema));
+    data.insert("table".into(), json!(change.table));
+    let unauthorized = errors == Some("Error 401: Unauthorized");
+    data.insert(
+        "commit_timestamp".into(),
+        if unauthorized {
+            Value::Null
+        } else {
+            json!(change.commit_timestamp)
+        },
+    );
+    data.insert("type".into(), json!(change.kind.as_str()));
+    let columns: Vec<Value> = if unauthorized {
+        Vec::new()
+    } else {
+        change
+            .columns
+            .iter()
+            .map(|c| json!({"name": c.name, "type": c.type_name}))
+            .collect()
+    };
+    data.insert("columns".into(), Value::Array(columns));
+    let row = |row: Option<&Map<String, Value>>| {
+        if unauthorized {
+            return json!({});
+        }
+        Value::Object(row.cloned().unwrap_or_default())
+    };
+    if change.kind != ChangeKind::Delete {
+        data.insert("record".into(), row(change.record.as_ref()));
+    }
+    if change.kind != ChangeKind::Insert {
+        let mut old = row(change.old_record.as_ref());
+        // RLS hides deleted rows' contents: only the primary key survives.
+        if let (ChangeKind::Delete, Some(table), Value::Object(map)) =
+            (change.kind, table, &mut old)
+        {
+            if table.rls {
+                map.retain(|column, _| table.primary_key.contains(column));
+            }
+        }
+        data.insert("old_record".into(), old);
+    }
+    data.insert("errors".into(), errors.map_or(Value::Null, |e| json!([e])));
+    Value::Object(data).to_string()
+}
+
+impl Engine {
+    /// Registers the postgres_changes bindings of a channel (after its join or a token
+    /// refresh) and tells the channel how that went.
+    pub(crate) fn subscribe_changes(&mut self, conn: ConnId, instance: u64) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        let Some(channel) = c.channels.iter().find(|ch| ch.instance == instance) else {
+            return;
+        };
+        if channel.bindings.is_empty() {
+            return;
+        }
+        let key = (conn, instance);
+        let message = if !self.config.postgres_changes {
+            Err("Realtime was unable to connect to the project database".to_owned())
+        } else if let Some(tables) = &self.changes.publication {
+            channel
+                .bindings
+                .iter()
+                .map(|b| subscription(b, tables))
+                .collect::<Result<Vec<_>, _>>()
+        } else {
+            if !self.changes.waiting.contains(&key) {
+                self.changes.waiting.push(key);
+            }
+            return;
+        };
+        let (vsn, join_ref, topic, sub) = (
+            c.vsn,
+            channel.join_ref.clone(),
+            channel.topic.clone(),
+            channel.room.sub.clone(),
+        );
+        let claims = channel.claims.clone();
+        let payload = match message {
+            Ok(subscriptions) => {
+                let group = self.claims_group(&claims);
+                self.changes.channels.insert(
+                    key,
+                    ChannelSubscriptions {
+                        group,
+                        subscriptions,
+                    },
+                );
+                system_payload("postgres_changes", "ok", "Subscribed to PostgreSQL", &sub)
+            }
+            Err(message) => {
+                self.changes.channels.remove(&key);
+                self.stats.errors += 1;
+                system_payload("postgres_changes", "error", &message, &sub)
+            }
+        };
+        let msg = protocol::encode_text(vsn, join_ref.as_deref(), None, &topic, "system", &payload);
+        self.send_one(conn, msg);
+    }
+
+    /// Forgets a channel's subscriptions when it ends.
+    pub(crate) fn unsubscribe_changes(&mut self, conn: ConnId, instance: u64) {
+        self.changes.channels.remove(&(conn, instance));
+        self.changes.waiting.retain(|k| *k != (conn, instance));
+    }
+
+    fn claims_group(&mut self, claims: &Claims) -> Arc<ClaimsGroup> {
+        let key = serde_json::to_string(&*claims.all).expect("claims serialise");
+        self.changes
+            .groups
+            .entry(key.clone())
+            .or_insert_with(|| {
+                Arc::new(ClaimsGroup {
+                    key,
+                    role: claims.role.clone(),
+                    claims: claims.all.clone(),
+                })
+            })
+            .clone()
+    }
+
+    pub(crate) fn publication(&mut self, tables: Vec<Table>) {
+        let tables = tables
+            .into_iter()
+            .map(|t| ((t.schema.clone(), t.name.clone()), t))
+            .collect();
+        self.changes.publication = Some(tables);
+        for (conn, instance) in std::mem::take(&mut self.changes.waiting) {
+            self.subscribe_changes(conn, instance);
+        }
+        // Groups no channel uses any more are dropped here, off the hot path.
+        let used: BTreeSet<&str> = self
+            .changes
+            .channels
+            .values()
+            .map(|c| c.group.key.as_str())
+            .collect();
+        let unused: Vec<String> = self
+            .changes
+            .groups
+            .keys()
+            .filter(|k| !used.contains(k.as_str()))
+            .cloned()
+            .collect();
+        for key in unused {
+            self.changes.groups.remove(&key);
+        }
+    }
+
+    pub(crate) fn changes(&mut self, batch: ChangeBatch) {
+        let tables = self.changes.publication.as_ref();
+        let mut deliveries = Vec::with_capacity(batch.changes.len());
+        // Per claims group, the changes whose visibility it needs.
+        let mut asks: BTreeMap<String, (Arc<ClaimsGroup>, Vec<usize>)> = BTreeMap::new();
+        for (index, change) in batch.changes.iter().enumerate() {
+            let table = tables.and_then(|t| t.get(&(change.schema.clone(), change.table.clone())));
+            let needs_verdict = table.is_some_and(|t| t.rls && !t.primary_key.is_empty())
+                && change.kind != ChangeKind::Delete;
+            let mut list = Vec::new();
+            for (key, channel) in &self.changes.channels {
+                let ids: Vec<u32> = channel
+                    .subscriptions
+                    .iter()
+                    .filter(|s| s.matches(change))
+                    .map(|s| s.id)
+                    .collect();
+                if ids.is_empty() {
+                    continue;
+                }
+                let group = (needs_verdict && channel.group.role != "service_role")
+                    .then(|| channel.group.clone());
+                if let Some(group) = &group {
+                    let ask = asks
+                        .entry(group.key.clone())
+                        .or_insert_with(|| (group.clone(), Vec::new()));
+                    if ask.1.last() != Some(&index) {
+                        ask.1.push(index);
+                    }
+                }
+                list.push(Delivery {
+                    channel: *key,
+                    ids,
+                    group,
+                });
+            }
+            deliveries.push(list);
+        }
+        let mut pending = PendingBatch {
+            batch,
+            deliveries,
+            verdicts: FxHashMap::default(),
+            awaiting: BTreeSet::new(),
+        };
+        let mut queries = Vec::with_capacity(asks.len());
+        for (key, (group, indices)) in asks {
+            let checks: Vec<RowCheck> = indices
+                .iter()
+                .map(|&i| {
+                    let change = &pending.batch.changes[i];
+                    let table =
+                        tables.and_then(|t| t.get(&(change.schema.clone(), change.table.clone())));
+                    row_check(change, table)
+                })
+                .collect();
+            self.changes.next_query += 1;
+            self.changes.queries += 1;
+            let id = self.changes.next_query;
+            pending.awaiting.insert(id);
+            self.changes.questions.insert(
+                id,
+                Question {
+                    group: key,
+                    changes: indices,
+                },
+            );
+            queries.push(VisibilityQuery {
+                id,
+                role: group.role.clone(),
+                claims: group.claims.clone(),
+                checks,
+            });
+        }
+        for query in queries {
+            self.emit(Output::Visibility(query));
+        }
+        self.changes.batches.push_back(pending);
+        self.deliver_ready();
+    }
+
+    pub(crate) fn visibility(&mut self, id: u64, verdicts: Option<Vec<Verdict>>) {
+        let Some(question) = self.changes.questions.remove(&id) else {
+            return;
+        };
+        let Some(batch) = self
+            .changes
+            .batches
+            .iter_mut()
+            .find(|b| b.awaiting.contains(&id))
+        else {
+            return;
+        };
+        batch.awaiting.remove(&id);
+        for (n, index) in question.changes.into_iter().enumerate() {
+            // A failed query shows nothing rather than something the policies may forbid.
+            let verdict = verdicts
+                .as_ref()
+                .and_then(|v| v.get(n).copied())
+                .unwrap_or(Verdict::Hidden);
+            batch
+                .verdicts
+                .insert((question.group.clone(), index), verdict);
+        }
+        self.deliver_ready();
+    }
+
+    /// Delivers complete batches from the head of the queue, in order.
+    fn deliver_ready(&mut self) {
+        while self
+            .changes
+            .batches
+            .front()
+            .is_some_and(|b| b.awaiting.is_empty())
+        {
+            let pending = self.changes.batches.pop_front().expect("front exists");
+            for (index, change) in pending.batch.changes.iter().enumerate() {
+                self.deliver_change(&pending, index, change);
+            }
+            self.emit(Output::WalProgress {
+                lsn: pending.batch.lsn,
+            });
+        }
+    }
+
+    fn deliver_change(&mut self, pending: &PendingBatch, index: usize, change: &Change) {
+        let deliveries = &pending.deliveries[index];
+        if deliveries.is_empty() {
+            return;
+        }
+        let table = self
+            .changes
+            .publication
+            .as_ref()
+            .and_then(|t| t.get(&(change.schema.clone(), change.table.clone())));
+        let no_key =
+            table.is_some_and(|t| t.primary_key.is_empty()) && change.kind != ChangeKind::Delete;
+        let plain = data(
+            change,
+            table,
+            no_key.then_some("Error 400: Bad Request, no primary key"),
+        );
+        let mut unauthorized: Option<String> = None;
+        // Recipients sharing topic, ids, serializer and data share one encoded frame.
+        let mut frames: BTreeMap<FrameKey, Vec<ConnId>> = BTreeMap::new();
+        for delivery in deliveries {
+            let verdict = match &delivery.group {
+                Some(group) => pending
+                    .verdicts
+                    .get(&(group.key.clone(), index))
+                    .copied()
+                    .unwrap_or(Verdict::Hidden),
+                None => Verdict::Visible,
+            };
+            if verdict == Verdict::Hidden {
+                continue;
+            }
+            let (conn, instance) = delivery.channel;
+            let Some(c) = self.conns.get(&conn) else {
+                continue;
+            };
+            let Some(channel) = c.channels.iter().find(|ch| ch.instance == instance) else {
+                continue;
+            };
+            let denied = verdict == Verdict::Unauthorized;
+            frames
+                .entry((channel.topic.clone(), delivery.ids.clone(), c.vsn, denied))
+                .or_default()
+                .push(conn);
+        }
+        let mut sends = Vec::with_capacity(frames.len());
+        for ((topic, ids, vsn, denied), conns) in frames {
+            let data: &str = if denied {
+                unauthorized
+                    .get_or_insert_with(|| data(change, table, Some("Error 401: Unauthorized")))
+            } else {
+                &plain
+            };
+            let payload = format!(r#"{{"ids":{},"data":{data}}}"#, json!(ids));
+            let msg = protocol::encode_text(vsn, None, None, &topic, "postgres_changes", &payload);
+            let to = if conns.len() == 1 {
+                To::One(conns[0])
+            } else {
+                To::Members {
+                    list: conns.into(),
+                    except: None,
+                }
+            };
+            sends.push(Output::Send { to, msg });
+        }
+        for send in sends {
+            self.emit(send);
+        }
+    }
+}
+
+/// The primary key of a change's row, for a visibility check.
+fn row_check(change: &Change, table: Option<&Table>) -> RowCheck {
+    let row = change.record.as_ref();
+    let key = table
+        .map(|t| {
+            t.primary_key
+                .iter()
+                .map(|column| {
+                    let type_name = t
+                        .columns
+                        .iter()
+                        .find(|c| c.name == *column)
+                        .map_or_else(|| "text".to_owned(), |c| c.type_name.clone());
+                    let value = row
+                        .and_then(|r| r.get(column))
+                        .cloned()
+                        .unwrap_or(Value::Null);
+                    (column.clone(), type_name, value)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    RowCheck {
+        schema: change.schema.clone(),
+        table: change.table.clone(),
+        key,
+    }
+}

@@ -1,0 +1,119 @@
+//! What the runtime's WAL reader and RLS checker exchange with the engine.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// A column: name and Postgres type name (`pg_type.typname`: `int8`, `text`, `_int4`, …).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Column {
+    /// Column name.
+    pub name: String,
+    /// `pg_type.typname`; arrays start with `_`.
+    pub type_name: String,
+}
+
+/// A table of the publication, as the runtime read it from the catalogs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Table {
+    /// Schema name.
+    pub schema: String,
+    /// Table name.
+    pub name: String,
+    /// Columns in table order.
+    pub columns: Vec<Column>,
+    /// Primary key column names; empty when the table has none.
+    pub primary_key: Vec<String>,
+    /// Row Level Security is enabled: inserts and updates need a visibility check.
+    pub rls: bool,
+}
+
+/// Which operation a change is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ChangeKind {
+    /// A new row.
+    Insert,
+    /// A changed row.
+    Update,
+    /// A removed row.
+    Delete,
+}
+
+impl ChangeKind {
+    /// The wire name (`data.type`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Insert => "INSERT",
+            ChangeKind::Update => "UPDATE",
+            ChangeKind::Delete => "DELETE",
+        }
+    }
+}
+
+/// One row change decoded from the WAL, with typed JSON values.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    /// Schema of the table.
+    pub schema: String,
+    /// Table name.
+    pub table: String,
+    /// Insert, update or delete.
+    pub kind: ChangeKind,
+    /// Commit time, `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+    pub commit_timestamp: String,
+    /// The relation's columns, in table order.
+    pub columns: Vec<Column>,
+    /// The new row (insert, update); unchanged TOAST values already filled from the old
+    /// row where the WAL had it.
+    pub record: Option<Map<String, Value>>,
+    /// The old row identity (update with an old tuple, delete): key columns, or every
+    /// column with `REPLICA IDENTITY FULL`.
+    pub old_record: Option<Map<String, Value>>,
+}
+
+/// Changes of whole transactions in commit order, handed over together.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChangeBatch {
+    /// The changes, in commit order.
+    pub changes: Vec<Change>,
+    /// The WAL position up to which this batch completes every transaction: reported back
+    /// in [`crate::Output::WalProgress`] once every change is handed out.
+    pub lsn: u64,
+}
+
+/// One row to check for visibility under a subscriber's claims.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RowCheck {
+    /// Schema of the table.
+    pub schema: String,
+    /// Table name.
+    pub table: String,
+    /// Primary key values: `(column, type name, value)`.
+    pub key: Vec<(String, String, Value)>,
+}
+
+/// A visibility question for the database: which of these rows can this role, with these
+/// claims, select right now? One per batch and claims group.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VisibilityQuery {
+    /// Echoed in [`crate::Input::Visibility`].
+    pub id: u64,
+    /// The Postgres role to `set role` to.
+    pub role: String,
+    /// Every claim, for `request.jwt.claims`.
+    pub claims: Arc<Map<String, Value>>,
+    /// The rows to check.
+    pub checks: Vec<RowCheck>,
+}
+
+/// The answer for one [`RowCheck`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Verdict {
+    /// The row exists and the policies let the role see it.
+    Visible,
+    /// Not visible to this role.
+    Hidden,
+    /// The role may not select from the table at all (`Error 401: Unauthorized`).
+    Unauthorized,
+}

@@ -1,0 +1,520 @@
+//! Postgres changes: subscription checks, payload shape, filters, batched RLS, order.
+
+use serde_json::{json, Map, Value};
+
+use super::{test_config, Received, TestEngine};
+use crate::changes::{Change, ChangeBatch, ChangeKind, Column, Table, Verdict, VisibilityQuery};
+use crate::protocol::Vsn;
+use crate::{ConnId, Input, Output};
+
+fn columns() -> Vec<Column> {
+    [
+        ("id", "int8"),
+        ("owner", "text"),
+        ("title", "text"),
+        ("done", "bool"),
+    ]
+    .iter()
+    .map(|(name, type_name)| Column {
+        name: (*name).into(),
+        type_name: (*type_name).into(),
+    })
+    .collect()
+}
+
+fn table(name: &str, rls: bool) -> Table {
+    Table {
+        schema: "public".into(),
+        name: name.into(),
+        columns: columns(),
+        primary_key: vec!["id".into()],
+        rls,
+    }
+}
+
+fn engine() -> TestEngine {
+    let mut config = test_config();
+    config.postgres_changes = true;
+    let mut t = TestEngine::with_config(config);
+    t.handle(Input::Publication(vec![
+        table("todos", false),
+        table("secrets", true),
+    ]));
+    t
+}
+
+fn row(value: Value) -> Option<Map<String, Value>> {
+    value.as_object().cloned()
+}
+
+fn change(table: &str, kind: ChangeKind, record: Value, old: Value) -> Change {
+    Change {
+        schema: "public".into(),
+        table: table.into(),
+        kind,
+        commit_timestamp: "2026-01-01T12:00:00.123Z".into(),
+        columns: columns(),
+        record: row(record),
+        old_record: row(old),
+    }
+}
+
+fn insert(table: &str, id: i64, owner: &str) -> Change {
+    change(
+        table,
+        ChangeKind::Insert,
+        json!({"id": id, "owner": owner, "title": "t", "done": false}),
+        Value::Null,
+    )
+}
+
+fn batch(t: &mut TestEngine, lsn: u64, changes: Vec<Change>) {
+    t.handle(Input::Changes(ChangeBatch { changes, lsn }));
+}
+
+/// Joins with `bindings`; returns the binding ids and checks the system message.
+fn subscribe(
+    t: &mut TestEngine,
+    conn: ConnId,
+    sub: &str,
+    bindings: Value,
+    token: Option<String>,
+) -> Vec<u64> {
+    let mut payload = json!({"config": {"postgres_changes": bindings}});
+    if let Some(token) = token {
+        payload["access_token"] = json!(token);
+    }
+    let reply = t.join_with(conn, sub, payload);
+    assert_eq!(reply["status"], "ok");
+    let system = t.take(conn);
+    assert_eq!(
+        system[0].payload(),
+        &json!({"extension": "postgres_changes", "status": "ok", "message": "Subscribed to PostgreSQL", "channel": sub}),
+    );
+    reply["response"]["postgres_changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_u64().unwrap())
+        .collect()
+}
+
+fn changes_for(t: &mut TestEngine, conn: ConnId) -> Vec<Value> {
+    t.take(conn)
+        .into_iter()
+        .filter(|r| r.event() == "postgres_changes")
+        .map(|r| r.payload().clone())
+        .collect()
+}
+
+fn queries(t: &mut TestEngine) -> Vec<VisibilityQuery> {
+    let mut out = std::mem::take(&mut t.visibility);
+    // Tests that call the engine directly leave outputs undrained.
+    while let Some(output) = t.engine.poll_output() {
+        if let Output::Visibility(q) = output {
+            out.push(q);
+        }
+    }
+    out
+}
+
+#[test]
+fn insert_arrives_with_ids_and_the_upstream_shape() {
+    let mut t = engine();
+    let conn = t.connect(Vsn::V2);
+    let ids = subscribe(
+        &mut t,
+        conn,
+        "room1",
+        json!([{"event": "*", "schema": "public", "table": "todos"}]),
+        None,
+    );
+    batch(&mut t, 10, vec![insert("todos", 7, "ann")]);
+    let got = changes_for(&mut t, conn);
+    assert_eq!(
+        got,
+        vec![json!({"ids": ids, "data": {
+            "schema": "public", "table": "todos", "commit_timestamp": "2026-01-01T12:00:00.123Z", "type": "INSERT",
+            "columns": [{"name": "id", "type": "int8"}, {"name": "owner", "type": "text"}, {"name": "title", "type": "text"}, {"name": "done", "type": "bool"}],
+            "record": {"id": 7, "owner": "ann", "title": "t", "done": false}, "errors": null}})]
+    );
+}
+
+#[test]
+fn update_and_delete_carry_old_record_and_no_record_on_delete() {
+    let mut t = engine();
+    let conn = t.connect(Vsn::V1);
+    subscribe(
+        &mut t,
+        conn,
+        "r",
+        json!([{"event": "*", "schema": "public"}]),
+        None,
+    );
+    batch(
+        &mut t,
+        5,
+        vec![
+            change(
+                "todos",
+                ChangeKind::Update,
+                json!({"id": 1, "done": true}),
+                Value::Null,
+            ),
+            change("todos", ChangeKind::Delete, Value::Null, json!({"id": 1})),
+        ],
+    );
+    let got = changes_for(&mut t, conn);
+    assert_eq!(
+        got[0]["data"]["old_record"],
+        json!({}),
+        "UPDATE always has old_record"
+    );
+    assert_eq!(got[0]["data"]["record"]["done"], true);
+    assert_eq!(got[1]["data"]["old_record"], json!({"id": 1}));
+    assert!(got[1]["data"].get("record").is_none());
+    assert!(got.iter().all(|c| c["data"]["errors"].is_null()));
+}
+
+#[test]
+fn event_filters_and_two_bindings_in_one_frame() {
+    let mut t = engine();
+    let (inserts, all) = (t.connect(Vsn::V2), t.connect(Vsn::V2));
+    subscribe(
+        &mut t,
+        inserts,
+        "a",
+        json!([{"event": "INSERT", "schema": "public", "table": "todos"}]),
+        None,
+    );
+    let ids = subscribe(
+        &mut t,
+        all,
+        "b",
+        json!([{"event": "*", "schema": "public", "table": "todos"}, {"event": "UPDATE", "schema": "public", "table": "todos"}]),
+        None,
+    );
+    batch(
+        &mut t,
+        1,
+        vec![
+            insert("todos", 1, "x"),
+            change("todos", ChangeKind::Update, json!({"id": 1}), Value::Null),
+            change("todos", ChangeKind::Delete, Value::Null, json!({"id": 1})),
+        ],
+    );
+    assert_eq!(changes_for(&mut t, inserts).len(), 1);
+    let got = changes_for(&mut t, all);
+    assert_eq!(got.len(), 3);
+    assert_eq!(
+        got[1]["ids"],
+        json!(ids),
+        "the update matches both bindings: one frame, both ids"
+    );
+    assert_eq!(got[2]["ids"], json!([ids[0]]));
+}
+
+#[test]
+fn filters_select_rows_and_deletes_need_identity_columns() {
+    let mut t = engine();
+    let conn = t.connect(Vsn::V2);
+    subscribe(
+        &mut t,
+        conn,
+        "r",
+        json!([{"event": "*", "schema": "public", "table": "todos", "filter": "owner=eq.ann"}]),
+        None,
+    );
+    batch(
+        &mut t,
+        1,
+        vec![
+            insert("todos", 1, "ann"),
+            insert("todos", 2, "bob"),
+            change("todos", ChangeKind::Delete, Value::Null, json!({"id": 1})),
+        ],
+    );
+    let got = changes_for(&mut t, conn);
+    assert_eq!(
+        got.len(),
+        1,
+        "bob's row and the key-only delete are filtered out"
+    );
+    assert_eq!(got[0]["data"]["record"]["owner"], "ann");
+}
+
+#[test]
+fn unpublished_tables_bad_filters_and_empty_params_get_upstream_errors() {
+    let mut t = engine();
+    let conn = t.connect(Vsn::V2);
+    let cases = [
+        (json!({"event": "INSERT", "schema": "public", "table": "nope"}), "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: [event: INSERT, schema: public, table: nope, filters: [], select: nil]"),
+        (json!({"event": "*", "schema": "public", "table": "todos", "filter": "x=foo.1"}), "Error parsing `filter` params: [\"foo\", \"1\"]"),
+        (json!({"event": "*", "schema": "public", "table": "todos", "filter": "id=in.1,2"}), "Error parsing `filter` params: `in` filter value must be wrapped by parentheses"),
+        (json!({"event": "*", "schema": "public", "table": "todos", "filter": "nope=eq.1"}), "Unable to subscribe to changes with given parameters. An exception happened so please check your connect parameters: [event: *, schema: public, table: todos, filters: [{\"nope\", \"eq\", \"1\"}], select: nil]. Exception: ERROR P0001 (raise_exception) invalid column for filter nope"),
+        (json!({"event": "*"}), "No subscription params provided. Please provide at least a `schema` or `table` to subscribe to: [event: *, schema: nil, table: nil, filters: [], select: nil]"),
+    ];
+    for (i, (binding, message)) in cases.into_iter().enumerate() {
+        let sub = format!("e{i}");
+        let reply = t.join_with(
+            conn,
+            &sub,
+            json!({"config": {"postgres_changes": [binding]}}),
+        );
+        assert_eq!(reply["status"], "ok", "errors never fail the join");
+        let got = t.take(conn);
+        assert_eq!(got[0].payload()["status"], "error");
+        assert_eq!(got[0].payload()["message"], message);
+    }
+    batch(&mut t, 1, vec![insert("todos", 1, "x")]);
+    assert!(changes_for(&mut t, conn).is_empty());
+}
+
+#[test]
+fn rls_is_one_query_per_claims_group_per_batch_and_hidden_rows_are_not_delivered() {
+    let mut t = engine();
+    let users: Vec<(ConnId, String)> = (0..10)
+        .map(|i| {
+            (
+                t.connect(Vsn::V2),
+                if i % 2 == 0 { "ann" } else { "bob" }.to_owned(),
+            )
+        })
+        .collect();
+    for (i, (conn, user)) in users.iter().enumerate() {
+        let token = crate::auth::sign(
+            super::SECRET,
+            &json!({"role": "authenticated", "sub": user, "exp": 4_000_000_000u64}),
+        );
+        subscribe(
+            &mut t,
+            *conn,
+            &format!("s{i}"),
+            json!([{"event": "*", "schema": "public", "table": "secrets"}]),
+            Some(token),
+        );
+    }
+    t.engine.handle(
+        t.now,
+        Input::Changes(ChangeBatch {
+            changes: vec![insert("secrets", 1, "ann"), insert("secrets", 2, "bob")],
+            lsn: 99,
+        }),
+    );
+    let asked = queries(&mut t);
+    assert_eq!(asked.len(), 2, "two claims groups, one query each");
+    assert!(asked
+        .iter()
+        .all(|q| q.role == "authenticated" && q.checks.len() == 2));
+    for (conn, _) in &users {
+        assert!(
+            changes_for(&mut t, *conn).is_empty(),
+            "held until verdicts arrive"
+        );
+    }
+    for q in &asked {
+        let sub = q.claims["sub"].as_str().unwrap();
+        let verdicts = q
+            .checks
+            .iter()
+            .map(|c| {
+                if (c.key[0].2 == json!(1)) == (sub == "ann") {
+                    Verdict::Visible
+                } else {
+                    Verdict::Hidden
+                }
+            })
+            .collect();
+        t.handle(Input::Visibility {
+            id: q.id,
+            verdicts: Some(verdicts),
+        });
+    }
+    for (conn, user) in &users {
+        let got = changes_for(&mut t, *conn);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0]["data"]["record"]["owner"], user.as_str());
+    }
+}
+
+#[test]
+fn batches_stay_in_commit_order_while_verdicts_are_pending_and_progress_follows_delivery() {
+    let mut t = engine();
+    let conn = t.connect(Vsn::V2);
+    let token = crate::auth::sign(
+        super::SECRET,
+        &json!({"role": "authenticated", "sub": "ann", "exp": 4_000_000_000u64}),
+    );
+    subscribe(
+        &mut t,
+        conn,
+        "r",
+        json!([{"event": "*", "schema": "public"}]),
+        Some(token),
+    );
+    t.engine.handle(
+        t.now,
+        Input::Changes(ChangeBatch {
+            changes: vec![insert("secrets", 1, "ann")],
+            lsn: 10,
+        }),
+    );
+    let asked = queries(&mut t);
+    t.engine.handle(
+        t.now,
+        Input::Changes(ChangeBatch {
+            changes: vec![insert("todos", 2, "ann")],
+            lsn: 20,
+        }),
+    );
+    let mut progress = Vec::new();
+    while let Some(o) = t.engine.poll_output() {
+        assert!(
+            !matches!(o, Output::Send { .. }),
+            "the second batch waits behind the first"
+        );
+        if let Output::WalProgress { lsn } = o {
+            progress.push(lsn);
+        }
+    }
+    assert!(progress.is_empty());
+    t.engine.handle(
+        t.now,
+        Input::Visibility {
+            id: asked[0].id,
+            verdicts: Some(vec![Verdict::Visible]),
+        },
+    );
+    let mut order = Vec::new();
+    while let Some(o) = t.engine.poll_output() {
+        match o {
+            Output::Send { msg, .. } => {
+                let Received::Text { payload, .. } = super::decode_server_frame(Vsn::V2, &msg)
+                else {
+                    panic!()
+                };
+                order.push(format!("change {}", payload["data"]["record"]["id"]));
+            }
+            Output::WalProgress { lsn } => order.push(format!("progress {lsn}")),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        order,
+        ["change 1", "progress 10", "change 2", "progress 20"]
+    );
+}
+
+#[test]
+fn service_role_bypasses_rls_and_deletes_are_never_checked_but_keep_only_the_key() {
+    let mut t = engine();
+    let (service, user) = (t.connect(Vsn::V2), t.connect(Vsn::V2));
+    let service_token = t.token("service_role", 3600);
+    let user_token = t.token("authenticated", 3600);
+    subscribe(
+        &mut t,
+        service,
+        "a",
+        json!([{"event": "*", "schema": "public", "table": "secrets"}]),
+        Some(service_token),
+    );
+    subscribe(
+        &mut t,
+        user,
+        "b",
+        json!([{"event": "DELETE", "schema": "public", "table": "secrets"}]),
+        Some(user_token),
+    );
+    t.engine.handle(
+        t.now,
+        Input::Changes(ChangeBatch {
+            changes: vec![
+                insert("secrets", 1, "ann"),
+                change(
+                    "secrets",
+                    ChangeKind::Delete,
+                    Value::Null,
+                    json!({"id": 1, "owner": "ann", "title": "t"}),
+                ),
+            ],
+            lsn: 3,
+        }),
+    );
+    let mut sends = 0;
+    while let Some(o) = t.engine.poll_output() {
+        assert!(!matches!(o, Output::Visibility(_)), "no query needed");
+        if let Output::Send { to, msg } = o {
+            sends += 1;
+            for conn in to.iter() {
+                t.requeue(conn, super::decode_server_frame(Vsn::V2, &msg));
+            }
+        }
+    }
+    assert_eq!(sends, 3);
+    assert_eq!(changes_for(&mut t, service).len(), 2);
+    let got = changes_for(&mut t, user);
+    assert_eq!(
+        got[0]["data"]["old_record"],
+        json!({"id": 1}),
+        "RLS table: key only"
+    );
+}
+
+#[test]
+fn unauthorized_verdict_sends_the_error_without_row_data() {
+    let mut t = engine();
+    let conn = t.connect(Vsn::V2);
+    subscribe(
+        &mut t,
+        conn,
+        "r",
+        json!([{"event": "*", "schema": "public", "table": "secrets"}]),
+        None,
+    );
+    t.engine.handle(
+        t.now,
+        Input::Changes(ChangeBatch {
+            changes: vec![insert("secrets", 1, "x")],
+            lsn: 1,
+        }),
+    );
+    let asked = queries(&mut t);
+    t.handle(Input::Visibility {
+        id: asked[0].id,
+        verdicts: Some(vec![Verdict::Unauthorized]),
+    });
+    let got = changes_for(&mut t, conn);
+    let data = &got[0]["data"];
+    assert_eq!(data["errors"], json!(["Error 401: Unauthorized"]));
+    assert_eq!(
+        (data["record"].clone(), data["columns"].clone()),
+        (json!({}), json!([]))
+    );
+    assert!(data["commit_timestamp"].is_null());
+}
+
+#[test]
+fn refresh_resubscribes_and_publication_may_arrive_after_the_join() {
+    let mut config = test_config();
+    config.postgres_changes = true;
+    let mut t = TestEngine::with_config(config);
+    let conn = t.connect(Vsn::V2);
+    let reply = t.join_with(conn, "r", json!({"config": {"postgres_changes": [{"event": "*", "schema": "public", "table": "todos"}]}}));
+    assert_eq!(reply["status"], "ok");
+    assert!(t.take(conn).is_empty(), "waiting for the publication");
+    t.handle(Input::Publication(vec![table("todos", false)]));
+    assert_eq!(
+        t.take(conn)[0].payload()["message"],
+        "Subscribed to PostgreSQL"
+    );
+    let fresh = t.token("authenticated", 7200);
+    t.push(conn, "r", "access_token", json!({"access_token": fresh}));
+    assert_eq!(
+        t.take(conn)[0].payload()["message"],
+        "Subscribed to PostgreSQL"
+    );
+    t.push(conn, "r", "phx_leave", json!({}));
+    t.take(conn);
+    batch(&mut t, 1, vec![insert("todos", 1, "x")]);
+    assert!(changes_for(&mut t, conn).is_empty(), "nothing after leave");
+}
