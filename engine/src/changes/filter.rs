@@ -197,6 +197,11 @@ impl Condition {
         format!("{{{:?}, {:?}, {:?}}}", self.column, op, value)
     }
 
+    /// The literal of a plain (not negated) `eq`, which the candidate index can use.
+    pub(crate) fn eq_literal(&self) -> Option<&str> {
+        (self.op == Op::Eq && !self.negated).then(|| self.values[0].as_str())
+    }
+
     /// Checks the condition against the table's columns: the database's errors for an
     /// unknown column or a value its type cannot hold.
     pub(crate) fn validate(&self, columns: &[Column]) -> Result<(), String> {
@@ -258,7 +263,7 @@ impl Condition {
     }
 }
 
-fn bool_value(text: &str) -> Option<bool> {
+pub(crate) fn bool_value(text: &str) -> Option<bool> {
     match text.trim().to_ascii_lowercase().as_str() {
         "true" | "t" | "yes" | "y" | "on" | "1" => Some(true),
         "false" | "f" | "no" | "n" | "off" | "0" => Some(false),
@@ -273,9 +278,10 @@ fn text_of(value: &Value) -> String {
     }
 }
 
-/// Timestamps print with `T` in changes but users filter with a space.
-fn normalise(text: &str) -> String {
-    text.replacen(' ', "T", 1)
+/// Timestamps print with `T` in changes but users filter with a space: compare with the
+/// two treated as one character, without allocating.
+fn normalised(text: &str) -> impl Iterator<Item = u8> + '_ {
+    text.bytes().map(|b| if b == b' ' { b'T' } else { b })
 }
 
 /// SQL equality of a row value and a filter literal; `None` when NULL is involved.
@@ -284,7 +290,7 @@ fn equal(value: &Value, literal: &str) -> Option<bool> {
         Value::Null => None,
         Value::Number(n) => Some(literal.trim().parse::<f64>().ok()? == n.as_f64()?),
         Value::Bool(b) => Some(bool_value(literal)? == *b),
-        Value::String(s) => Some(*s == literal || normalise(s) == normalise(literal)),
+        Value::String(s) => Some(*s == literal || normalised(s).eq(normalised(literal))),
         other => Some(serde_json::from_str::<Value>(literal).is_ok_and(|v| v == *other)),
     }
 }
@@ -294,7 +300,7 @@ fn order(value: &Value, literal: &str) -> Option<std::cmp::Ordering> {
         Value::Number(n) => n
             .as_f64()?
             .partial_cmp(&literal.trim().parse::<f64>().ok()?),
-        Value::String(s) => Some(normalise(s).cmp(&normalise(literal))),
+        Value::String(s) => Some(normalised(s).cmp(normalised(literal))),
         Value::Bool(b) => Some(b.cmp(&bool_value(literal)?)),
         _ => None,
     }

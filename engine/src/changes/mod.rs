@@ -9,6 +9,7 @@
 //! is reported only for delivered batches.
 
 mod filter;
+mod index;
 mod types;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -26,6 +27,7 @@ use crate::channel::{system_payload, Binding};
 use crate::protocol::{self, Vsn};
 use crate::{ConnId, Engine, Output, To};
 use filter::Condition;
+use index::{Index, Slot};
 
 /// What makes two postgres_changes frames identical: topic, ids, serializer, and whether
 /// the row was withheld as unauthorized.
@@ -53,6 +55,8 @@ struct Subscription {
     /// `None` is every table of the schema.
     table: Option<String>,
     conditions: Vec<Condition>,
+    /// Where the candidate index files it.
+    slot: Slot,
 }
 
 impl Subscription {
@@ -113,6 +117,7 @@ pub(crate) struct State {
     /// Tables of the publication by (schema, name); `None` until the runtime reads them.
     publication: Option<BTreeMap<(String, String), Table>>,
     channels: BTreeMap<ChannelKey, ChannelSubscriptions>,
+    index: Index,
     /// Channels waiting for the publication before they can subscribe.
     waiting: Vec<ChannelKey>,
     groups: FxHashMap<String, Arc<ClaimsGroup>>,
@@ -197,12 +202,35 @@ fn subscription(
             })?;
         }
     }
+    let schema = (!wildcard(schema)).then(|| schema.to_owned());
+    let table = table.filter(|t| !wildcard(t)).map(str::to_owned);
+    let slot = match (&schema, &table, matching.as_slice()) {
+        (Some(schema), Some(table), [found]) => conditions
+            .iter()
+            .find_map(|c| {
+                let literal = c.eq_literal()?;
+                let column = found.columns.iter().find(|col| col.name == c.column)?;
+                let key = index::literal_key(&column.type_name, literal)?;
+                Some(Slot::Eq {
+                    schema: schema.clone(),
+                    table: table.clone(),
+                    column: c.column.clone(),
+                    key,
+                })
+            })
+            .unwrap_or_else(|| Slot::Table {
+                schema: schema.clone(),
+                table: table.clone(),
+            }),
+        _ => Slot::Wildcard,
+    };
     Ok(Subscription {
         id: binding.id,
         event,
-        schema: (!wildcard(schema)).then(|| schema.to_owned()),
-        table: table.filter(|t| !wildcard(t)).map(str::to_owned),
+        schema,
+        table,
         conditions,
+        slot,
     })
 }
 
@@ -294,6 +322,10 @@ impl Engine {
         let payload = match message {
             Ok(subscriptions) => {
                 let group = self.claims_group(&claims);
+                self.unsubscribe_changes(conn, instance);
+                for subscription in &subscriptions {
+                    self.changes.index.insert(key, &subscription.slot);
+                }
                 self.changes.channels.insert(
                     key,
                     ChannelSubscriptions {
@@ -304,7 +336,7 @@ impl Engine {
                 system_payload("postgres_changes", "ok", "Subscribed to PostgreSQL", &sub)
             }
             Err(message) => {
-                self.changes.channels.remove(&key);
+                self.unsubscribe_changes(conn, instance);
                 self.stats.errors += 1;
                 system_payload("postgres_changes", "error", &message, &sub)
             }
@@ -315,7 +347,13 @@ impl Engine {
 
     /// Forgets a channel's subscriptions when it ends.
     pub(crate) fn unsubscribe_changes(&mut self, conn: ConnId, instance: u64) {
-        self.changes.channels.remove(&(conn, instance));
+        if let Some(channel) = self.changes.channels.remove(&(conn, instance)) {
+            for subscription in &channel.subscriptions {
+                self.changes
+                    .index
+                    .remove((conn, instance), &subscription.slot);
+            }
+        }
         self.changes.waiting.retain(|k| *k != (conn, instance));
     }
 
@@ -372,7 +410,10 @@ impl Engine {
             let needs_verdict = table.is_some_and(|t| t.rls && !t.primary_key.is_empty())
                 && change.kind != ChangeKind::Delete;
             let mut list = Vec::new();
-            for (key, channel) in &self.changes.channels {
+            for key in self.changes.index.candidates(change) {
+                let Some(channel) = self.changes.channels.get(&key) else {
+                    continue;
+                };
                 let ids: Vec<u32> = channel
                     .subscriptions
                     .iter()
@@ -393,7 +434,7 @@ impl Engine {
                     }
                 }
                 list.push(Delivery {
-                    channel: *key,
+                    channel: key,
                     ids,
                     group,
                 });

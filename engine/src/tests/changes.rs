@@ -518,3 +518,68 @@ fn refresh_resubscribes_and_publication_may_arrive_after_the_join() {
     batch(&mut t, 1, vec![insert("todos", 1, "x")]);
     assert!(changes_for(&mut t, conn).is_empty(), "nothing after leave");
 }
+
+mod index {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn filter_strategy() -> impl Strategy<Value = Option<String>> {
+        prop_oneof![
+            Just(None),
+            (0..5i64).prop_map(|k| Some(format!("id=eq.{k}"))),
+            (0..5i64).prop_map(|k| Some(format!("id=gt.{k}"))),
+            prop::sample::select(vec!["ann", "bob", "a b"])
+                .prop_map(|n| Some(format!("owner=eq.{n}"))),
+            (0..5i64, prop::sample::select(vec!["ann", "bob"]))
+                .prop_map(|(k, n)| Some(format!("owner=eq.{n},id=eq.{k}"))),
+        ]
+    }
+
+    fn expected(filter: &Option<String>, id: f64, owner: &str) -> bool {
+        let Some(filter) = filter else { return true };
+        filter.split(',').all(|c| {
+            let (column, rest) = c.split_once('=').unwrap();
+            let (op, value) = rest.split_once('.').unwrap();
+            match (column, op) {
+                ("id", "eq") => id == value.parse::<f64>().unwrap(),
+                ("id", "gt") => id > value.parse::<f64>().unwrap(),
+                ("owner", "eq") => owner == value,
+                _ => unreachable!(),
+            }
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// The candidate index never hides a change a filter selects, nor adds one.
+        #[test]
+        fn indexed_matching_equals_brute_force(
+            filters in prop::collection::vec(filter_strategy(), 1..12),
+            rows in prop::collection::vec((0..6i64, any::<bool>(), prop::sample::select(vec!["ann", "bob", "a b", "cy"])), 1..10),
+        ) {
+            let mut t = engine();
+            let conns: Vec<ConnId> = filters.iter().map(|_| t.connect(Vsn::V2)).collect();
+            for (i, (conn, filter)) in conns.iter().zip(&filters).enumerate() {
+                let mut binding = json!({"event": "*", "schema": "public", "table": "todos"});
+                if let Some(f) = filter {
+                    binding["filter"] = json!(f);
+                }
+                subscribe(&mut t, *conn, &format!("c{i}"), json!([binding]), None);
+            }
+            let changes: Vec<Change> = rows
+                .iter()
+                .map(|(id, float, owner)| {
+                    let id_value = if *float { json!(*id as f64) } else { json!(id) };
+                    change("todos", ChangeKind::Insert, json!({"id": id_value, "owner": owner}), Value::Null)
+                })
+                .collect();
+            batch(&mut t, 1, changes);
+            for (conn, filter) in conns.iter().zip(&filters) {
+                let want = rows.iter().filter(|(id, _, owner)| expected(filter, *id as f64, owner)).count();
+                prop_assert_eq!(changes_for(&mut t, *conn).len(), want, "filter {:?}", filter);
+            }
+        }
+    }
+}

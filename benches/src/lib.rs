@@ -1,0 +1,101 @@
+//! Shared pieces of switchboard's benchmarks: engine fixtures driven through the public
+//! API only, so benchmarks measure exactly what runtimes run.
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+use switchboard_engine::{
+    auth, Config, ConnId, ConnectParams, Engine, Input, Instant, NodeId, Now, Output, WsMessage,
+};
+
+/// The secret fixtures sign tokens with.
+pub const SECRET: &str = "bench-secret-bench-secret-bench-secret";
+
+/// Wall clock of every fixture: tokens are valid far beyond it.
+pub const NOW: Now = Now {
+    mono: Instant(1_000),
+    unix_ms: 1_700_000_000_000,
+};
+
+/// A configuration without limits that would get in a benchmark's way.
+pub fn config() -> Config {
+    Config {
+        jwt_secret: SECRET.to_owned(),
+        join_error_backoff_ms: 0,
+        connect_error_backoff_ms: 0,
+        events_per_sec_max: 0,
+        joins_per_sec_max: 0,
+        presence_events_per_sec_max: 0,
+        concurrent_users_max: usize::MAX,
+        postgres_changes: true,
+        ..Config::default()
+    }
+}
+
+/// A token for `role` with extra claims.
+pub fn token(role: &str, sub: &str) -> String {
+    auth::sign(
+        SECRET,
+        &json!({"role": role, "sub": sub, "exp": 4_000_000_000u64}),
+    )
+}
+
+/// Feeds `input` and drops every output.
+pub fn drive(engine: &mut Engine, input: Input) {
+    engine.handle(NOW, input);
+    while engine.poll_output().is_some() {}
+}
+
+/// Opens connection `id` with serializer `vsn` ("1.0.0" or "2.0.0").
+pub fn connect(engine: &mut Engine, id: u64, vsn: &str, key: &str) -> ConnId {
+    let conn = ConnId(id);
+    let params = ConnectParams {
+        vsn: Some(vsn.to_owned()),
+        apikey: Some(key.to_owned()),
+        x_api_key: None,
+    };
+    drive(engine, Input::Connect { conn, params });
+    conn
+}
+
+/// Sends a text frame in the v2 serializer.
+pub fn push_v2(engine: &mut Engine, conn: ConnId, frame: &Value) {
+    let msg = WsMessage::Text(Bytes::from(frame.to_string()));
+    drive(engine, Input::Frame { conn, msg });
+}
+
+/// An engine with `members` v2 and v1 connections (alternating) joined to `realtime:room`,
+/// plus the id of the first (the sender).
+pub fn room(members: u64) -> (Engine, ConnId) {
+    let mut engine = Engine::new(config(), NodeId(1), 1);
+    let key = token("anon", "bench");
+    for id in 1..=members {
+        let vsn = if id % 2 == 0 { "1.0.0" } else { "2.0.0" };
+        let conn = connect(&mut engine, id, vsn, &key);
+        let join = if vsn == "2.0.0" {
+            json!(["1", "1", "realtime:room", "phx_join", {"config": {}}])
+        } else {
+            json!({"topic": "realtime:room", "event": "phx_join", "payload": {"config": {}}, "ref": "1", "join_ref": "1"})
+        };
+        let msg = WsMessage::Text(Bytes::from(join.to_string()));
+        drive(&mut engine, Input::Frame { conn, msg });
+    }
+    (engine, ConnId(1))
+}
+
+/// A realtime-js broadcast push as a text frame.
+pub fn broadcast_frame(n: u64) -> WsMessage {
+    let frame = json!(["1", n.to_string(), "realtime:room", "broadcast",
+        {"type": "broadcast", "event": "cursor", "payload": {"x": n, "y": 2}}]);
+    WsMessage::Text(Bytes::from(frame.to_string()))
+}
+
+/// Counts recipients of every `Send` output: deliveries.
+pub fn deliveries(engine: &mut Engine) -> usize {
+    let mut delivered = 0;
+    while let Some(output) = engine.poll_output() {
+        if let Output::Send { to, .. } = output {
+            delivered += to.iter().count();
+        }
+    }
+    delivered
+}
