@@ -1,0 +1,356 @@
+//! End-to-end load generator: opens N WebSocket connections speaking the real protocol
+//! (vsn 2.0.0 with binary broadcasts, or 1.0.0), joins them to rooms, has M publishers send
+//! at a target rate with timestamps in the payload, and reports delivered messages/s,
+//! end-to-end latency percentiles, connection setup rate and server memory.
+//!
+//! It stays on loopback, stops by itself after `--duration`, and prints one
+//! machine-readable JSON line last. `--mode floor` drives the raw fan-out floor instead.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::{Parser, ValueEnum};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde_json::json;
+use switchboard_engine::protocol::{encode_user_broadcast_push, UserBroadcastPush};
+use switchboard_engine::Encoding;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// The switchboard server, real protocol.
+    Switchboard,
+    /// The raw fan-out floor (`floor` binary).
+    Floor,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Vsn {
+    /// JSON arrays and binary broadcasts, as realtime-js 2.x.
+    V2,
+    /// JSON objects.
+    V1,
+}
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Server address, `host:port` on loopback.
+    #[arg(long, default_value = "127.0.0.1:4000")]
+    addr: String,
+    /// What is being measured.
+    #[arg(long, value_enum, default_value = "switchboard")]
+    mode: Mode,
+    /// API key (a JWT) for switchboard.
+    #[arg(long, env = "SWITCHBOARD_ANON_KEY", default_value = "")]
+    key: String,
+    /// Serializer version of every connection.
+    #[arg(long, value_enum, default_value = "v2")]
+    vsn: Vsn,
+    /// Connections to open (subscribers and publishers together).
+    #[arg(long, default_value_t = 1000)]
+    connections: usize,
+    /// Rooms; connections are spread over them round-robin.
+    #[arg(long, default_value_t = 1)]
+    rooms: usize,
+    /// Connections that publish (the first of each room first).
+    #[arg(long, default_value_t = 1)]
+    publishers: usize,
+    /// Total messages per second across publishers.
+    #[arg(long, default_value_t = 100)]
+    rate: u64,
+    /// Seconds of publishing.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Extra payload bytes per message.
+    #[arg(long, default_value_t = 16)]
+    payload_bytes: usize,
+    /// Server process id, to read its resident memory from /proc.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Concurrent connection attempts while setting up.
+    #[arg(long, default_value_t = 256)]
+    connect_concurrency: usize,
+    /// Label echoed in the summary (e.g. the runtime).
+    #[arg(long, default_value = "")]
+    label: String,
+}
+
+type Sink = SplitSink<WebSocketStream<MaybeTlsStream<TcpStream>>, Message>;
+type Source = SplitStream<WebSocketStream<MaybeTlsStream<TcpStream>>>;
+
+/// Resident memory of `pid` in KiB.
+fn rss_kib(pid: Option<u32>) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn topic(room: usize) -> String {
+    format!("realtime:load-{room}")
+}
+
+async fn open(args: &Args, room: usize) -> Result<(Sink, Source), String> {
+    let url = match args.mode {
+        Mode::Switchboard => {
+            let vsn = if args.vsn == Vsn::V2 {
+                "2.0.0"
+            } else {
+                "1.0.0"
+            };
+            format!(
+                "ws://{}/realtime/v1/websocket?apikey={}&vsn={vsn}",
+                args.addr, args.key
+            )
+        }
+        Mode::Floor => format!("ws://{}/?room={room}", args.addr),
+    };
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(4096);
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sink, mut source) = ws.split();
+    if args.mode == Mode::Switchboard {
+        let join = frame(
+            args.vsn,
+            Some("1"),
+            "1",
+            &topic(room),
+            "phx_join",
+            json!({"config": {}}),
+        );
+        sink.send(join).await.map_err(|e| e.to_string())?;
+        // Wait for the join reply before counting the connection as set up.
+        loop {
+            match source.next().await {
+                Some(Ok(Message::Text(text))) if text.contains("phx_reply") => {
+                    if !text.contains("\"ok\"") {
+                        return Err(format!("join refused: {text}"));
+                    }
+                    break;
+                }
+                Some(Ok(_)) => {}
+                other => return Err(format!("closed during join: {other:?}")),
+            }
+        }
+    }
+    Ok((sink, source))
+}
+
+fn frame(
+    vsn: Vsn,
+    join_ref: Option<&str>,
+    ref_: &str,
+    topic: &str,
+    event: &str,
+    payload: serde_json::Value,
+) -> Message {
+    let text = match vsn {
+        Vsn::V2 => json!([join_ref, ref_, topic, event, payload]).to_string(),
+        Vsn::V1 => json!({"topic": topic, "event": event, "payload": payload, "ref": ref_, "join_ref": join_ref}).to_string(),
+    };
+    Message::Text(text.into())
+}
+
+/// The message a publisher sends: a timestamp in microseconds since `origin`.
+fn message(args: &Args, room: usize, seq: u64, origin: Instant, padding: &str) -> Message {
+    let micros = origin.elapsed().as_micros() as u64;
+    let body = format!(r#"{{"t":{micros},"s":{seq},"p":"{padding}"}}"#);
+    match (args.mode, args.vsn) {
+        (Mode::Floor, _) => Message::Text(body.into()),
+        (Mode::Switchboard, Vsn::V2) => {
+            let push = UserBroadcastPush {
+                event: "m".into(),
+                metadata: None,
+                encoding: Encoding::Json,
+                payload: Bytes::from(body),
+            };
+            let bytes =
+                encode_user_broadcast_push(Some("1"), Some(&seq.to_string()), &topic(room), &push)
+                    .expect("short header strings");
+            Message::Binary(bytes)
+        }
+        (Mode::Switchboard, Vsn::V1) => {
+            let payload: serde_json::Value = serde_json::from_str(&body).expect("valid JSON");
+            frame(
+                Vsn::V1,
+                Some("1"),
+                &seq.to_string(),
+                &topic(room),
+                "broadcast",
+                json!({"type": "broadcast", "event": "m", "payload": payload}),
+            )
+        }
+    }
+}
+
+/// Finds `"t":<digits>` in a received frame.
+fn timestamp(data: &[u8]) -> Option<u64> {
+    let at = data.windows(4).position(|w| w == b"\"t\":")? + 4;
+    let digits = data[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&data[at..at + digits])
+        .ok()?
+        .parse()
+        .ok()
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Arc::new(Args::parse());
+    let origin = Instant::now();
+    let rss_before = rss_kib(args.server_pid);
+
+    // Connection setup, bounded concurrency.
+    let setup_started = Instant::now();
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(args.connect_concurrency));
+    let mut opening = Vec::with_capacity(args.connections);
+    for i in 0..args.connections {
+        let (args, semaphore) = (args.clone(), semaphore.clone());
+        opening.push(tokio::spawn(async move {
+            let _permit = semaphore.acquire().await.expect("semaphore open");
+            let room = i % args.rooms;
+            (room, open(&args, room).await)
+        }));
+    }
+    let mut connections = Vec::with_capacity(args.connections);
+    let mut failures = 0usize;
+    let mut first_error = None;
+    for task in opening {
+        match task.await.expect("setup task") {
+            (room, Ok(pair)) => connections.push((room, pair)),
+            (_, Err(e)) => {
+                failures += 1;
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    let setup_secs = setup_started.elapsed().as_secs_f64();
+    if let Some(e) = &first_error {
+        eprintln!("{failures} connections failed, first: {e}");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_idle = rss_kib(args.server_pid);
+
+    // Receivers record latency; publishers are the first connections of each room.
+    let histogram = Arc::new(Mutex::new(
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
+    ));
+    let received = Arc::new(AtomicU64::new(0));
+    let mut publishers = Vec::new();
+    let mut readers = Vec::new();
+    for (index, (room, (sink, mut source))) in connections.into_iter().enumerate() {
+        if index < args.publishers {
+            publishers.push((room, sink));
+        } else {
+            // Subscribers keep their sink alive (dropping it would close the socket).
+            let (histogram, received) = (histogram.clone(), received.clone());
+            readers.push(tokio::spawn(async move {
+                let _sink = sink;
+                let mut local =
+                    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+                let mut count = 0u64;
+                let flush = |local: &mut Histogram<u64>, count: &mut u64| {
+                    histogram
+                        .lock()
+                        .expect("histogram")
+                        .add(&*local)
+                        .expect("same bounds");
+                    received.fetch_add(*count, Ordering::Relaxed);
+                    local.reset();
+                    *count = 0;
+                };
+                while let Some(Ok(msg)) = source.next().await {
+                    let data: &[u8] = match &msg {
+                        Message::Text(t) => t.as_bytes(),
+                        Message::Binary(b) => b,
+                        _ => continue,
+                    };
+                    if let Some(sent) = timestamp(data) {
+                        let now = origin.elapsed().as_micros() as u64;
+                        let _ = local.record(now.saturating_sub(sent).max(1));
+                        count += 1;
+                        if count >= 256 {
+                            flush(&mut local, &mut count);
+                        }
+                    }
+                }
+                flush(&mut local, &mut count);
+            }));
+        }
+    }
+
+    // Publishing at the target rate, in 1 ms ticks.
+    let padding = "x".repeat(args.payload_bytes);
+    let publish_started = Instant::now();
+    let deadline = publish_started + Duration::from_secs(args.duration);
+    let mut sent = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    let publishers_count = publishers.len().max(1) as u64;
+    while Instant::now() < deadline && !publishers.is_empty() {
+        tick.tick().await;
+        let due = (publish_started.elapsed().as_secs_f64() * args.rate as f64) as u64;
+        while sent < due {
+            let (room, sink) = &mut publishers[(sent % publishers_count) as usize];
+            let msg = message(&args, *room, sent, origin, &padding);
+            if sink.feed(msg).await.is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        for (_, sink) in publishers.iter_mut() {
+            let _ = sink.flush().await;
+        }
+    }
+    let publish_secs = publish_started.elapsed().as_secs_f64();
+    // Let in-flight messages land, then stop everything.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_busy = rss_kib(args.server_pid);
+    for (_, mut sink) in publishers {
+        let _ = sink.close().await;
+    }
+    for reader in &readers {
+        reader.abort();
+    }
+    for reader in readers {
+        let _ = reader.await;
+    }
+
+    let histogram = histogram.lock().expect("histogram");
+    let delivered = received.load(Ordering::Relaxed);
+    let opened = args.connections - failures;
+    let per_conn = match (rss_before, rss_idle) {
+        (Some(before), Some(idle)) if opened > 0 => {
+            Some((idle.saturating_sub(before) * 1024) / opened as u64)
+        }
+        _ => None,
+    };
+    let summary = json!({
+        "label": args.label,
+        "mode": format!("{:?}", args.mode).to_lowercase(),
+        "vsn": format!("{:?}", args.vsn).to_lowercase(),
+        "connections": opened,
+        "failed": failures,
+        "rooms": args.rooms,
+        "publishers": args.publishers,
+        "target_rate": args.rate,
+        "sent": sent,
+        "delivered": delivered,
+        "delivered_per_sec": (delivered as f64 / publish_secs).round(),
+        "p50_us": histogram.value_at_quantile(0.50),
+        "p99_us": histogram.value_at_quantile(0.99),
+        "p999_us": histogram.value_at_quantile(0.999),
+        "setup_per_sec": (opened as f64 / setup_secs).round(),
+        "rss_idle_kib": rss_idle,
+        "rss_busy_kib": rss_busy,
+        "rss_per_idle_conn_bytes": per_conn,
+    });
+    println!("{summary}");
+}
