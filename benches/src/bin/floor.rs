@@ -44,6 +44,8 @@ async fn main() -> std::io::Result<()> {
     }
 }
 
+// The handshake callback's error type is tungstenite's own `ErrorResponse`.
+#[allow(clippy::result_large_err)]
 async fn serve(stream: tokio::net::TcpStream, id: u64, rooms: Rooms, queue: usize) {
     let mut room = String::new();
     let config = WebSocketConfig::default()
