@@ -1,1 +1,209 @@
-fn main(){}
+//! `switchboard`: a realtime server that speaks the Supabase Realtime protocol.
+//!
+//! `switchboard serve` starts it; every option also reads an environment variable.
+
+use std::net::SocketAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use switchboard_engine::{auth, Config};
+use switchboard_tokio::{Options, Server};
+use tracing::info;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "A realtime server for the Supabase Realtime protocol"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve WebSocket clients and the REST API.
+    Serve(Serve),
+}
+
+/// Which runtime drives the engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Runtime {
+    /// tokio: a work-stealing pool, one engine.
+    Tokio,
+}
+
+#[derive(Args)]
+struct Serve {
+    /// Address to listen on; port 0 picks a free one.
+    #[arg(long, env = "SWITCHBOARD_BIND", default_value = "127.0.0.1:4000")]
+    bind: SocketAddr,
+    /// The project's JWT secret (HS256/384/512). Without one a development secret is
+    /// generated and ready-to-use keys are printed.
+    #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// Postgres connection URL; enables postgres_changes.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Runtime that drives the engine.
+    #[arg(long, env = "SWITCHBOARD_RUNTIME", value_enum, default_value = "tokio")]
+    runtime: Runtime,
+    /// Log filter, RUST_LOG syntax.
+    #[arg(long, env = "SWITCHBOARD_LOG", default_value = "info")]
+    log_level: String,
+    /// Frames queued per socket before the client is closed as a slow consumer.
+    #[arg(long, env = "SWITCHBOARD_SEND_QUEUE", default_value_t = 1024)]
+    send_queue: usize,
+    /// Sockets with at least one channel.
+    #[arg(long, env = "SWITCHBOARD_MAX_CONCURRENT_USERS", default_value_t = 200)]
+    max_concurrent_users: usize,
+    /// Channels per socket.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MAX_CHANNELS_PER_CLIENT",
+        default_value_t = 100
+    )]
+    max_channels_per_client: usize,
+    /// Joins per second, averaged over a minute (0: unlimited).
+    #[arg(long, env = "SWITCHBOARD_MAX_JOINS_PER_SECOND", default_value_t = 100)]
+    max_joins_per_second: u32,
+    /// Events per second, averaged over a minute (0: unlimited).
+    #[arg(long, env = "SWITCHBOARD_MAX_EVENTS_PER_SECOND", default_value_t = 100)]
+    max_events_per_second: u32,
+    /// Presence events per second, averaged over a minute (0: unlimited).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MAX_PRESENCE_EVENTS_PER_SECOND",
+        default_value_t = 1000
+    )]
+    max_presence_events_per_second: u32,
+    /// Largest payload, in kilobytes.
+    #[arg(long, env = "SWITCHBOARD_MAX_PAYLOAD_SIZE_KB", default_value_t = 3000)]
+    max_payload_size_kb: u64,
+    /// Delay before a join error reply.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_JOIN_ERROR_BACKOFF_MS",
+        default_value_t = 5000
+    )]
+    join_error_backoff_ms: u64,
+    /// Delay before a refused upgrade is answered.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_CONNECT_ERROR_BACKOFF_MS",
+        default_value_t = 2000
+    )]
+    connect_error_backoff_ms: u64,
+    /// A socket that sends nothing for this long is closed.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_HEARTBEAT_TIMEOUT_MS",
+        default_value_t = 60_000
+    )]
+    heartbeat_timeout_ms: u64,
+    /// Send presence_state on every join.
+    #[arg(long, env = "SWITCHBOARD_PRESENCE_ENABLED")]
+    presence_enabled: bool,
+    /// Refuse public channels.
+    #[arg(long, env = "SWITCHBOARD_PRIVATE_ONLY")]
+    private_only: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let Command::Serve(serve) = Cli::parse().command;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&serve.log_level)
+                .context("parsing --log-level")?,
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match serve.runtime {
+        Runtime::Tokio => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the tokio runtime")?
+            .block_on(run(serve)),
+    }
+}
+
+/// A development secret: 40 characters from the OS's random source.
+fn random_secret() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 30];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .context("reading /dev/urandom")?;
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    Ok(bytes
+        .iter()
+        .chain(&bytes[..10])
+        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+        .collect())
+}
+
+async fn run(serve: Serve) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(serve.bind)
+        .await
+        .with_context(|| format!("binding {}", serve.bind))?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    let (jwt_secret, generated) = match serve.jwt_secret {
+        Some(secret) => (secret, false),
+        None => (random_secret()?, true),
+    };
+    if generated {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let exp = now + 10 * 365 * 86_400;
+        let key = |role: &str| {
+            auth::sign(
+                &jwt_secret,
+                &serde_json::json!({"role": role, "iss": "switchboard", "iat": now, "exp": exp}),
+            )
+        };
+        println!("No --jwt-secret given: generated a development secret for this run.");
+        println!("  jwt secret:        {jwt_secret}");
+        println!("  anon key:          {}", key("anon"));
+        println!("  service_role key:  {}", key("service_role"));
+        println!("  createClient URL:  http://{addr}");
+    }
+    if serve.database_url.is_some() {
+        info!("a database URL is set; postgres_changes needs the WAL reader, which this build does not start");
+    }
+    let config = Config {
+        jwt_secret,
+        heartbeat_timeout_ms: serve.heartbeat_timeout_ms,
+        join_error_backoff_ms: serve.join_error_backoff_ms,
+        connect_error_backoff_ms: serve.connect_error_backoff_ms,
+        concurrent_users_max: serve.max_concurrent_users,
+        channels_per_client_max: serve.max_channels_per_client,
+        joins_per_sec_max: serve.max_joins_per_second,
+        events_per_sec_max: serve.max_events_per_second,
+        presence_events_per_sec_max: serve.max_presence_events_per_second,
+        payload_kb_max: serve.max_payload_size_kb,
+        presence_enabled: serve.presence_enabled,
+        private_only: serve.private_only,
+        ..Config::default()
+    };
+    let mut options = Options::new(config);
+    options.send_queue = serve.send_queue;
+    let (server, task) = Server::start(options);
+    println!("switchboard listening on http://{addr}");
+    info!(%addr, runtime = ?serve.runtime, "listening");
+    task.run(listener, server.metrics(), shutdown_signal())
+        .await;
+    info!("stopped");
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    info!("shutting down");
+}

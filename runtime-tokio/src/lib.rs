@@ -1,1 +1,128 @@
-pub fn x(){}
+//! switchboard on tokio: HTTP and WebSocket serving, the REST API and metrics around the
+//! pure engine.
+//!
+//! The runtime is a thin pump. One task owns the [`Engine`](switchboard_engine::Engine),
+//! feeds it [`Input`](switchboard_engine::Input)s and carries out its outputs; sockets
+//! have a reader task and a writer task fed by a bounded queue. Every protocol decision is
+//! the engine's. [`serve`] is generic over its listener, so the simulator runs this very
+//! code on turmoil's simulated network.
+
+mod clock;
+mod engine_task;
+mod http;
+mod listener;
+mod metrics;
+mod ws;
+
+pub use clock::{Clock, WallClock};
+pub use engine_task::{EngineHandle, PeerEvent, PeerLink};
+pub use listener::Listener;
+pub use metrics::Metrics;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchboard_engine::{Config, NodeId, Output};
+use tokio::sync::mpsc;
+
+/// Everything [`serve`] needs besides its listener.
+pub struct Options {
+    /// The engine configuration, built and checked by the binary.
+    pub config: Config,
+    /// This replica's id.
+    pub node: NodeId,
+    /// Seed of the engine's RNG (presence keys and refs).
+    pub seed: u64,
+    /// Frames queued per socket before it counts as a slow consumer.
+    pub send_queue: usize,
+    /// Where time comes from: real time in production, simulated time under turmoil.
+    pub clock: Clock,
+    /// The peer bus, when this replica has peers.
+    pub peers: Option<PeerLink>,
+    /// Receives the database outputs (visibility queries, WAL progress) when a database
+    /// is configured.
+    pub database: Option<mpsc::UnboundedSender<Output>>,
+    /// How long shutdown waits for sockets to flush their close frames.
+    pub drain_timeout: Duration,
+}
+
+impl Options {
+    /// Production defaults around `config`.
+    pub fn new(config: Config) -> Self {
+        Options {
+            config,
+            node: NodeId(1),
+            seed: 0,
+            send_queue: 1024,
+            clock: Clock::system(),
+            peers: None,
+            database: None,
+            drain_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A running server's engine handle, for subsystems (the WAL reader) that feed it inputs.
+pub struct Server {
+    handle: EngineHandle,
+    metrics: Arc<Metrics>,
+}
+
+impl Server {
+    /// Starts the engine task. Call [`Server::run`] to serve sockets.
+    pub fn start(options: Options) -> (Server, ServerTask) {
+        let metrics = Arc::new(Metrics::new());
+        let drain_timeout = options.drain_timeout;
+        let (handle, task) = engine_task::spawn(options, metrics.clone());
+        (
+            Server {
+                handle: handle.clone(),
+                metrics,
+            },
+            ServerTask {
+                handle,
+                task,
+                drain_timeout,
+            },
+        )
+    }
+
+    /// A handle that feeds the engine.
+    pub fn handle(&self) -> EngineHandle {
+        self.handle.clone()
+    }
+
+    /// The metrics the server exports.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+}
+
+/// The serving half of a started server.
+pub struct ServerTask {
+    handle: EngineHandle,
+    task: tokio::task::JoinHandle<()>,
+    drain_timeout: Duration,
+}
+
+impl ServerTask {
+    /// Accepts connections from `listener` until `shutdown` completes, then drains: every
+    /// channel is told, every socket gets a close frame, bounded by the drain timeout.
+    pub async fn run<L: Listener>(
+        self,
+        listener: L,
+        metrics: Arc<Metrics>,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        http::accept_loop(listener, self.handle.clone(), metrics, shutdown).await;
+        self.handle.shutdown().await;
+        let _ = tokio::time::timeout(self.drain_timeout, self.task).await;
+    }
+}
+
+/// Serves `listener` with a fresh engine until `shutdown` completes.
+pub async fn serve<L: Listener>(listener: L, options: Options, shutdown: impl Future<Output = ()>) {
+    let (server, task) = Server::start(options);
+    task.run(listener, server.metrics(), shutdown).await;
+}

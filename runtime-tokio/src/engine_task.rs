@@ -1,0 +1,337 @@
+//! The one task that owns the engine: read what happened, `handle`, drain, carry out,
+//! sleep until the next deadline.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant as StdInstant;
+
+use bytes::Bytes;
+use switchboard_engine::{
+    ConnId, ConnectParams, Engine, Input, NodeId, Output, PeerMsg, ReqId, RestRequest, Stats,
+    WsMessage,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tracing::{debug, warn};
+
+use crate::metrics::Metrics;
+use crate::Options;
+
+/// What a socket's writer task does next.
+#[derive(Debug)]
+pub(crate) enum Outbound {
+    /// Write a frame.
+    Frame(Message),
+    /// Write a close frame and stop.
+    Close(CloseFrame),
+}
+
+/// The verdict on an upgrade: the socket's queue, or an HTTP answer.
+pub(crate) type Upgrade = Result<mpsc::Receiver<Outbound>, (u16, Bytes)>;
+
+/// Membership and messages of the peer bus.
+#[derive(Debug)]
+pub enum PeerEvent {
+    /// A peer became reachable.
+    Up(NodeId),
+    /// A peer is considered down.
+    Down(NodeId),
+    /// A peer sent a message.
+    Message(NodeId, PeerMsg),
+}
+
+/// The engine's end of a peer bus: what it sends to every peer, and what peers report.
+pub struct PeerLink {
+    /// Messages for every peer.
+    pub outgoing: mpsc::UnboundedSender<PeerMsg>,
+    /// Membership changes and messages from peers.
+    pub incoming: mpsc::UnboundedReceiver<PeerEvent>,
+}
+
+enum Event {
+    Connect {
+        conn: ConnId,
+        params: ConnectParams,
+        reply: oneshot::Sender<Upgrade>,
+    },
+    Rest {
+        request: RestRequest,
+        reply: oneshot::Sender<(u16, Bytes)>,
+    },
+    Input(Input),
+}
+
+/// Feeds the engine task. Cheap to clone.
+#[derive(Clone)]
+pub struct EngineHandle {
+    events: mpsc::UnboundedSender<Event>,
+    next_conn: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl EngineHandle {
+    /// Sends an input (e.g. from the WAL reader); dropped if the engine task has ended.
+    pub fn input(&self, input: Input) {
+        let _ = self.events.send(Event::Input(input));
+    }
+
+    /// A fresh connection id: never reused, so a late output can never reach a stranger.
+    pub(crate) fn next_conn(&self) -> ConnId {
+        ConnId(
+            self.next_conn
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1,
+        )
+    }
+
+    pub(crate) async fn connect(&self, conn: ConnId, params: ConnectParams) -> Upgrade {
+        let (reply, answer) = oneshot::channel();
+        if self
+            .events
+            .send(Event::Connect {
+                conn,
+                params,
+                reply,
+            })
+            .is_err()
+        {
+            return Err((
+                503,
+                Bytes::from_static(br#"{"error":"Realtime is restarting, please standby"}"#),
+            ));
+        }
+        answer.await.unwrap_or(Err((503, Bytes::new())))
+    }
+
+    pub(crate) async fn rest(&self, request: RestRequest) -> (u16, Bytes) {
+        let (reply, answer) = oneshot::channel();
+        if self.events.send(Event::Rest { request, reply }).is_err() {
+            return (503, Bytes::new());
+        }
+        answer.await.unwrap_or((503, Bytes::new()))
+    }
+
+    /// Asks the engine to drain: channels are told, sockets closed.
+    pub(crate) async fn shutdown(&self) {
+        self.input(Input::Shutdown);
+    }
+}
+
+struct Driver {
+    engine: Engine,
+    options: Options,
+    metrics: Arc<Metrics>,
+    sockets: HashMap<ConnId, mpsc::Sender<Outbound>>,
+    upgrades: HashMap<ConnId, oneshot::Sender<Upgrade>>,
+    requests: HashMap<ReqId, oneshot::Sender<(u16, Bytes)>>,
+    next_req: u64,
+    /// Connections whose queue overflowed, reported back to the engine after the drain.
+    lagging: Vec<ConnId>,
+    /// Connections accepted by the engine whose upgrade can no longer happen.
+    gone: Vec<ConnId>,
+    last_stats: Stats,
+    draining: bool,
+}
+
+pub(crate) fn spawn(
+    options: Options,
+    metrics: Arc<Metrics>,
+) -> (EngineHandle, tokio::task::JoinHandle<()>) {
+    let (events, receiver) = mpsc::unbounded_channel();
+    let engine = Engine::new(options.config.clone(), options.node, options.seed);
+    let handle = EngineHandle {
+        events,
+        next_conn: Arc::default(),
+    };
+    let driver = Driver {
+        engine,
+        options,
+        metrics,
+        sockets: HashMap::new(),
+        upgrades: HashMap::new(),
+        requests: HashMap::new(),
+        next_req: 0,
+        lagging: Vec::new(),
+        gone: Vec::new(),
+        last_stats: Stats::default(),
+        draining: false,
+    };
+    (handle, tokio::spawn(driver.run(receiver)))
+}
+
+impl Driver {
+    async fn run(mut self, mut events: mpsc::UnboundedReceiver<Event>) {
+        let mut peers = self.options.peers.take();
+        let sleep = tokio::time::sleep_until(far_future());
+        tokio::pin!(sleep);
+        loop {
+            let event = tokio::select! {
+                biased;
+                event = events.recv() => match event {
+                    Some(event) => event,
+                    None => return,
+                },
+                Some(peer) = recv_peer(&mut peers) => Event::Input(match peer {
+                    PeerEvent::Up(node) => Input::PeerUp(node),
+                    PeerEvent::Down(node) => Input::PeerDown(node),
+                    PeerEvent::Message(from, msg) => Input::Peer { from, msg },
+                }),
+                () = &mut sleep => Event::Input(Input::Tick),
+            };
+            self.step(event, peers.as_ref());
+            // Take whatever else is ready before sleeping: one wake-up, many inputs.
+            for _ in 0..256 {
+                match events.try_recv() {
+                    Ok(event) => self.step(event, peers.as_ref()),
+                    Err(_) => break,
+                }
+            }
+            if self.draining {
+                // Closing every queue lets writers flush their close frames and end.
+                self.sockets.clear();
+                return;
+            }
+            let deadline = self
+                .engine
+                .poll_timeout()
+                .map_or_else(far_future, |t| self.options.clock.at(t));
+            sleep.as_mut().reset(deadline);
+        }
+    }
+
+    fn step(&mut self, event: Event, peers: Option<&PeerLink>) {
+        let input = match event {
+            Event::Connect {
+                conn,
+                params,
+                reply,
+            } => {
+                self.upgrades.insert(conn, reply);
+                Input::Connect { conn, params }
+            }
+            Event::Rest { request, reply } => {
+                self.next_req += 1;
+                let req = ReqId(self.next_req);
+                self.requests.insert(req, reply);
+                Input::Rest { req, request }
+            }
+            Event::Input(input) => {
+                if let Input::Closed { conn } = &input {
+                    self.sockets.remove(conn);
+                }
+                if matches!(input, Input::Shutdown) {
+                    self.draining = true;
+                }
+                input
+            }
+        };
+        self.handle(input, peers);
+        while let Some(conn) = self.lagging.pop() {
+            warn!(conn = conn.0, "slow consumer: send queue full, closing");
+            self.metrics.slow_consumers.inc();
+            self.handle(Input::Lagging { conn }, peers);
+        }
+        while let Some(conn) = self.gone.pop() {
+            self.handle(Input::Closed { conn }, peers);
+        }
+    }
+
+    fn handle(&mut self, input: Input, peers: Option<&PeerLink>) {
+        let started = StdInstant::now();
+        self.engine.handle(self.options.clock.now(), input);
+        while let Some(output) = self.engine.poll_output() {
+            self.execute(output, peers);
+        }
+        self.metrics
+            .handle_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let stats = self.engine.stats().clone();
+        self.metrics.update(&self.last_stats, &stats);
+        self.last_stats = stats;
+    }
+
+    fn execute(&mut self, output: Output, peers: Option<&PeerLink>) {
+        match output {
+            Output::Send { to, msg } => {
+                let message = to_message(msg);
+                for conn in to.iter() {
+                    let Some(queue) = self.sockets.get(&conn) else {
+                        continue;
+                    };
+                    if queue.try_send(Outbound::Frame(message.clone())).is_err()
+                        && !self.lagging.contains(&conn)
+                    {
+                        self.lagging.push(conn);
+                    }
+                }
+            }
+            Output::Close { conn, code, reason } => {
+                if let Some(queue) = self.sockets.remove(&conn) {
+                    let frame = CloseFrame {
+                        code: CloseCode::from(code),
+                        reason: Utf8Bytes::from_static(reason),
+                    };
+                    // A full queue is dropped: the writer sees it closed and ends the socket.
+                    let _ = queue.try_send(Outbound::Close(frame));
+                }
+            }
+            Output::Accept { conn } => {
+                let (queue, receiver) = mpsc::channel(self.options.send_queue.max(1));
+                let delivered = self
+                    .upgrades
+                    .remove(&conn)
+                    .is_some_and(|reply| reply.send(Ok(receiver)).is_ok());
+                if delivered {
+                    self.sockets.insert(conn, queue);
+                } else {
+                    // The client went away while the engine decided.
+                    self.gone.push(conn);
+                }
+            }
+            Output::Reject { conn, status, body } => {
+                debug!(conn = conn.0, status, "upgrade refused");
+                if let Some(reply) = self.upgrades.remove(&conn) {
+                    let _ = reply.send(Err((status, body)));
+                }
+            }
+            Output::Reply { req, status, body } => {
+                if let Some(reply) = self.requests.remove(&req) {
+                    let _ = reply.send((status, body));
+                }
+            }
+            Output::ToPeers(msg) => {
+                if let Some(peers) = peers {
+                    let _ = peers.outgoing.send(msg);
+                }
+            }
+            output @ (Output::Visibility(_) | Output::WalProgress { .. }) => {
+                if let Some(database) = &self.options.database {
+                    let _ = database.send(output);
+                }
+            }
+        }
+    }
+}
+
+async fn recv_peer(peers: &mut Option<PeerLink>) -> Option<PeerEvent> {
+    match peers {
+        Some(link) => link.incoming.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365)
+}
+
+/// Converts once per output; every recipient gets a refcounted clone.
+fn to_message(msg: WsMessage) -> Message {
+    match msg {
+        // The engine encodes only UTF-8 JSON text: this check cannot fail.
+        WsMessage::Text(bytes) => {
+            Message::Text(Utf8Bytes::try_from(bytes).expect("engine text frames are UTF-8"))
+        }
+        WsMessage::Binary(bytes) => Message::Binary(bytes),
+    }
+}

@@ -1,0 +1,264 @@
+//! HTTP: the accept loop, routing, the WebSocket upgrade, the REST API, health and
+//! metrics. Requests are translated into engine inputs; the engine decides every answer.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use percent_encoding::percent_decode_str;
+use switchboard_engine::rest::{RestAuth, RestRequest};
+use switchboard_engine::ConnectParams;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+use tracing::{debug, warn};
+
+use crate::engine_task::EngineHandle;
+use crate::listener::Listener;
+use crate::metrics::Metrics;
+use crate::ws;
+
+/// REST bodies above this are refused before reaching the engine.
+const BODY_BYTES_MAX: usize = 5_000_000;
+
+type Body = Full<Bytes>;
+
+#[derive(Clone)]
+struct State {
+    engine: EngineHandle,
+    metrics: Arc<Metrics>,
+}
+
+/// Accepts connections until `shutdown` completes; each is served on its own task.
+pub(crate) async fn accept_loop<L: Listener>(
+    listener: L,
+    engine: EngineHandle,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let state = State { engine, metrics };
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, say: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| route(request, state.clone()));
+            let served = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            if let Err(e) = served.await {
+                debug!(%peer, error = %e, "http connection ended");
+            }
+        });
+    }
+}
+
+fn respond(status: u16, content_type: Option<&'static str>, body: Bytes) -> Response<Body> {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() =
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if let Some(content_type) = content_type {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    }
+    response
+}
+
+fn json(status: u16, body: Bytes) -> Response<Body> {
+    let content_type = (!body.is_empty()).then_some("application/json");
+    respond(status, content_type, body)
+}
+
+async fn route(request: Request<Incoming>, state: State) -> Result<Response<Body>, Infallible> {
+    let path = request.uri().path().trim_end_matches('/').to_owned();
+    let method = request.method().clone();
+    let response = match (&method, path.as_str()) {
+        (&Method::GET, "/realtime/v1/websocket" | "/socket/websocket") => {
+            upgrade(request, state).await
+        }
+        (&Method::GET, "/healthz" | "/api/health" | "/realtime/v1/api/health") => {
+            json(200, Bytes::from_static(br#"{"status":"ok"}"#))
+        }
+        (&Method::GET, "/metrics") => respond(
+            200,
+            Some("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            Bytes::from(state.metrics.render()),
+        ),
+        (&Method::OPTIONS, _) if rest_path(&path).is_some() => {
+            cors(respond(204, None, Bytes::new()))
+        }
+        (&Method::POST, _) => match rest_path(&path) {
+            Some(target) => cors(rest(request, target, state).await),
+            None => json(404, Bytes::from_static(br#"{"message":"Not found"}"#)),
+        },
+        _ => json(404, Bytes::from_static(br#"{"message":"Not found"}"#)),
+    };
+    Ok(response)
+}
+
+/// What a REST path addresses.
+enum RestTarget {
+    Batch,
+    Single { topic: String, event: String },
+}
+
+fn rest_path(path: &str) -> Option<RestTarget> {
+    let rest = path
+        .strip_prefix("/realtime/v1")
+        .unwrap_or(path)
+        .strip_prefix("/api/broadcast")?;
+    if rest.is_empty() {
+        return Some(RestTarget::Batch);
+    }
+    let segments: Vec<&str> = rest.strip_prefix('/')?.split('/').collect();
+    let decode = |s: &str| percent_decode_str(s).decode_utf8_lossy().into_owned();
+    match segments.as_slice() {
+        [topic, "events", event] => Some(RestTarget::Single {
+            topic: decode(topic),
+            event: decode(event),
+        }),
+        _ => None,
+    }
+}
+
+fn cors(mut response: Response<Body>) -> Response<Body> {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("POST, OPTIONS"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("apikey, authorization, content-type, x-client-info"),
+    );
+    response
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+fn query(request: &Request<Incoming>, name: &str) -> Option<String> {
+    let query = request.uri().query()?;
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
+}
+
+async fn rest(request: Request<Incoming>, target: RestTarget, state: State) -> Response<Body> {
+    let auth = RestAuth {
+        authorization: header(request.headers(), "authorization"),
+        apikey: header(request.headers(), "apikey"),
+    };
+    let content_type = header(request.headers(), "content-type");
+    let private = query(&request, "private").is_some_and(|p| p == "true");
+    let body = match Limited::new(request.into_body(), BODY_BYTES_MAX)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => {
+            return json(
+                413,
+                Bytes::from_static(br#"{"message":"Payload too large"}"#),
+            )
+        }
+    };
+    let request = match target {
+        RestTarget::Batch => RestRequest::Broadcast { auth, body },
+        RestTarget::Single { topic, event } => RestRequest::BroadcastEvent {
+            auth,
+            topic,
+            event,
+            private,
+            content_type,
+            body,
+        },
+    };
+    let (status, body) = state.engine.rest(request).await;
+    json(status, body)
+}
+
+async fn upgrade(mut request: Request<Incoming>, state: State) -> Response<Body> {
+    let headers = request.headers();
+    let is_upgrade = headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let Some(key) = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .filter(|_| is_upgrade)
+        .cloned()
+    else {
+        return json(
+            400,
+            Bytes::from_static(br#"{"error":"expected a WebSocket upgrade"}"#),
+        );
+    };
+    let params = ConnectParams {
+        vsn: query(&request, "vsn"),
+        apikey: query(&request, "apikey"),
+        x_api_key: header(request.headers(), "x-api-key"),
+    };
+    let conn = state.engine.next_conn();
+    let queue = match state.engine.connect(conn, params).await {
+        Ok(queue) => queue,
+        Err((status, body)) => return json(status, body),
+    };
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let (engine, metrics) = (state.engine.clone(), state.metrics.clone());
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let stream = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(ws::config()),
+                )
+                .await;
+                ws::run(stream, conn, queue, engine, metrics).await;
+            }
+            Err(e) => {
+                debug!(conn = conn.0, error = %e, "upgrade failed");
+                engine.input(switchboard_engine::Input::Closed { conn });
+            }
+        }
+    });
+    let mut response = respond(101, None, Bytes::new());
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    let accept = derive_accept_key(key.as_bytes());
+    headers.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept).expect("base64 is a valid header"),
+    );
+    response
+}
