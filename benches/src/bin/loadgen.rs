@@ -244,6 +244,7 @@ async fn main() {
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
     ));
     let received = Arc::new(AtomicU64::new(0));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut publishers = Vec::new();
     let mut readers = Vec::new();
     for (index, (room, (sink, mut source))) in connections.into_iter().enumerate() {
@@ -252,6 +253,7 @@ async fn main() {
         } else {
             // Subscribers keep their sink alive (dropping it would close the socket).
             let (histogram, received) = (histogram.clone(), received.clone());
+            let mut stopped = stopped.clone();
             readers.push(tokio::spawn(async move {
                 let _sink = sink;
                 let mut local =
@@ -267,7 +269,14 @@ async fn main() {
                     local.reset();
                     *count = 0;
                 };
-                while let Some(Ok(msg)) = source.next().await {
+                loop {
+                    let msg = tokio::select! {
+                        msg = source.next() => match msg {
+                            Some(Ok(msg)) => msg,
+                            _ => break,
+                        },
+                        _ = stopped.changed() => break,
+                    };
                     let data: &[u8] = match &msg {
                         Message::Text(t) => t.as_bytes(),
                         Message::Binary(b) => b,
@@ -316,9 +325,8 @@ async fn main() {
     for (_, mut sink) in publishers {
         let _ = sink.close().await;
     }
-    for reader in &readers {
-        reader.abort();
-    }
+    // Readers stop and flush their counts.
+    let _ = stop.send(true);
     for reader in readers {
         let _ = reader.await;
     }

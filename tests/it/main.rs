@@ -1,0 +1,6 @@
+//! Integration tests: the real `switchboard` binary on real sockets, driven by plain
+//! WebSocket clients and by the real supabase-js client under node.
+
+mod server;
+mod supabase_js;
+mod support;

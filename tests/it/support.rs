@@ -1,0 +1,186 @@
+//! Starting the real binary and talking to it.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+pub const SECRET: &str = "integration-test-secret-integration-test";
+
+/// A `switchboard serve` process on a free port, killed on drop.
+pub struct Server {
+    child: Option<Child>,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+}
+
+impl Server {
+    /// Starts the binary with test-friendly limits plus `extra` arguments.
+    pub fn start(extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["serve", "--bind", "127.0.0.1:0", "--jwt-secret", SECRET])
+            .args([
+                "--join-error-backoff-ms",
+                "0",
+                "--connect-error-backoff-ms",
+                "0",
+            ])
+            .args([
+                "--max-concurrent-users",
+                "10000",
+                "--max-joins-per-second",
+                "0",
+            ])
+            .args(["--max-events-per-second", "0", "--log-level", "warn"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the switchboard binary starts");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("switchboard printed its address")
+                .expect("stdout is UTF-8");
+            if let Some(url) = line.strip_prefix("switchboard listening on http://") {
+                break url.trim().to_owned();
+            }
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server {
+            child: Some(child),
+            addr,
+        }
+    }
+
+    /// Sends SIGTERM and waits for the process; returns whether it exited successfully.
+    pub fn terminate(&mut self) -> bool {
+        let mut child = self.child.take().expect("running");
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        for _ in 0..100 {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        false
+    }
+
+    pub fn url(&self, vsn: &str, key: &str) -> String {
+        format!(
+            "ws://{}/realtime/v1/websocket?apikey={key}&vsn={vsn}",
+            self.addr
+        )
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A token for `role` expiring `secs` from now.
+pub fn token(role: &str, secs: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    switchboard_engine::auth::sign(
+        SECRET,
+        &json!({"role": role, "exp": now + secs, "sub": role}),
+    )
+}
+
+pub async fn connect(server: &Server, vsn: &str) -> Ws {
+    let (ws, _) = tokio_tungstenite::connect_async(server.url(vsn, &token("anon", 3600)))
+        .await
+        .expect("upgrade");
+    ws
+}
+
+pub async fn send(ws: &mut Ws, frame: Value) {
+    ws.send(Message::Text(frame.to_string().into()))
+        .await
+        .expect("send");
+}
+
+/// The next text frame as JSON, within 5 s.
+pub async fn recv(ws: &mut Ws) -> Value {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("a frame within 5 s")
+            .expect("socket open")
+            .expect("no error");
+        if let Message::Text(text) = msg {
+            return serde_json::from_str(&text).expect("JSON");
+        }
+    }
+}
+
+/// Joins `realtime:<sub>` on a v2 socket and waits for the ok reply.
+pub async fn join(ws: &mut Ws, sub: &str, config: Value) {
+    send(
+        ws,
+        json!(["1", "1", format!("realtime:{sub}"), "phx_join", {"config": config}]),
+    )
+    .await;
+    let reply = recv(ws).await;
+    assert_eq!(reply[4]["status"], "ok", "join reply: {reply}");
+}
+
+/// A plain HTTP/1.1 request; returns status, headers (lowercased names) and body.
+pub async fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String, Vec<u8>) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    stream.write_all(body).await.expect("write");
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
+        .await
+        .expect("response")
+        .expect("read");
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("header end");
+    let head = String::from_utf8_lossy(&response[..split]).to_lowercase();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    (status, head, response[split + 4..].to_vec())
+}
