@@ -112,7 +112,12 @@ impl Engine {
     ) {
         let channel = &self.conns[&conn].channels[index];
         let (ack, room) = (channel.ack, channel.room.clone());
-        let except = (!channel.self_broadcast).then_some(conn);
+        #[allow(unused_mut)]
+        let mut except = (!channel.self_broadcast).then_some(conn);
+        #[cfg(feature = "planted-bugs")]
+        if self.planted(crate::PlantedBug::DeliverToSelf) {
+            except = None;
+        }
         let reply_to = ReplyTo::of(inbound);
         let body = match &inbound.payload {
             InboundPayload::Json(raw) if raw.get().starts_with('{') => {

@@ -43,6 +43,22 @@ pub struct Config {
     pub private_only: bool,
     /// A database is configured, so postgres_changes bindings can be served.
     pub postgres_changes: bool,
+    /// A deliberate bug for the simulator to find; see [`PlantedBug`].
+    #[cfg(feature = "planted-bugs")]
+    pub planted_bug: Option<PlantedBug>,
+}
+
+/// Deliberate bugs that prove the simulation's oracle has teeth. Compiled only with the
+/// `planted-bugs` feature and inactive unless configured.
+#[cfg(feature = "planted-bugs")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlantedBug {
+    /// Every n-th broadcast reaches nobody on this replica.
+    DropBroadcastOneIn(u64),
+    /// Senders receive their own broadcasts even without `self`.
+    DeliverToSelf,
+    /// A closed connection's presence metas are never removed.
+    KeepPresenceOnClose,
 }
 
 impl Config {
@@ -73,6 +89,8 @@ impl Default for Config {
             presence_enabled: false,
             private_only: false,
             postgres_changes: false,
+            #[cfg(feature = "planted-bugs")]
+            planted_bug: None,
         }
     }
 }

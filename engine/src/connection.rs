@@ -209,6 +209,18 @@ impl Engine {
 
     /// Forgets a connection: every channel ends, as if each had left.
     pub(crate) fn closed(&mut self, conn: ConnId) {
+        #[cfg(feature = "planted-bugs")]
+        if self.planted(crate::PlantedBug::KeepPresenceOnClose) {
+            // Detach the metas from their channels so the removal below misses them.
+            let instances: Vec<u64> = self
+                .conns
+                .get(&conn)
+                .map(|c| c.channels.iter().map(|ch| ch.instance).collect())
+                .unwrap_or_default();
+            for instance in instances {
+                self.presence.orphan(instance);
+            }
+        }
         let Some(c) = self.conns.get(&conn) else {
             return;
         };

@@ -60,6 +60,8 @@ use rustc_hash::FxHashMap;
 
 pub use broadcast::{BroadcastBody, Encoding};
 pub use config::Config;
+#[cfg(feature = "planted-bugs")]
+pub use config::PlantedBug;
 pub use peer::PeerMsg;
 pub use protocol::Vsn;
 pub use rest::RestRequest;
@@ -336,6 +338,9 @@ pub struct Engine {
     /// Channel instances are numbered so timers can tell a channel from its rejoined twin.
     next_instance: u64,
     shutting_down: bool,
+    /// Broadcasts fanned out, for the planted "drop one in n" bug.
+    #[cfg(feature = "planted-bugs")]
+    planted_count: u64,
     stats: Stats,
     verifier: auth::Verifier,
 }
@@ -369,6 +374,8 @@ impl Engine {
             events,
             next_instance: 0,
             shutting_down: false,
+            #[cfg(feature = "planted-bugs")]
+            planted_count: 0,
             stats: Stats::default(),
             verifier,
             config,
@@ -425,6 +432,12 @@ impl Engine {
     /// The configuration the engine runs with.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Whether the configured planted bug is `bug`.
+    #[cfg(feature = "planted-bugs")]
+    fn planted(&self, bug: PlantedBug) -> bool {
+        self.config.planted_bug == Some(bug)
     }
 
     fn emit(&mut self, output: Output) {

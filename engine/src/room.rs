@@ -79,6 +79,13 @@ impl Engine {
     /// event rate is over its limit, every would-be recipient channel is shut down instead,
     /// as upstream channels do on receiving a message while the limit is tripped.
     pub(crate) fn fan_out(&mut self, key: &RoomKey, body: &BroadcastBody, except: Option<ConnId>) {
+        #[cfg(feature = "planted-bugs")]
+        if let Some(crate::PlantedBug::DropBroadcastOneIn(n)) = self.config.planted_bug {
+            self.planted_count += 1;
+            if self.planted_count % n.max(1) == 0 {
+                return;
+            }
+        }
         let Some(room) = self.rooms.get_mut(key) else {
             return;
         };

@@ -206,6 +206,41 @@ impl Replica {
         changes
     }
 
+    /// Moves a local entry to an instance no channel will ever have, so it is never
+    /// removed: the planted presence-leak bug.
+    #[cfg(feature = "planted-bugs")]
+    pub(crate) fn orphan(&mut self, instance: u64) {
+        let me = self.me;
+        let Some(entry) = self
+            .parts
+            .get_mut(&me)
+            .and_then(|p| p.entries.remove(&instance))
+        else {
+            return;
+        };
+        let orphan = instance | (1 << 63);
+        if let Some(ids) = self.by_room.get_mut(&entry.room) {
+            ids.remove(&EntryId {
+                owner: me,
+                instance,
+            });
+            ids.insert(
+                EntryId {
+                    owner: me,
+                    instance: orphan,
+                },
+                (),
+            );
+        }
+        self.parts
+            .get_mut(&me)
+            .expect("own part exists")
+            .entries
+            .insert(orphan, entry);
+        self.bump(orphan);
+        self.touched.insert(instance, ());
+    }
+
     fn bump(&mut self, instance: u64) {
         self.parts.get_mut(&self.me).expect("own part exists").clock += 1;
         self.touched.insert(instance, ());
