@@ -82,7 +82,7 @@ impl Engine {
         #[cfg(feature = "planted-bugs")]
         if let Some(crate::PlantedBug::DropBroadcastOneIn(n)) = self.config.planted_bug {
             self.planted_count += 1;
-            if self.planted_count % n.max(1) == 0 {
+            if self.planted_count.is_multiple_of(n.max(1)) {
                 return;
             }
         }
