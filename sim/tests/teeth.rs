@@ -1,0 +1,37 @@
+//! The oracle has teeth: each planted engine bug is found within a bounded number of seeds.
+
+use switchboard_engine::PlantedBug;
+use switchboard_sim::{PrintSeedOnPanic, Scenario};
+
+/// The first seed (of `max`) whose run reports a violation naming `invariant`.
+fn first_catch(bug: PlantedBug, invariant: &str, max: u64) -> Option<u64> {
+    (0..max).find(|&seed| {
+        let _replay = PrintSeedOnPanic(seed, "teeth");
+        let report = Scenario::from_seed(seed).plant(bug).run();
+        report.violations.iter().any(|v| v.starts_with(invariant))
+    })
+}
+
+#[test]
+fn dropping_one_broadcast_in_fifty_is_caught() {
+    let seed = first_catch(PlantedBug::DropBroadcastOneIn(50), "invariant 1", 10);
+    assert!(
+        seed.is_some(),
+        "a dropped broadcast went unnoticed for 10 seeds"
+    );
+}
+
+#[test]
+fn delivering_to_the_sender_without_self_is_caught() {
+    let seed = first_catch(PlantedBug::DeliverToSelf, "invariant 4", 10);
+    assert!(seed.is_some(), "self-delivery went unnoticed for 10 seeds");
+}
+
+#[test]
+fn forgetting_presence_removal_on_close_is_caught() {
+    let seed = first_catch(PlantedBug::KeepPresenceOnClose, "invariant 5", 20);
+    assert!(
+        seed.is_some(),
+        "a presence leak went unnoticed for 20 seeds"
+    );
+}
