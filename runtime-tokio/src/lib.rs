@@ -12,6 +12,7 @@ mod engine_task;
 mod http;
 mod listener;
 mod metrics;
+pub mod postgres;
 mod ws;
 
 pub use clock::{Clock, WallClock};

@@ -1,0 +1,149 @@
+//! The database side of postgres_changes: the WAL reader that turns the publication's
+//! logical replication stream into [`Input::Changes`], the catalog reads behind
+//! [`Input::Publication`], and the pool that answers [`Output::Visibility`].
+//!
+//! Everything here moves data; the engine decides. The reader confirms to Postgres only the
+//! positions the engine reports in [`Output::WalProgress`], so a crash replays what was not
+//! handed out rather than losing it.
+
+mod catalog;
+mod decode;
+mod rls;
+mod wal;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use switchboard_engine::Input;
+use switchboard_engine::Output;
+use tokio::sync::{mpsc, watch, Mutex};
+use tokio::task::JoinHandle;
+
+/// Where the subsystem's inputs go: the engine task in production, a channel in tests.
+pub(crate) type Sink = Arc<dyn Fn(Input) + Send + Sync>;
+
+/// What the postgres subsystem needs to know. [`PostgresConfig::new`] has the defaults.
+#[derive(Clone, Debug)]
+pub struct PostgresConfig {
+    /// Connection URL (`postgresql://user:pass@host:port/db`); the replication connection
+    /// adds `replication=database` itself.
+    pub database_url: String,
+    /// The publication to stream. It belongs to the user (Supabase creates
+    /// `supabase_realtime`); the reader waits for it rather than creating it.
+    pub publication: String,
+    /// The logical replication slot, created with `pgoutput` on first start. Persistent, so
+    /// changes made while the server is down are streamed when it comes back.
+    pub slot_name: String,
+    /// Connections answering visibility questions concurrently.
+    pub visibility_connections: usize,
+    /// Batches handed to the engine and not yet confirmed before the reader stops reading:
+    /// bounds memory when clients or the database are slow.
+    pub batches_in_flight_max: usize,
+    /// A batch is handed over once it holds this many changes (whole transactions, so a big
+    /// one may exceed it).
+    pub batch_changes_max: usize,
+    /// A batch is handed over at the latest this long after its first transaction.
+    pub batch_delay: Duration,
+    /// How often the publication's tables are re-read, so `ALTER PUBLICATION … ADD TABLE`
+    /// is noticed without any change to the new table.
+    pub catalog_refresh: Duration,
+    /// Counts visibility questions sent to the database (`/metrics`).
+    pub visibility_queries: Counter,
+}
+
+impl PostgresConfig {
+    /// Supabase's names and conservative limits for `database_url`.
+    pub fn new(database_url: impl Into<String>) -> Self {
+        PostgresConfig {
+            database_url: database_url.into(),
+            publication: "supabase_realtime".to_owned(),
+            slot_name: "switchboard_slot".to_owned(),
+            visibility_connections: 2,
+            batches_in_flight_max: 8,
+            batch_changes_max: 500,
+            batch_delay: Duration::from_millis(10),
+            catalog_refresh: Duration::from_secs(10),
+            visibility_queries: Counter::default(),
+        }
+    }
+}
+
+/// The running subsystem. Dropping it stops every task and closes every connection, without
+/// confirming anything more to Postgres.
+pub struct Postgres {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Starts the WAL reader, the catalog reads and the visibility pool. `inputs` receives
+/// every [`Input`] for the engine, in order; `outputs` carries the engine's
+/// [`Output::Visibility`] and [`Output::WalProgress`] (others are ignored). The subsystem
+/// ends when `outputs` closes.
+pub fn start(
+    config: PostgresConfig,
+    inputs: impl Fn(Input) + Send + Sync + 'static,
+    mut outputs: mpsc::UnboundedReceiver<Output>,
+) -> Postgres {
+    let sink: Sink = Arc::new(inputs);
+    let (progress, progress_rx) = watch::channel(0u64);
+    let (questions, questions_rx) = mpsc::unbounded_channel();
+    let questions_rx = Arc::new(Mutex::new(questions_rx));
+    let url: Arc<str> = config.database_url.as_str().into();
+    let mut tasks = Vec::new();
+    for _ in 0..config.visibility_connections.max(1) {
+        tasks.push(tokio::spawn(rls::worker(
+            url.clone(),
+            questions_rx.clone(),
+            sink.clone(),
+            config.visibility_queries.clone(),
+        )));
+    }
+    tasks.push(tokio::spawn(wal::run(config, sink, progress_rx)));
+    tasks.push(tokio::spawn(async move {
+        while let Some(output) = outputs.recv().await {
+            match output {
+                Output::Visibility(query) => {
+                    let _ = questions.send(query);
+                }
+                Output::WalProgress { lsn } => {
+                    progress.send_if_modified(|confirmed| {
+                        let advanced = lsn > *confirmed;
+                        *confirmed = (*confirmed).max(lsn);
+                        advanced
+                    });
+                }
+                _ => {}
+            }
+        }
+    }));
+    Postgres { tasks }
+}
+
+/// Exponential backoff for reconnects: 100 ms doubling to 5 s.
+pub(crate) struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(5);
+
+    pub(crate) fn new() -> Self {
+        Backoff { next: Self::FIRST }
+    }
+
+    /// The delay before the next attempt; each call doubles the one after.
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        delay
+    }
+}

@@ -1,0 +1,392 @@
+//! The WAL reader: streams the publication from a persistent pgoutput slot, groups whole
+//! transactions into [`ChangeBatch`]es for the engine, and confirms to Postgres only what
+//! the engine reports as handed out.
+//!
+//! Delivery is at least once. Postgres resends everything after the slot's confirmed
+//! position when the stream reconnects; within one process the reader skips transactions
+//! it already accepted, so only a restart of switchboard itself can repeat a change.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use pg_walstream::{
+    CancellationToken, LogicalReplicationMessage, LogicalReplicationParser,
+    LogicalReplicationStream, ReplicationStreamConfig, RetryConfig, TupleData,
+};
+use switchboard_engine::changes::{Change, ChangeBatch, ChangeKind, Column, Table};
+use switchboard_engine::Input;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_postgres::Client;
+use tracing::{debug, error, info, warn};
+
+use super::decode::{self, Old, Relation};
+use super::{catalog, Backoff, PostgresConfig, Sink};
+
+/// Why a replication session ended; every one of them is retried after a backoff.
+#[derive(Debug, thiserror::Error)]
+enum WalError {
+    /// The user has not created the publication yet.
+    #[error(
+        "publication {0:?} does not exist; create it (Supabase does) and the reader will start"
+    )]
+    PublicationMissing(String),
+    /// A catalog query or its connection failed.
+    #[error("catalog query failed: {0}")]
+    Catalog(#[from] tokio_postgres::Error),
+    /// The replication connection failed or sent something unreadable.
+    #[error("replication stream failed: {0}")]
+    Stream(#[from] pg_walstream::ReplicationError),
+    /// A change named a relation this session never described.
+    #[error("change for relation {0} before its Relation message")]
+    UnknownRelation(u32),
+    /// A change or commit arrived outside a transaction.
+    #[error("change outside a transaction")]
+    NoTransaction,
+}
+
+/// Streams until the engine goes away (its progress channel closes), reconnecting with
+/// backoff whenever Postgres does.
+pub(crate) async fn run(config: PostgresConfig, sink: Sink, mut progress: watch::Receiver<u64>) {
+    let mut reader = Reader {
+        replication_url: replication_url(&config.database_url),
+        config,
+        sink,
+        types: catalog::TypeNames::default(),
+        published: None,
+        relations: HashMap::new(),
+        transaction: None,
+        pending: None,
+        in_flight: VecDeque::new(),
+        accepted: 0,
+        confirmed: 0,
+    };
+    let mut backoff = Backoff::new();
+    loop {
+        match reader.session(&mut progress, &mut backoff).await {
+            Ok(()) => return,
+            Err(error @ WalError::PublicationMissing(_)) => error!(%error),
+            Err(error) => warn!(%error, "WAL reader reconnecting"),
+        }
+        // Complete transactions need no connection to be handed out.
+        reader.progress(*progress.borrow_and_update());
+        if reader.in_flight.len() < reader.config.batches_in_flight_max {
+            reader.flush();
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+/// A transaction being decoded: its changes are handed out only once it commits.
+struct Transaction {
+    commit_timestamp: String,
+    changes: Vec<Change>,
+}
+
+/// Committed transactions waiting to be handed to the engine as one batch.
+struct Pending {
+    changes: Vec<Change>,
+    /// Commit end LSN of the last transaction.
+    lsn: u64,
+    /// When the first transaction arrived: the batch leaves at most `batch_delay` later.
+    since: Instant,
+}
+
+struct Reader {
+    config: PostgresConfig,
+    replication_url: String,
+    sink: Sink,
+    types: catalog::TypeNames,
+    /// The tables last sent as [`Input::Publication`]; `None` before the first read.
+    published: Option<Vec<Table>>,
+    /// Relations described by this session's `Relation` messages, by OID.
+    relations: HashMap<u32, Relation>,
+    transaction: Option<Transaction>,
+    pending: Option<Pending>,
+    /// LSNs of batches handed to the engine and not confirmed yet, oldest first.
+    in_flight: VecDeque<u64>,
+    /// Commit end LSN of the last transaction accepted (pending or handed out): anything at
+    /// or below it that Postgres resends after a reconnect is a duplicate.
+    accepted: u64,
+    /// The highest LSN the engine reported as handed out.
+    confirmed: u64,
+}
+
+impl Reader {
+    /// One connection's lifetime: catalog, slot, then stream until something fails.
+    /// `Ok` only when the engine is gone.
+    async fn session(
+        &mut self,
+        progress: &mut watch::Receiver<u64>,
+        backoff: &mut Backoff,
+    ) -> Result<(), WalError> {
+        let client = catalog::connect(&self.config.database_url).await?;
+        if !catalog::publication_exists(&client, &self.config.publication).await? {
+            return Err(WalError::PublicationMissing(
+                self.config.publication.clone(),
+            ));
+        }
+        self.refresh(&client).await?;
+        let stream_config =
+            ReplicationStreamConfig::builder(&self.config.slot_name, &self.config.publication)
+                .with_protocol_version(1)
+                .with_feedback_interval(Duration::from_secs(1))
+                .with_connection_timeout(Duration::from_secs(10))
+                .with_retry_config(RetryConfig {
+                    // Reconnecting is this reader's job, with its own backoff.
+                    max_attempts: 1,
+                    ..RetryConfig::default()
+                });
+        let mut stream =
+            LogicalReplicationStream::new(&self.replication_url, stream_config).await?;
+        self.progress(*progress.borrow_and_update());
+        stream
+            .shared_lsn_feedback
+            .update_applied_lsn(self.confirmed);
+        // Creates the slot on first start; resumes from its confirmed position after that.
+        stream.start(None).await?;
+        info!(
+            slot = %self.config.slot_name,
+            publication = %self.config.publication,
+            "streaming changes"
+        );
+        *backoff = Backoff::new();
+        self.relations.clear();
+        self.transaction = None;
+        let mut parser = LogicalReplicationParser::with_protocol_version(1);
+        let token = CancellationToken::new();
+        let period = self.config.catalog_refresh;
+        let mut refresh = tokio::time::interval_at(Instant::now() + period, period);
+        loop {
+            let room = self.in_flight.len() < self.config.batches_in_flight_max;
+            let full = self
+                .pending
+                .as_ref()
+                .is_some_and(|p| p.changes.len() >= self.config.batch_changes_max);
+            let flush_at = self.pending.as_ref().filter(|_| room).map(|p| match full {
+                true => p.since,
+                false => p.since + self.config.batch_delay,
+            });
+            tokio::select! {
+                biased;
+                changed = progress.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    let lsn = *progress.borrow_and_update();
+                    self.confirm(lsn, &mut stream).await?;
+                }
+                () = sleep_until(flush_at), if flush_at.is_some() => self.flush(),
+                _ = refresh.tick() => self.refresh(&client).await?,
+                // Dropping this read for another branch loses nothing: the connection
+                // keeps what it has received in its own buffer.
+                raw = stream.next_raw_event(&token), if room && !full => {
+                    let message = parser.parse_wal_message_bytes(raw?.data)?;
+                    self.message(message.message, &client).await?;
+                }
+            }
+        }
+    }
+
+    /// Re-reads the publication and tells the engine if it changed.
+    async fn refresh(&mut self, client: &Client) -> Result<(), WalError> {
+        let tables = catalog::tables(client, &self.config.publication).await?;
+        if self.published.as_ref() != Some(&tables) {
+            debug!(tables = tables.len(), "publication changed");
+            (self.sink)(Input::Publication(tables.clone()));
+            self.published = Some(tables);
+        }
+        Ok(())
+    }
+
+    async fn message(
+        &mut self,
+        message: LogicalReplicationMessage,
+        client: &Client,
+    ) -> Result<(), WalError> {
+        match message {
+            LogicalReplicationMessage::Begin { timestamp, .. } => {
+                self.transaction = Some(Transaction {
+                    commit_timestamp: decode::commit_timestamp(timestamp),
+                    changes: Vec::new(),
+                });
+            }
+            LogicalReplicationMessage::Relation {
+                relation_id,
+                namespace,
+                relation_name,
+                columns,
+                ..
+            } => {
+                self.types
+                    .resolve(client, columns.iter().map(|c| c.type_id))
+                    .await?;
+                let relation = Relation {
+                    schema: namespace.to_string(),
+                    table: relation_name.to_string(),
+                    columns: columns
+                        .iter()
+                        .map(|c| Column {
+                            name: c.name.to_string(),
+                            type_name: self.types.name(c.type_id),
+                        })
+                        .collect(),
+                    key: columns.iter().map(|c| c.is_key()).collect(),
+                };
+                let known = self.published.iter().flatten().any(|table| {
+                    table.schema == relation.schema
+                        && table.name == relation.table
+                        && relation.columns.iter().all(|c| table.columns.contains(c))
+                });
+                self.relations.insert(relation_id, relation);
+                // The engine hears of a new or altered table before any of its changes.
+                if !known {
+                    self.refresh(client).await?;
+                }
+            }
+            LogicalReplicationMessage::Insert { relation_id, tuple } => {
+                self.push(relation_id, ChangeKind::Insert, Some(&tuple), Old::Absent)?;
+            }
+            LogicalReplicationMessage::Update {
+                relation_id,
+                old_tuple,
+                new_tuple,
+                key_type,
+            } => {
+                let old = match (&old_tuple, key_type) {
+                    (Some(tuple), Some('O')) => Old::Full(tuple),
+                    (Some(tuple), _) => Old::Key(tuple),
+                    (None, _) => Old::Absent,
+                };
+                self.push(relation_id, ChangeKind::Update, Some(&new_tuple), old)?;
+            }
+            LogicalReplicationMessage::Delete {
+                relation_id,
+                old_tuple,
+                key_type,
+            } => {
+                let old = match key_type {
+                    'O' => Old::Full(&old_tuple),
+                    _ => Old::Key(&old_tuple),
+                };
+                self.push(relation_id, ChangeKind::Delete, None, old)?;
+            }
+            LogicalReplicationMessage::Commit { end_lsn, .. } => self.commit(end_lsn)?,
+            // Truncate is not delivered; types, origins and messages mean nothing to clients.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn push(
+        &mut self,
+        relation_id: u32,
+        kind: ChangeKind,
+        new: Option<&TupleData>,
+        old: Old<'_>,
+    ) -> Result<(), WalError> {
+        let relation = self
+            .relations
+            .get(&relation_id)
+            .ok_or(WalError::UnknownRelation(relation_id))?;
+        let transaction = self.transaction.as_mut().ok_or(WalError::NoTransaction)?;
+        let change = decode::change(relation, kind, new, old, &transaction.commit_timestamp);
+        transaction.changes.push(change);
+        Ok(())
+    }
+
+    fn commit(&mut self, end_lsn: u64) -> Result<(), WalError> {
+        let transaction = self.transaction.take().ok_or(WalError::NoTransaction)?;
+        if end_lsn <= self.accepted {
+            debug!(
+                lsn = end_lsn,
+                "skipping a transaction resent after reconnecting"
+            );
+            return Ok(());
+        }
+        self.accepted = end_lsn;
+        let pending = self.pending.get_or_insert_with(|| Pending {
+            changes: Vec::new(),
+            lsn: end_lsn,
+            since: Instant::now(),
+        });
+        pending.changes.extend(transaction.changes);
+        pending.lsn = end_lsn;
+        Ok(())
+    }
+
+    /// Hands the pending batch to the engine.
+    fn flush(&mut self) {
+        if let Some(pending) = self.pending.take() {
+            self.in_flight.push_back(pending.lsn);
+            (self.sink)(Input::Changes(ChangeBatch {
+                changes: pending.changes,
+                lsn: pending.lsn,
+            }));
+        }
+    }
+
+    /// Records the engine's progress: batches up to `lsn` are no longer in flight. False if
+    /// it is not news.
+    fn progress(&mut self, lsn: u64) -> bool {
+        if lsn <= self.confirmed {
+            return false;
+        }
+        self.confirmed = lsn;
+        while self.in_flight.front().is_some_and(|&handed| handed <= lsn) {
+            self.in_flight.pop_front();
+        }
+        true
+    }
+
+    /// Records the engine's progress and confirms it to Postgres at once, so the slot
+    /// stops retaining WAL and a reconnect does not resend it.
+    async fn confirm(
+        &mut self,
+        lsn: u64,
+        stream: &mut LogicalReplicationStream,
+    ) -> Result<(), WalError> {
+        if !self.progress(lsn) {
+            return Ok(());
+        }
+        stream.shared_lsn_feedback.update_applied_lsn(lsn);
+        stream.send_feedback().await?;
+        Ok(())
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    if let Some(deadline) = deadline {
+        tokio::time::sleep_until(deadline).await;
+    }
+}
+
+/// The replication connection's URL: `replication=database`, and the session settings the
+/// decoder relies on (UTC, ISO dates) whatever the server's defaults.
+fn replication_url(url: &str) -> String {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let separator = if url.contains('?') { '&' } else { '?' };
+        let options = "options=-c%20TimeZone%3DUTC%20-c%20DateStyle%3DISO";
+        format!("{url}{separator}replication=database&{options}")
+    } else {
+        format!("{url} replication=database options='-c TimeZone=UTC -c DateStyle=ISO'")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replication_url_keeps_the_users_parameters() {
+        assert_eq!(
+            replication_url("postgresql://u@h:5432/db?sslmode=require"),
+            "postgresql://u@h:5432/db?sslmode=require&replication=database\
+             &options=-c%20TimeZone%3DUTC%20-c%20DateStyle%3DISO"
+        );
+        assert_eq!(
+            replication_url("host=h dbname=db"),
+            "host=h dbname=db replication=database options='-c TimeZone=UTC -c DateStyle=ISO'"
+        );
+    }
+}
