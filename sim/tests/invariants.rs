@@ -8,17 +8,33 @@ use switchboard_sim::{seeds, PrintSeedOnPanic, Scenario};
 #[test]
 fn invariants_hold_on_every_seed() {
     let started = Instant::now();
-    let seeds = seeds(40);
-    let mut failures = Vec::new();
-    for &seed in &seeds {
-        let _replay = PrintSeedOnPanic(seed, "invariants");
-        let report = Scenario::from_seed(seed).run();
-        if !report.violations.is_empty() {
-            eprintln!("seed {seed}: {:#?}", Scenario::from_seed(seed));
-            eprintln!("replay: SIM_SEED={seed} cargo test -p switchboard-sim --test invariants -- --nocapture");
-            failures.push((seed, report.violations));
-        }
-    }
+    let seeds = seeds(200);
+    // Runs are independent: spread the seeds over the cores.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let failures: Vec<(u64, Vec<String>)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|worker| {
+                let seeds = &seeds;
+                scope.spawn(move || {
+                    let mut failures = Vec::new();
+                    for &seed in seeds.iter().skip(worker).step_by(threads) {
+                        let _replay = PrintSeedOnPanic(seed, "invariants");
+                        let report = Scenario::from_seed(seed).run();
+                        if !report.violations.is_empty() {
+                            eprintln!("seed {seed}: {:#?}", Scenario::from_seed(seed));
+                            eprintln!("replay: SIM_SEED={seed} cargo test -p switchboard-sim --test invariants -- --nocapture");
+                            failures.push((seed, report.violations));
+                        }
+                    }
+                    failures
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("worker"))
+            .collect()
+    });
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
         "{} seeds in {secs:.1} s ({:.2} seeds/s)",
