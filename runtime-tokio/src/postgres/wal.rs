@@ -157,6 +157,7 @@ impl Reader {
         let token = CancellationToken::new();
         let period = self.config.catalog_refresh;
         let mut refresh = tokio::time::interval_at(Instant::now() + period, period);
+        let mut idle = tokio::time::interval_at(Instant::now() + IDLE_CHECK, IDLE_CHECK);
         loop {
             let room = self.in_flight.len() < self.config.batches_in_flight_max;
             let full = self
@@ -178,6 +179,7 @@ impl Reader {
                 }
                 () = sleep_until(flush_at), if flush_at.is_some() => self.flush(),
                 _ = refresh.tick() => self.refresh(&client).await?,
+                _ = idle.tick() => self.confirm_idle(&mut stream).await?,
                 // Dropping this read for another branch loses nothing: the connection
                 // keeps what it has received in its own buffer.
                 raw = stream.next_raw_event(&token), if room && !full => {
@@ -326,6 +328,25 @@ impl Reader {
         }
     }
 
+    /// With nothing outstanding (no open transaction, nothing pending, every batch
+    /// confirmed), everything received has been handed out, so the position of the last
+    /// keepalive can be confirmed: it is past every commit the server sent. Without this a
+    /// quiet publication on a busy database would retain WAL forever, and a fast shutdown
+    /// of Postgres would wait for `wal_sender_timeout`, since the walsender exits only once
+    /// its client confirms everything it sent.
+    async fn confirm_idle(
+        &mut self,
+        stream: &mut LogicalReplicationStream,
+    ) -> Result<(), WalError> {
+        let outstanding =
+            self.transaction.is_some() || self.pending.is_some() || !self.in_flight.is_empty();
+        let received = stream.current_lsn();
+        if outstanding || received <= self.confirmed {
+            return Ok(());
+        }
+        self.confirm(received, stream).await
+    }
+
     /// Records the engine's progress: batches up to `lsn` are no longer in flight. False if
     /// it is not news.
     fn progress(&mut self, lsn: u64) -> bool {
@@ -354,6 +375,9 @@ impl Reader {
         Ok(())
     }
 }
+
+/// How often a reader with nothing outstanding confirms the server's position.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 async fn sleep_until(deadline: Option<Instant>) {
     if let Some(deadline) = deadline {
