@@ -1,6 +1,9 @@
 //! Integration tests: the real `switchboard` binary on real sockets, driven by plain
 //! WebSocket clients and by the real supabase-js client under node.
 
+mod pg;
+mod rls;
 mod server;
 mod supabase_js;
 mod support;
+mod wal;
