@@ -59,6 +59,8 @@ pub enum PlantedBug {
     DeliverToSelf,
     /// A closed connection's presence metas are never removed.
     KeepPresenceOnClose,
+    /// Rows RLS hides are delivered anyway.
+    IgnoreRlsVerdicts,
 }
 
 impl Config {

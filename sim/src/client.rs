@@ -36,6 +36,12 @@ pub struct Plan {
     /// If set, the client crashes (drops its socket without a word) at this time.
     pub crash_at: Option<Ms>,
     pub key: String,
+    /// The channel token for postgres_changes in room0: `sub` is `c<index>`.
+    pub channel_token: String,
+    /// Whether that token is service_role (bypasses RLS).
+    pub service: bool,
+    /// The binding's filter: `owner=eq.<this>`, if any.
+    pub filter_owner: Option<String>,
 }
 
 fn now() -> Ms {
@@ -192,8 +198,16 @@ impl Client {
         let Some(join_ref) = joined else {
             if !self.joining.values().any(|(r, _)| *r == room) {
                 let self_broadcast = self.pick(4) == 0;
-                let config = json!({"config": {"broadcast": {"ack": true, "self": self_broadcast},
+                let mut config = json!({"config": {"broadcast": {"ack": true, "self": self_broadcast},
                     "presence": {"enabled": true, "key": format!("c{}", self.plan.index)}}});
+                if room == "room0" {
+                    let mut binding = json!({"event": "*", "schema": "public", "table": "todos"});
+                    if let Some(owner) = &self.plan.filter_owner {
+                        binding["filter"] = json!(format!("owner=eq.{owner}"));
+                    }
+                    config["config"]["postgres_changes"] = json!([binding]);
+                    config["access_token"] = json!(self.plan.channel_token);
+                }
                 // A join's ref is its join_ref: the ref `send` is about to use.
                 let join_ref = (self.next_ref + 1).to_string();
                 let sent = self
@@ -395,6 +409,32 @@ impl Client {
                         channel.pending.push(payload);
                     }
                 }
+            }
+            "postgres_changes" => {
+                let data = &payload["data"];
+                let id = data["record"]["id"]
+                    .as_u64()
+                    .or_else(|| data["old_record"]["id"].as_u64());
+                match id {
+                    Some(id) => self.oracle.record(Event::ChangeSeen {
+                        client: index,
+                        room,
+                        id,
+                    }),
+                    None => self.oracle.record(Event::Broken {
+                        client: index,
+                        what: format!("change without id {payload}"),
+                    }),
+                }
+            }
+            "system" if payload["status"] == "ok" && payload["extension"] == "postgres_changes" => {
+                self.oracle.record(Event::Subscribed {
+                    client: index,
+                    room,
+                    at: now(),
+                    service: self.plan.service,
+                    filter_owner: self.plan.filter_owner.clone(),
+                });
             }
             "system" => {
                 if payload["status"] == "error" {

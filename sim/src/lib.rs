@@ -12,6 +12,7 @@
 
 pub mod bus;
 pub mod client;
+pub mod db;
 pub mod oracle;
 
 use std::sync::Arc;
@@ -22,8 +23,12 @@ use rand_core::{RngCore, SeedableRng};
 use switchboard_engine::{Config, PlantedBug};
 use switchboard_tokio::{Clock, Listener, Options};
 
+use switchboard_engine::changes::ChangeKind;
+use switchboard_tokio::Server;
+
 use crate::bus::Bus;
 use crate::client::Plan;
+use crate::db::Db;
 use crate::oracle::{Event, Oracle};
 
 const PORT: u16 = 4000;
@@ -110,6 +115,8 @@ pub struct Report {
     pub trace_hash: u64,
     /// Broadcasts delivered, for a sense of the run's size.
     pub deliveries: usize,
+    /// Postgres changes delivered.
+    pub changes: usize,
 }
 
 impl Scenario {
@@ -153,11 +160,12 @@ impl Scenario {
             .max_message_latency(Duration::from_millis(20))
             .build();
         let bus = Bus::default();
+        let db = Db::default();
         let oracle = Oracle::default();
         for host in 0..self.nodes {
-            let (bus, config, seed) = (bus.clone(), self.config(), self.seed);
+            let (bus, db, config, seed) = (bus.clone(), db.clone(), self.config(), self.seed);
             sim.host(format!("node{host}"), move || {
-                let (bus, config) = (bus.clone(), config.clone());
+                let (bus, db, config) = (bus.clone(), db.clone(), config.clone());
                 async move {
                     let listener =
                         SimListener(turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?);
@@ -170,7 +178,12 @@ impl Scenario {
                     options.clock = Clock::with_wall(Arc::new(|| {
                         turmoil::since_epoch().map_or(0, |d| d.as_millis() as u64)
                     }));
-                    switchboard_tokio::serve(listener, options, std::future::pending()).await;
+                    let (database, outputs) = tokio::sync::mpsc::unbounded_channel();
+                    options.database = Some(database);
+                    let (server, task) = Server::start(options);
+                    tokio::spawn(db.replicate(host, server.handle(), outputs));
+                    task.run(listener, server.metrics(), std::future::pending())
+                        .await;
                     Ok(())
                 }
             });
@@ -186,7 +199,25 @@ impl Scenario {
             let node = (rng.next_u64() % self.nodes as u64) as usize;
             node_of.push(node);
             let crashes = (rng.next_u64() % 1000) as f64 / 1000.0 < self.faults.client_crash;
+            let service = rng.next_u64() % 5 == 0;
+            let role = if service {
+                "service_role"
+            } else {
+                "authenticated"
+            };
+            let channel_token = switchboard_engine::auth::sign(
+                SECRET,
+                &serde_json::json!({"role": role, "sub": format!("c{index}"), "exp": 4_000_000_000u64}),
+            );
+            let filter_owner = match rng.next_u64() % 3 {
+                0 => None,
+                1 => Some(format!("c{index}")),
+                _ => Some(format!("c{}", rng.next_u64() % self.clients as u64)),
+            };
             let plan = Plan {
+                channel_token,
+                service,
+                filter_owner,
                 index,
                 node: format!("node{node}"),
                 v2: rng.next_u64() % 3 != 0,
@@ -226,6 +257,15 @@ impl Scenario {
             schedule.push((at, Fault::Crash(node)));
             schedule.push((at + 1_000 + rng.next_u64() % 3_000, Fault::Restart(node)));
         }
+        // The database's writer: a change every 100–400 ms of the chaos.
+        let mut at = 500;
+        while at < chaos_ms {
+            let owner = format!("c{}", rng.next_u64() % self.clients as u64);
+            let kind = [ChangeKind::Insert, ChangeKind::Update, ChangeKind::Delete]
+                [(rng.next_u64() % 3) as usize];
+            schedule.push((at, Fault::Commit(owner, kind)));
+            at += 100 + rng.next_u64() % 300;
+        }
         schedule.push((chaos_ms, Fault::HealAll));
         schedule.sort_by_key(|(at, _)| *at);
         let mut schedule = schedule.into_iter().peekable();
@@ -233,7 +273,7 @@ impl Scenario {
         loop {
             let now = sim.elapsed().as_millis() as u64;
             while let Some((_, fault)) = schedule.next_if(|(at, _)| *at <= now) {
-                fault.apply(&mut sim, &bus, &oracle, &node_of, now);
+                fault.apply(&mut sim, &bus, &db, &oracle, &node_of, now);
             }
             match sim.step() {
                 Ok(true) => break,
@@ -245,16 +285,21 @@ impl Scenario {
             }
         }
         let events = oracle.events();
-        violations.extend(oracle::check(&events));
+        violations.extend(oracle::check(&events, &db.log()));
         let deliveries = events
             .iter()
             .filter(|e| matches!(e, Event::Delivered { .. }))
+            .count();
+        let changes = events
+            .iter()
+            .filter(|e| matches!(e, Event::ChangeSeen { .. }))
             .count();
         Report {
             seed: self.seed,
             violations,
             trace_hash: oracle.trace_hash(),
             deliveries,
+            changes,
         }
     }
 
@@ -268,14 +313,16 @@ impl Scenario {
             presence_events_per_sec_max: 0,
             client_presence_calls_max: 1_000,
             concurrent_users_max: usize::MAX,
+            postgres_changes: true,
             planted_bug: self.planted_bug,
             ..Config::default()
         }
     }
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 enum Fault {
+    Commit(String, ChangeKind),
     Hold(usize),
     Release(usize),
     Partition(usize, usize),
@@ -290,6 +337,7 @@ impl Fault {
         self,
         sim: &mut turmoil::Sim<'_>,
         bus: &Bus,
+        db: &Db,
         oracle: &Oracle,
         node_of: &[usize],
         now: u64,
@@ -309,6 +357,7 @@ impl Fault {
                 let (a, b) = client_link(client);
                 sim.release(a, b);
             }
+            Fault::Commit(owner, kind) => db.commit(now, owner, kind),
             Fault::Partition(a, b) => bus.partition(a, b),
             Fault::Heal(a, b) => bus.heal(a, b),
             Fault::Crash(node) => {

@@ -5,6 +5,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
+use switchboard_engine::changes::ChangeKind;
+
+use crate::db::Commit;
+
 /// Milliseconds of simulated time.
 pub type Ms = u64;
 
@@ -55,6 +59,20 @@ pub enum Event {
         room: String,
         view: BTreeMap<String, Vec<u64>>,
     },
+    /// The channel's postgres_changes subscription is live (`Subscribed to PostgreSQL`).
+    Subscribed {
+        client: usize,
+        room: String,
+        at: Ms,
+        service: bool,
+        filter_owner: Option<String>,
+    },
+    /// A postgres change arrived.
+    ChangeSeen {
+        client: usize,
+        room: String,
+        id: u64,
+    },
     /// Something the client itself found wrong.
     Broken { client: usize, what: String },
 }
@@ -92,8 +110,112 @@ struct Membership {
     self_broadcast: bool,
 }
 
-/// Checks invariants 1–5 and 7 (faults clients detected) over the log.
-pub fn check(events: &[Event]) -> Vec<String> {
+/// A subscription's life: from `Subscribed` to the channel's end.
+struct Subscription {
+    client: usize,
+    room: String,
+    at: Ms,
+    service: bool,
+    filter_owner: Option<String>,
+    seen: Vec<u64>,
+    open: bool,
+}
+
+impl Subscription {
+    /// Whether filters and the RLS model let this subscriber see `commit`.
+    fn allows(&self, commit: &Commit) -> bool {
+        let filter = self
+            .filter_owner
+            .as_ref()
+            .is_none_or(|owner| *owner == commit.owner);
+        let rls = commit.kind == ChangeKind::Delete
+            || self.service
+            || commit.owner == format!("c{}", self.client);
+        filter && rls
+    }
+}
+
+/// Invariant 6: each live subscriber gets exactly the changes its filter and RLS allow that
+/// were committed after it subscribed, in commit order, none twice; never a forbidden one.
+fn check_changes(events: &[Event], commits: &[Commit], violations: &mut Vec<String>) {
+    let mut subscriptions: Vec<Subscription> = Vec::new();
+    let mut disconnected = BTreeSet::new();
+    for event in events {
+        match event {
+            Event::Subscribed {
+                client,
+                room,
+                at,
+                service,
+                filter_owner,
+            } => {
+                for s in subscriptions
+                    .iter_mut()
+                    .filter(|s| s.client == *client && s.room == *room)
+                {
+                    s.open = false;
+                }
+                subscriptions.push(Subscription {
+                    client: *client,
+                    room: room.clone(),
+                    at: *at,
+                    service: *service,
+                    filter_owner: filter_owner.clone(),
+                    seen: Vec::new(),
+                    open: true,
+                });
+            }
+            Event::ChangeSeen { client, room, id } => {
+                match subscriptions.iter_mut().rev().find(|s| s.client == *client && s.room == *room && s.open) {
+                    Some(s) => s.seen.push(*id),
+                    None => violations.push(format!("invariant 6: client {client} got change {id} in {room} without a subscription")),
+                }
+            }
+            Event::Left { client, room, .. } => {
+                for s in subscriptions
+                    .iter_mut()
+                    .filter(|s| s.client == *client && s.room == *room)
+                {
+                    s.open = false;
+                }
+            }
+            Event::Disconnected { client, .. } => {
+                disconnected.insert(*client);
+            }
+            _ => {}
+        }
+    }
+    let by_id: BTreeMap<u64, &Commit> = commits.iter().map(|c| (c.id, c)).collect();
+    for s in &subscriptions {
+        if s.seen.windows(2).any(|w| w[0] >= w[1]) {
+            violations.push(format!(
+                "invariant 6: client {} got changes out of order or twice: {:?}",
+                s.client, s.seen
+            ));
+        }
+        for id in &s.seen {
+            if by_id.get(id).is_none_or(|c| !s.allows(c)) {
+                violations.push(format!(
+                    "invariant 6: client {} got change {id} its filter or RLS forbid",
+                    s.client
+                ));
+            }
+        }
+        if s.open && !disconnected.contains(&s.client) {
+            for commit in commits.iter().filter(|c| c.at > s.at && s.allows(c)) {
+                if !s.seen.contains(&commit.id) {
+                    violations.push(format!(
+                        "invariant 6: client {} subscribed at {} missed change {} committed at {}",
+                        s.client, s.at, commit.id, commit.at
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Checks the invariants over the log of client events and the database's commits.
+pub fn check(events: &[Event], commits: &[Commit]) -> Vec<String> {
     let mut violations = Vec::new();
     let mut membership: BTreeMap<(usize, String), Membership> = BTreeMap::new();
     let mut disconnected: BTreeMap<usize, Ms> = BTreeMap::new();
@@ -184,6 +306,7 @@ pub fn check(events: &[Event]) -> Vec<String> {
                 tracking.insert((*client, room.clone()), *value);
             }
             Event::View { client, room, view } => views.push((*client, room.clone(), view.clone())),
+            Event::Subscribed { .. } | Event::ChangeSeen { .. } => {}
             Event::Broken { client, what } => {
                 violations.push(format!("invariant 7: client {client}: {what}"))
             }
@@ -232,5 +355,6 @@ pub fn check(events: &[Event]) -> Vec<String> {
             ));
         }
     }
+    check_changes(events, commits, &mut violations);
     violations
 }

@@ -49,7 +49,10 @@ fn a_seed_replays_to_the_same_trace() {
     for seed in [3, 17] {
         let first = Scenario::from_seed(seed).run();
         let second = Scenario::from_seed(seed).run();
-        assert!(first.deliveries > 0, "seed {seed} exercised nothing");
+        assert!(
+            first.deliveries > 0 && first.changes > 0,
+            "seed {seed} exercised nothing: {first:?}"
+        );
         assert_eq!(
             first.trace_hash, second.trace_hash,
             "seed {seed} is not deterministic"

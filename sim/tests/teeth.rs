@@ -35,3 +35,9 @@ fn forgetting_presence_removal_on_close_is_caught() {
         "a presence leak went unnoticed for 20 seeds"
     );
 }
+
+#[test]
+fn delivering_rows_rls_hides_is_caught() {
+    let seed = first_catch(PlantedBug::IgnoreRlsVerdicts, "invariant 6", 10);
+    assert!(seed.is_some(), "an RLS leak went unnoticed for 10 seeds");
+}

@@ -556,6 +556,12 @@ impl Engine {
                     .unwrap_or(Verdict::Hidden),
                 None => Verdict::Visible,
             };
+            #[cfg(feature = "planted-bugs")]
+            let verdict = if self.planted(crate::PlantedBug::IgnoreRlsVerdicts) {
+                Verdict::Visible
+            } else {
+                verdict
+            };
             if verdict == Verdict::Hidden {
                 continue;
             }
