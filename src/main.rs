@@ -8,6 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use switchboard_engine::{auth, Config};
+use switchboard_tokio::postgres::{self, PostgresConfig};
 use switchboard_tokio::{Options, Server};
 use tracing::info;
 
@@ -46,11 +47,32 @@ struct Serve {
     /// Postgres connection URL; enables postgres_changes.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
+    /// The publication whose tables postgres_changes streams (Supabase creates it).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_PUBLICATION",
+        default_value = "supabase_realtime"
+    )]
+    publication: String,
+    /// The logical replication slot, created on first start and kept across restarts.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_SLOT_NAME",
+        default_value = "switchboard_slot"
+    )]
+    slot_name: String,
+    /// Database connections answering Row Level Security visibility checks.
+    #[arg(long, env = "SWITCHBOARD_VISIBILITY_CONNECTIONS", default_value_t = 2)]
+    visibility_connections: usize,
     /// Runtime that drives the engine.
     #[arg(long, env = "SWITCHBOARD_RUNTIME", value_enum, default_value = "tokio")]
     runtime: Runtime,
-    /// Log filter, RUST_LOG syntax.
-    #[arg(long, env = "SWITCHBOARD_LOG", default_value = "info")]
+    /// Log filter, RUST_LOG syntax; pg_walstream logs every WAL confirmation at info.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_LOG",
+        default_value = "info,pg_walstream=warn"
+    )]
     log_level: String,
     /// Frames queued per socket before the client is closed as a slow consumer.
     #[arg(long, env = "SWITCHBOARD_SEND_QUEUE", default_value_t = 1024)]
@@ -168,9 +190,6 @@ async fn run(serve: Serve) -> anyhow::Result<()> {
         println!("  service_role key:  {}", key("service_role"));
         println!("  createClient URL:  http://{addr}");
     }
-    if serve.database_url.is_some() {
-        info!("a database URL is set; postgres_changes needs the WAL reader, which this build does not start");
-    }
     let config = Config {
         jwt_secret,
         heartbeat_timeout_ms: serve.heartbeat_timeout_ms,
@@ -184,11 +203,32 @@ async fn run(serve: Serve) -> anyhow::Result<()> {
         payload_kb_max: serve.max_payload_size_kb,
         presence_enabled: serve.presence_enabled,
         private_only: serve.private_only,
+        postgres_changes: serve.database_url.is_some(),
         ..Config::default()
     };
     let mut options = Options::new(config);
     options.send_queue = serve.send_queue;
+    let database = serve.database_url.map(|url| {
+        let (outputs, receiver) = tokio::sync::mpsc::unbounded_channel();
+        options.database = Some(outputs);
+        (url, receiver)
+    });
     let (server, task) = Server::start(options);
+    // Runs until the server stops; dropping it closes the database connections.
+    let _postgres = database.map(|(url, outputs)| {
+        let mut config = PostgresConfig::new(url);
+        config.publication = serve.publication;
+        config.slot_name = serve.slot_name;
+        config.visibility_connections = serve.visibility_connections;
+        config.visibility_queries = server.metrics().visibility_queries.clone();
+        let engine = server.handle();
+        info!(
+            publication = %config.publication,
+            slot = %config.slot_name,
+            "postgres_changes enabled"
+        );
+        postgres::start(config, move |input| engine.input(input), outputs)
+    });
     println!("switchboard listening on http://{addr}");
     info!(%addr, runtime = ?serve.runtime, "listening");
     task.run(listener, server.metrics(), shutdown_signal())

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub slow_consumers: Counter,
     /// Time spent in one `Engine::handle` plus its drain.
     pub handle_seconds: Histogram,
+    /// Visibility questions sent to the database, counted by the postgres subsystem.
+    pub visibility_queries: Counter,
 }
 
 impl Metrics {
@@ -45,6 +47,7 @@ impl Metrics {
             malformed: Counter::default(),
             slow_consumers: Counter::default(),
             handle_seconds: Histogram::new(exponential_buckets(1e-6, 4.0, 12)),
+            visibility_queries: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -97,6 +100,11 @@ impl Metrics {
             "engine_handle_seconds",
             "Time to handle one engine input and carry out its outputs",
             metrics.handle_seconds.clone(),
+        );
+        registry.register(
+            "visibility_queries",
+            "Row Level Security visibility questions sent to the database",
+            metrics.visibility_queries.clone(),
         );
         Metrics {
             registry,

@@ -65,7 +65,7 @@ pub(crate) async fn run(config: PostgresConfig, sink: Sink, mut progress: watch:
     loop {
         match reader.session(&mut progress, &mut backoff).await {
             Ok(()) => return,
-            Err(error @ WalError::PublicationMissing(_)) => error!(%error),
+            Err(error @ WalError::PublicationMissing(_)) => error!(%error, "WAL reader waiting"),
             Err(error) => warn!(%error, "WAL reader reconnecting"),
         }
         // Complete transactions need no connection to be handed out.
