@@ -86,6 +86,19 @@ impl Reader<'_> {
         Ok((!s.is_empty()).then_some(s))
     }
 
+    fn encoding(&mut self) -> Result<Encoding, DecodeError> {
+        match self.byte()? {
+            0 => Ok(Encoding::Binary),
+            1 => Ok(Encoding::Json),
+            other => Err(DecodeError::Encoding(other)),
+        }
+    }
+
+    /// Metadata of `len` bytes, absent when the length is 0.
+    fn metadata(&mut self, len: u8) -> Result<Option<Bytes>, DecodeError> {
+        (len > 0).then(|| self.bytes(len as usize)).transpose()
+    }
+
     fn rest(&mut self) -> Bytes {
         let rest = self.data.slice(self.at..);
         self.at = self.data.len();
@@ -109,20 +122,12 @@ pub fn decode_binary(data: &Bytes) -> Result<BinaryFrame, DecodeError> {
         }
         KIND_USER_BROADCAST_PUSH => {
             let (j, rf, t, e, m) = (r.byte()?, r.byte()?, r.byte()?, r.byte()?, r.byte()?);
-            let encoding = match r.byte()? {
-                0 => Encoding::Binary,
-                1 => Encoding::Json,
-                other => return Err(DecodeError::Encoding(other)),
-            };
+            let encoding = r.encoding()?;
             let join_ref = r.opt_string(j)?;
             let ref_ = r.opt_string(rf)?;
             let topic = r.string(t)?;
             let event = r.string(e)?;
-            let metadata = if m > 0 {
-                Some(r.bytes(m as usize)?)
-            } else {
-                None
-            };
+            let metadata = r.metadata(m)?;
             let payload = r.rest();
             Ok(BinaryFrame::UserBroadcastPush {
                 join_ref,
@@ -221,18 +226,10 @@ pub fn decode_user_broadcast(data: &Bytes) -> Result<UserBroadcast, DecodeError>
         return Err(DecodeError::UnknownKind(kind));
     }
     let (t, e, m) = (r.byte()?, r.byte()?, r.byte()?);
-    let encoding = match r.byte()? {
-        0 => Encoding::Binary,
-        1 => Encoding::Json,
-        other => return Err(DecodeError::Encoding(other)),
-    };
+    let encoding = r.encoding()?;
     let topic = r.string(t)?;
     let event = r.string(e)?;
-    let metadata = if m > 0 {
-        Some(r.bytes(m as usize)?)
-    } else {
-        None
-    };
+    let metadata = r.metadata(m)?;
     Ok(UserBroadcast {
         topic,
         event,
