@@ -3,6 +3,7 @@
 //! batch costs the database a handful of index lookups, not one round trip per row.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use serde_json::Value;
@@ -16,6 +17,12 @@ use tokio_postgres::{Client, Transaction};
 use tracing::{debug, warn};
 
 use super::{catalog, Backoff, Sink};
+
+/// Longest one visibility statement may run: a stuck query holds back its batch, and with it
+/// every later change, only briefly; its rows then count as not visible.
+const STATEMENT_TIMEOUT: &str = "5s";
+/// Bound on the whole transaction, for a connection that stops answering altogether.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs one worker of the pool: takes the next question from the shared queue, answers it
 /// on this worker's own connection, and reconnects after the connection fails.
@@ -50,10 +57,16 @@ pub(crate) async fn worker(
         let verdicts = match client.as_mut() {
             Some(connection) if !connection.is_closed() => {
                 queries.inc();
-                match answer(connection, &query).await {
-                    Ok(verdicts) => Some(verdicts),
-                    Err(error) => {
+                match tokio::time::timeout(ANSWER_TIMEOUT, answer(connection, &query)).await {
+                    Ok(Ok(verdicts)) => Some(verdicts),
+                    Ok(Err(error)) => {
                         warn!(%error, id = query.id, "visibility query failed");
+                        None
+                    }
+                    Err(_) => {
+                        // The connection is mid-query: start the next question on a new one.
+                        warn!(id = query.id, "visibility query timed out");
+                        client = None;
                         None
                     }
                 }
@@ -80,8 +93,9 @@ async fn answer(
         .execute(
             "select set_config('role', $1, true), set_config('request.jwt.claims', $2, true),
                 set_config('request.jwt.claim.sub', $3, true),
-                set_config('request.jwt.claim.role', $1, true)",
-            &[&query.role, &claims, &sub],
+                set_config('request.jwt.claim.role', $1, true),
+                set_config('statement_timeout', $4, true)",
+            &[&query.role, &claims, &sub, &STATEMENT_TIMEOUT],
         )
         .await?;
     let mut verdicts = vec![Verdict::Hidden; query.checks.len()];
