@@ -24,7 +24,8 @@ use tokio::task::JoinHandle;
 pub(crate) type Sink = Arc<dyn Fn(Input) + Send + Sync>;
 
 /// What the postgres subsystem needs to know. [`PostgresConfig::new`] has the defaults.
-#[derive(Clone, Debug)]
+/// Not `Debug`: the URL may hold a password.
+#[derive(Clone)]
 pub struct PostgresConfig {
     /// Connection URL (`postgresql://user:pass@host:port/db`); the replication connection
     /// adds `replication=database` itself.
