@@ -4,10 +4,11 @@
 use std::path::Path;
 use std::process::Command;
 
+use crate::pg::TempPostgres;
 use crate::support::{token, Server, SECRET};
 
-/// Runs `node --test` on the files of tests/js matching `pattern` against `server`.
-fn node_tests(server: &Server, files: &[&str], heartbeat_timeout_ms: u64) {
+/// Runs `node --test` on `files` of tests/js against `server`, with extra environment.
+fn node_tests(server: &Server, files: &[&str], heartbeat_timeout_ms: u64, env: &[(&str, String)]) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
     assert!(
         dir.join("node_modules/@supabase/supabase-js").exists(),
@@ -26,6 +27,7 @@ fn node_tests(server: &Server, files: &[&str], heartbeat_timeout_ms: u64) {
             "SWITCHBOARD_HEARTBEAT_TIMEOUT_MS",
             heartbeat_timeout_ms.to_string(),
         )
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .status()
         .expect("node runs");
     assert!(status.success(), "supabase-js tests failed: {files:?}");
@@ -34,11 +36,35 @@ fn node_tests(server: &Server, files: &[&str], heartbeat_timeout_ms: u64) {
 #[test]
 fn supabase_js_broadcast() {
     let server = Server::start(&[]);
-    node_tests(&server, &["broadcast.test.mjs"], 60_000);
+    node_tests(&server, &["broadcast.test.mjs"], 60_000, &[]);
 }
 
 #[test]
 fn supabase_js_presence() {
     let server = Server::start(&["--heartbeat-timeout-ms", "5000"]);
-    node_tests(&server, &["presence.test.mjs"], 5_000);
+    node_tests(&server, &["presence.test.mjs"], 5_000, &[]);
+}
+
+/// The schema changes.test.mjs expects, created before the server reads the publication.
+const CHANGES_SQL: &str = r#"
+create table public.todos (id bigserial primary key, owner uuid, task text, done bool not null default false, n int);
+create table public.notes (id bigserial primary key, owner uuid, body text);
+create table public.hidden (id bigserial primary key);
+alter table public.notes enable row level security;
+create policy "own notes" on public.notes for select to authenticated using (owner = auth.uid());
+grant all on public.todos, public.notes, public.hidden to anon, authenticated, service_role;
+alter publication supabase_realtime add table public.todos, public.notes;
+"#;
+
+#[test]
+fn supabase_js_postgres_changes() {
+    let pg = TempPostgres::start();
+    pg.psql(CHANGES_SQL);
+    let server = Server::start(&["--database-url", &pg.url()]);
+    node_tests(
+        &server,
+        &["changes.test.mjs"],
+        60_000,
+        &[("DATABASE_URL", pg.url())],
+    );
 }
