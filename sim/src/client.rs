@@ -56,6 +56,8 @@ struct Channel {
     /// Diffs that arrived before the state, applied after it (as presence.js buffers).
     pending: Vec<Value>,
     have_state: bool,
+    /// A leave was sent and its `phx_close` has not arrived.
+    leaving: bool,
 }
 
 struct Client {
@@ -196,7 +198,9 @@ impl Client {
             .filter(|c| c.joined)
             .map(|c| c.join_ref.clone());
         let Some(join_ref) = joined else {
-            if !self.joining.values().any(|(r, _)| *r == room) {
+            // Like realtime-js, a channel is joined again only after its leave completes.
+            let leaving = self.channels.get(&room).is_some_and(|c| c.leaving);
+            if !leaving && !self.joining.values().any(|(r, _)| *r == room) {
                 let self_broadcast = self.pick(4) == 0;
                 let mut config = json!({"config": {"broadcast": {"ack": true, "self": self_broadcast},
                     "presence": {"enabled": true, "key": format!("c{}", self.plan.index)}}});
@@ -224,6 +228,7 @@ impl Client {
                         view: BTreeMap::new(),
                         pending: Vec::new(),
                         have_state: false,
+                        leaving: false,
                     },
                 );
             }
@@ -293,6 +298,32 @@ impl Client {
             16 => {
                 self.send(ws, Some(&join_ref), &topic, "phx_leave", json!({}))
                     .await;
+                // Leaving: like realtime-js, push nothing more on this channel.
+                if let Some(channel) = self.channels.get_mut(&room) {
+                    channel.joined = false;
+                    channel.leaving = true;
+                }
+            }
+            17 if self.pick(2) == 0 => {
+                // Token refresh: the same claims, a later expiry. Channels with postgres
+                // bindings resubscribe and say so again.
+                let exp = 4_000_000_000u64 + self.rng.next_u64() % 1_000_000;
+                let role = if self.plan.service {
+                    "service_role"
+                } else {
+                    "authenticated"
+                };
+                let claims =
+                    json!({"role": role, "sub": format!("c{}", self.plan.index), "exp": exp});
+                let token = switchboard_engine::auth::sign(crate::SECRET, &claims);
+                self.send(
+                    ws,
+                    Some(&join_ref),
+                    &topic,
+                    "access_token",
+                    json!({"access_token": token}),
+                )
+                .await;
             }
             17 => {
                 let garbage = match self.pick(3) {

@@ -32,7 +32,7 @@ use crate::db::Db;
 use crate::oracle::{Event, Oracle};
 
 const PORT: u16 = 4000;
-const SECRET: &str = "simulation-secret-simulation-secret";
+pub(crate) const SECRET: &str = "simulation-secret-simulation-secret";
 
 /// The seeds a test runs: `SIM_SEED` alone, else `SIM_SEEDS` (or `default`) seeds from 0.
 pub fn seeds(default: u64) -> Vec<u64> {
@@ -92,7 +92,7 @@ pub struct Scenario {
     pub seed: u64,
     /// Nodes, 1–3.
     pub nodes: usize,
-    /// Clients.
+    /// Clients, 5–50.
     pub clients: usize,
     /// Fault rates.
     pub faults: Faults,
@@ -125,7 +125,7 @@ impl Scenario {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut pick = |n: u64| rng.next_u64() % n;
         let nodes = 1 + pick(3) as usize;
-        let clients = 5 + pick(16) as usize;
+        let clients = 5 + pick(46) as usize;
         let faults = Faults {
             client_crash: [0.0, 0.1, 0.3][pick(3) as usize],
             delays: pick(4) as u32,

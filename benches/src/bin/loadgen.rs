@@ -80,6 +80,10 @@ struct Args {
     /// Label echoed in the summary (e.g. the runtime).
     #[arg(long, default_value = "")]
     label: String,
+    /// Publishers re-track presence instead of broadcasting; latency is measured on the
+    /// `presence_diff` every member receives (presence churn).
+    #[arg(long)]
+    presence: bool,
 }
 
 type Sink = SplitSink<WebSocketStream<MaybeTlsStream<TcpStream>>, Message>;
@@ -164,6 +168,18 @@ fn frame(
 fn message(args: &Args, room: usize, seq: u64, origin: Instant, padding: &str) -> Message {
     let micros = origin.elapsed().as_micros() as u64;
     let body = format!(r#"{{"t":{micros},"s":{seq},"p":"{padding}"}}"#);
+    if args.presence {
+        let payload: serde_json::Value = serde_json::from_str(&body).expect("valid JSON");
+        let track = json!({"type": "presence", "event": "track", "payload": payload});
+        return frame(
+            args.vsn,
+            Some("1"),
+            &seq.to_string(),
+            &topic(room),
+            "presence",
+            track,
+        );
+    }
     match (args.mode, args.vsn) {
         (Mode::Floor, _) => Message::Text(body.into()),
         (Mode::Switchboard, Vsn::V2) => {
@@ -190,6 +206,21 @@ fn message(args: &Args, room: usize, seq: u64, origin: Instant, padding: &str) -
             )
         }
     }
+}
+
+/// The timestamp of a `presence_diff`'s joins (leaves quote the previous track).
+fn timestamp_join(data: &[u8]) -> Option<u64> {
+    let joins = data.windows(8).position(|w| w == b"\"joins\":")?;
+    let leaves = data
+        .windows(9)
+        .position(|w| w == b"\"leaves\":")
+        .unwrap_or(data.len());
+    let (from, to) = if joins < leaves {
+        (joins, leaves)
+    } else {
+        (joins, data.len())
+    };
+    timestamp(&data[from..to])
 }
 
 /// Finds `"t":<digits>` in a received frame.
@@ -282,7 +313,13 @@ async fn main() {
                         Message::Binary(b) => b,
                         _ => continue,
                     };
-                    if let Some(sent) = timestamp(data) {
+                    // A presence diff quotes the old meta too: its timestamp is the new one's.
+                    let stamp = if data.windows(7).any(|w| w == b"\"joins\"") {
+                        timestamp_join(data)
+                    } else {
+                        timestamp(data)
+                    };
+                    if let Some(sent) = stamp {
                         let now = origin.elapsed().as_micros() as u64;
                         let _ = local.record(now.saturating_sub(sent).max(1));
                         count += 1;

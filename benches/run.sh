@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Runs the standard load scenarios against one switchboard runtime and the raw fan-out
+# floor, on loopback, and writes benches/results/<runtime>.md, a JSON-lines log and a PNG
+# plot. Usage: benches/run.sh [runtime] [seconds per scenario]
+#   runtime: a value of `switchboard serve --runtime` (tokio today); a new runtime joins
+#            the table without changes here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runtime="${1:-tokio}"
+secs="${2:-10}"
+out=benches/results
+mkdir -p "$out"
+log="$out/$runtime.jsonl"
+: > "$log"
+
+cargo build --release -q -p switchboard -p switchboard-benches
+bin=target/release
+secret="bench-secret-bench-secret-bench-secret-0"
+ulimit -n 20000 || true
+
+key=$(python3 - "$secret" <<'EOF'
+import base64, hashlib, hmac, json, sys
+b = lambda x: base64.urlsafe_b64encode(x).rstrip(b"=").decode()
+head = b(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+body = b(json.dumps({"role": "anon", "exp": 4000000000}).encode())
+sig = b(hmac.new(sys.argv[1].encode(), f"{head}.{body}".encode(), hashlib.sha256).digest())
+print(f"{head}.{body}.{sig}")
+EOF
+)
+
+start_switchboard() {
+  "$bin/switchboard" serve --runtime "$runtime" --bind 127.0.0.1:0 --jwt-secret "$secret" \
+    --max-concurrent-users 1000000 --max-joins-per-second 0 --max-events-per-second 0 \
+    --max-presence-events-per-second 0 --send-queue 8192 --log-level error > "$out/.server.out" 2>&1 &
+  server=$!
+  for _ in $(seq 100); do
+    addr=$(sed -n 's#^switchboard listening on http://##p' "$out/.server.out")
+    [ -n "$addr" ] && return
+    sleep 0.1
+  done
+  echo "switchboard did not start" >&2; exit 1
+}
+
+start_floor() {
+  "$bin/floor" --bind 127.0.0.1:0 > "$out/.server.out" 2>&1 &
+  server=$!
+  for _ in $(seq 100); do
+    addr=$(sed -n 's#^floor listening on ws://##p' "$out/.server.out")
+    [ -n "$addr" ] && return
+    sleep 0.1
+  done
+  echo "floor did not start" >&2; exit 1
+}
+
+stop() { kill "$server" 2>/dev/null; wait "$server" 2>/dev/null || true; }
+
+# name | loadgen arguments
+scenarios=(
+  "1k fan-out 1→1000|--connections 1001 --rooms 1 --publishers 1 --rate 2000"
+  "10k, 100 rooms × 100|--connections 10000 --rooms 100 --publishers 100 --rate 2000"
+  "10k fan-out 1→10000|--connections 10000 --rooms 1 --publishers 1 --rate 200"
+  "1k v1.0.0 fan-out 1→1000|--connections 1001 --rooms 1 --publishers 1 --rate 2000 --vsn v1"
+  "presence churn 1k|--connections 1000 --rooms 1 --publishers 1000 --rate 100 --presence"
+  "19k idle joined|--connections 19000 --rooms 190 --publishers 0 --rate 0 --connect-concurrency 512"
+)
+
+for entry in "${scenarios[@]}"; do
+  name="${entry%%|*}"
+  args="${entry#*|}"
+  for mode in switchboard floor; do
+    case "$name" in presence*|"1k v1"*) [ "$mode" = floor ] && continue ;; esac
+    if [ "$mode" = switchboard ]; then start_switchboard; else start_floor; fi
+    # shellcheck disable=SC2086
+    line=$("$bin/loadgen" --mode "$mode" --addr "$addr" --key "$key" --duration "$secs" \
+      --server-pid "$server" --label "$name" $args 2>/dev/null | tail -n 1)
+    stop
+    echo "$line" >> "$log"
+    echo "$mode  $line"
+  done
+done
+
+python3 - "$log" "$out/$runtime.md" "$runtime" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+floor = {r["label"]: r for r in rows if r["mode"] == "floor"}
+lines = [
+    f"Runtime `{sys.argv[3]}` vs the raw fan-out floor, same load generator, same run, loopback, "
+    "2 cores shared by server and load generator.",
+    "",
+    "| scenario | delivered/s | × floor | p50 ms | p99 ms | p99 × floor | p999 ms | setup/s | RSS idle MiB | B per idle conn |",
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+]
+fmt = lambda us: f"{us / 1000:.2f}"
+for r in rows:
+    if r["mode"] != "switchboard":
+        continue
+    f = floor.get(r["label"])
+    ratio = f"{r['delivered_per_sec'] / f['delivered_per_sec']:.2f}" if f and f["delivered_per_sec"] else "–"
+    p99 = f"{r['p99_us'] / f['p99_us']:.2f}" if f and f["p99_us"] else "–"
+    rss = f"{(r['rss_idle_kib'] or 0) / 1024:.1f}"
+    per = r["rss_per_idle_conn_bytes"] if r["rss_per_idle_conn_bytes"] is not None else "–"
+    lines.append(
+        f"| {r['label']} | {r['delivered_per_sec']:.0f} | {ratio} | {fmt(r['p50_us'])} | {fmt(r['p99_us'])} | {p99} "
+        f"| {fmt(r['p999_us'])} | {r['setup_per_sec']:.0f} | {rss} | {per} |"
+    )
+for r in rows:
+    if r["mode"] == "floor":
+        lines.append(f"| floor: {r['label']} | {r['delivered_per_sec']:.0f} | 1.00 | {fmt(r['p50_us'])} | {fmt(r['p99_us'])} | 1.00 | {fmt(r['p999_us'])} | {r['setup_per_sec']:.0f} | {(r['rss_idle_kib'] or 0) / 1024:.1f} | {r['rss_per_idle_conn_bytes']} |")
+open(sys.argv[2], "w").write("\n".join(lines) + "\n")
+with open(sys.argv[2] + ".dat", "w") as d:
+    for r in rows:
+        if r["mode"] == "switchboard" and r["label"] in floor:
+            d.write(f"\"{r['label']}\" {r['delivered_per_sec']} {floor[r['label']]['delivered_per_sec']}\n")
+print("\n".join(lines))
+EOF
+
+if ! command -v gnuplot >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  apt-get install -y -qq gnuplot-nox >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq gnuplot-nox >/dev/null; }
+fi
+gnuplot <<EOF
+set terminal pngcairo size 900,450
+set output "$out/$runtime.png"
+set title "Delivered messages/s: switchboard ($runtime) vs raw fan-out floor"
+set style data histograms
+set style histogram clustered gap 1
+set style fill solid 0.8 border -1
+set ylabel "messages/s"
+set xtics rotate by -15
+set grid ytics
+plot "$out/$runtime.md.dat" using 2:xtic(1) title "switchboard", '' using 3 title "floor"
+EOF
+rm -f "$out/.server.out" "$out/$runtime.md.dat"
+echo "wrote $out/$runtime.md and $out/$runtime.png"
