@@ -79,7 +79,36 @@ for entry in "${scenarios[@]}"; do
   done
 done
 
-python3 - "$log" "$out/$runtime.md" "$runtime" <<'EOF'
+# postgres_changes with RLS: 100 subscribers in 10 claims groups on a throwaway Postgres.
+rls_line=""
+pgbin=$(pg_config --bindir 2>/dev/null || true)
+if [ -x "$pgbin/initdb" ]; then
+  pgdir=$(mktemp -d)
+  pgport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  as_pg=()
+  if [ "$(id -u)" = 0 ]; then chown postgres "$pgdir"; as_pg=(runuser -u postgres --); fi
+  "${as_pg[@]}" "$pgbin/initdb" -D "$pgdir/data" -A trust -U postgres > /dev/null
+  printf "wal_level = logical\nport = %s\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '%s'\nfsync = off\n" \
+    "$pgport" "$pgdir" >> "$pgdir/data/postgresql.conf"
+  "${as_pg[@]}" "$pgbin/pg_ctl" -D "$pgdir/data" -l "$pgdir/log" -w start > /dev/null
+  dburl="postgresql://postgres@127.0.0.1:$pgport/postgres"
+  "$pgbin/psql" -X -q -v ON_ERROR_STOP=1 "$dburl" -f tests/sql/supabase.sql
+  "$bin/switchboard" serve --runtime "$runtime" --bind 127.0.0.1:0 --jwt-secret "$secret" \
+    --database-url "$dburl" --max-concurrent-users 1000000 --max-joins-per-second 0 \
+    --max-events-per-second 0 --log-level error > "$out/.server.out" 2>&1 &
+  server=$!
+  for _ in $(seq 100); do
+    addr=$(sed -n 's#^switchboard listening on http://##p' "$out/.server.out"); [ -n "$addr" ] && break; sleep 0.1
+  done
+  rls_line=$("$bin/rls_load" --addr "$addr" --database-url "$dburl" --secret "$secret" \
+    --subscribers 100 --groups 10 --rate 500 --duration "$secs" | tail -n 1)
+  stop
+  "${as_pg[@]}" "$pgbin/pg_ctl" -D "$pgdir/data" -w stop > /dev/null
+  rm -rf "$pgdir"
+  echo "rls  $rls_line"
+fi
+
+python3 - "$log" "$out/$runtime.md" "$runtime" "$rls_line" <<'EOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 floor = {r["label"]: r for r in rows if r["mode"] == "floor"}
@@ -106,6 +135,15 @@ for r in rows:
 for r in rows:
     if r["mode"] == "floor":
         lines.append(f"| floor: {r['label']} | {r['delivered_per_sec']:.0f} | 1.00 | {fmt(r['p50_us'])} | {fmt(r['p99_us'])} | 1.00 | {fmt(r['p999_us'])} | {r['setup_per_sec']:.0f} | {(r['rss_idle_kib'] or 0) / 1024:.1f} | {r['rss_per_idle_conn_bytes']} |")
+if len(sys.argv) > 4 and sys.argv[4]:
+    r = json.loads(sys.argv[4])
+    lines += [
+        "",
+        f"postgres_changes with RLS: {r['subscribers']} subscribers in {r['claims_groups']} claims groups, "
+        f"{r['rows_per_sec']:.0f} rows/s inserted: {r['delivered_per_sec']:.0f} changes/s delivered "
+        f"({r['delivered']} of {r['expected']} expected), {r['visibility_queries']:.0f} visibility queries for "
+        f"{r['rows']} rows = {r['queries_per_change']:.3f} per change ({r['queries_per_change_per_group']:.4f} per change per claims group).",
+    ]
 open(sys.argv[2], "w").write("\n".join(lines) + "\n")
 with open(sys.argv[2] + ".dat", "w") as d:
     for r in rows:
