@@ -56,11 +56,11 @@ stop() { kill "$server" 2>/dev/null; wait "$server" 2>/dev/null || true; }
 
 # name | loadgen arguments
 scenarios=(
-  "1k fan-out 1→1000|--connections 1001 --rooms 1 --publishers 1 --rate 2000"
+  "1k fan-out 1→1000|--connections 1001 --rooms 1 --publishers 1 --rate 1000"
   "10k, 100 rooms × 100|--connections 10000 --rooms 100 --publishers 100 --rate 2000"
   "10k fan-out 1→10000|--connections 10000 --rooms 1 --publishers 1 --rate 200"
   "1k v1.0.0 fan-out 1→1000|--connections 1001 --rooms 1 --publishers 1 --rate 2000 --vsn v1"
-  "presence churn 1k|--connections 1000 --rooms 1 --publishers 1000 --rate 100 --presence"
+  "presence churn 1k|--connections 1000 --rooms 1 --publishers 500 --rate 50 --presence"
   "19k idle joined|--connections 19000 --rooms 190 --publishers 0 --rate 0 --connect-concurrency 512"
 )
 
