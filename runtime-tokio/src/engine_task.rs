@@ -2,8 +2,9 @@
 //! sleep until the next deadline.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant as StdInstant;
+use std::time::{Duration, Instant as StdInstant};
 
 use bytes::Bytes;
 use switchboard_engine::{
@@ -28,8 +29,24 @@ pub(crate) enum Outbound {
     Close(CloseFrame),
 }
 
-/// The verdict on an upgrade: the socket's queue, or an HTTP answer.
-pub(crate) type Upgrade = Result<mpsc::Receiver<Outbound>, (u16, Bytes)>;
+/// The connection task's end of a socket the engine accepted.
+pub(crate) struct SocketEnd {
+    /// Frames to write, in the engine's order; a close frame comes last.
+    pub(crate) queue: mpsc::Receiver<Outbound>,
+    /// Once the engine is done with the socket: the instant by which the connection task
+    /// must have dropped it, flushed or not. Dropped unsent only if the engine task ended.
+    pub(crate) deadline: oneshot::Receiver<tokio::time::Instant>,
+}
+
+/// The verdict on an upgrade: the socket's end, or an HTTP answer.
+pub(crate) type Upgrade = Result<SocketEnd, (u16, Bytes)>;
+
+/// Frames read from sockets and not yet handled. Readers wait when it is full, so a burst
+/// pushes back on the clients' TCP windows instead of growing memory.
+const FRAMES_QUEUED_MAX: usize = 4096;
+
+/// Inputs taken per wake-up before outputs are carried out and the timer re-armed.
+const BATCH_MAX: usize = 256;
 
 /// Membership and messages of the peer bus.
 #[derive(Debug)]
@@ -66,8 +83,12 @@ enum Event {
 /// Feeds the engine task. Cheap to clone.
 #[derive(Clone)]
 pub struct EngineHandle {
+    /// Upgrades, REST requests and inputs from subsystems: few, and never to be refused.
     events: mpsc::UnboundedSender<Event>,
-    next_conn: Arc<std::sync::atomic::AtomicU64>,
+    /// Frames and closes from socket readers, bounded; one channel keeps a socket's close
+    /// behind its last frame.
+    frames: mpsc::Sender<Input>,
+    next_conn: Arc<AtomicU64>,
 }
 
 impl EngineHandle {
@@ -78,11 +99,18 @@ impl EngineHandle {
 
     /// A fresh connection id: never reused, so a late output can never reach a stranger.
     pub(crate) fn next_conn(&self) -> ConnId {
-        ConnId(
-            self.next_conn
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                + 1,
-        )
+        ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    /// Hands a frame read from `conn` to the engine, waiting while the engine is behind.
+    /// False once the engine task has ended.
+    pub(crate) async fn frame(&self, conn: ConnId, msg: WsMessage) -> bool {
+        self.frames.send(Input::Frame { conn, msg }).await.is_ok()
+    }
+
+    /// Tells the engine `conn`'s socket is gone, after every frame read from it.
+    pub(crate) async fn closed(&self, conn: ConnId) {
+        let _ = self.frames.send(Input::Closed { conn }).await;
     }
 
     pub(crate) async fn connect(&self, conn: ConnId, params: ConnectParams) -> Upgrade {
@@ -113,8 +141,21 @@ impl EngineHandle {
     }
 
     /// Asks the engine to drain: channels are told, sockets closed.
-    pub(crate) async fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         self.input(Input::Shutdown);
+    }
+}
+
+/// The engine task's end of a socket.
+struct Socket {
+    queue: mpsc::Sender<Outbound>,
+    deadline: oneshot::Sender<tokio::time::Instant>,
+}
+
+impl Socket {
+    /// Lets the socket go: its connection task gets `grace` to flush what is queued.
+    fn release(self, grace: Duration) {
+        let _ = self.deadline.send(tokio::time::Instant::now() + grace);
     }
 }
 
@@ -122,7 +163,7 @@ struct Driver {
     engine: Engine,
     options: Options,
     metrics: Arc<Metrics>,
-    sockets: HashMap<ConnId, mpsc::Sender<Outbound>>,
+    sockets: HashMap<ConnId, Socket>,
     upgrades: HashMap<ConnId, oneshot::Sender<Upgrade>>,
     requests: HashMap<ReqId, oneshot::Sender<(u16, Bytes)>>,
     next_req: u64,
@@ -138,10 +179,12 @@ pub(crate) fn spawn(
     options: Options,
     metrics: Arc<Metrics>,
 ) -> (EngineHandle, tokio::task::JoinHandle<()>) {
-    let (events, receiver) = mpsc::unbounded_channel();
+    let (events, event_receiver) = mpsc::unbounded_channel();
+    let (frames, frame_receiver) = mpsc::channel(FRAMES_QUEUED_MAX);
     let engine = Engine::new(options.config.clone(), options.node, options.seed);
     let handle = EngineHandle {
         events,
+        frames,
         next_conn: Arc::default(),
     };
     let driver = Driver {
@@ -157,11 +200,18 @@ pub(crate) fn spawn(
         last_stats: Stats::default(),
         draining: false,
     };
-    (handle, tokio::spawn(driver.run(receiver)))
+    (
+        handle,
+        tokio::spawn(driver.run(event_receiver, frame_receiver)),
+    )
 }
 
 impl Driver {
-    async fn run(mut self, mut events: mpsc::UnboundedReceiver<Event>) {
+    async fn run(
+        mut self,
+        mut events: mpsc::UnboundedReceiver<Event>,
+        mut frames: mpsc::Receiver<Input>,
+    ) {
         let mut peers = self.options.peers.take();
         let sleep = tokio::time::sleep_until(far_future());
         tokio::pin!(sleep);
@@ -172,6 +222,7 @@ impl Driver {
                     Some(event) => event,
                     None => return,
                 },
+                Some(input) = frames.recv() => Event::Input(input),
                 Some(peer) = recv_peer(&mut peers) => Event::Input(match peer {
                     PeerEvent::Up(node) => Input::PeerUp(node),
                     PeerEvent::Down(node) => Input::PeerDown(node),
@@ -181,15 +232,21 @@ impl Driver {
             };
             self.step(event, peers.as_ref());
             // Take whatever else is ready before sleeping: one wake-up, many inputs.
-            for _ in 0..256 {
-                match events.try_recv() {
-                    Ok(event) => self.step(event, peers.as_ref()),
-                    Err(_) => break,
-                }
+            for _ in 0..BATCH_MAX {
+                let Some(event) = events
+                    .try_recv()
+                    .ok()
+                    .or_else(|| frames.try_recv().ok().map(Event::Input))
+                else {
+                    break;
+                };
+                self.step(event, peers.as_ref());
             }
             if self.draining {
-                // Closing every queue lets writers flush their close frames and end.
-                self.sockets.clear();
+                // The engine closed every connection; any socket left gets the same grace.
+                for (_, socket) in self.sockets.drain() {
+                    socket.release(self.options.drain_timeout);
+                }
                 return;
             }
             let deadline = self
@@ -218,7 +275,10 @@ impl Driver {
             }
             Event::Input(input) => {
                 if let Input::Closed { conn } = &input {
-                    self.sockets.remove(conn);
+                    // Let the writer flush tungstenite's reply to the client's close frame.
+                    if let Some(socket) = self.sockets.remove(conn) {
+                        socket.release(self.options.drain_timeout);
+                    }
                 }
                 if matches!(input, Input::Shutdown) {
                     self.draining = true;
@@ -256,10 +316,13 @@ impl Driver {
             Output::Send { to, msg } => {
                 let message = to_message(msg);
                 for conn in to.iter() {
-                    let Some(queue) = self.sockets.get(&conn) else {
+                    let Some(socket) = self.sockets.get(&conn) else {
                         continue;
                     };
-                    if queue.try_send(Outbound::Frame(message.clone())).is_err()
+                    if socket
+                        .queue
+                        .try_send(Outbound::Frame(message.clone()))
+                        .is_err()
                         && !self.lagging.contains(&conn)
                     {
                         self.lagging.push(conn);
@@ -267,23 +330,35 @@ impl Driver {
                 }
             }
             Output::Close { conn, code, reason } => {
-                if let Some(queue) = self.sockets.remove(&conn) {
-                    let frame = CloseFrame {
-                        code: CloseCode::from(code),
-                        reason: Utf8Bytes::from_static(reason),
-                    };
-                    // A full queue is dropped: the writer sees it closed and ends the socket.
-                    let _ = queue.try_send(Outbound::Close(frame));
-                }
+                let Some(socket) = self.sockets.remove(&conn) else {
+                    return;
+                };
+                let frame = CloseFrame {
+                    code: CloseCode::from(code),
+                    reason: Utf8Bytes::from_static(reason),
+                };
+                // Queued behind what the socket already has, so a close never overtakes a
+                // send. A full queue means the client stopped reading: waiting for it would
+                // hold the socket for as long as the client likes, so it is dropped at once.
+                let grace = match socket.queue.try_send(Outbound::Close(frame)) {
+                    Ok(()) => self.options.drain_timeout,
+                    Err(_) => Duration::ZERO,
+                };
+                socket.release(grace);
             }
             Output::Accept { conn } => {
-                let (queue, receiver) = mpsc::channel(self.options.send_queue.max(1));
+                let (queue, queue_end) = mpsc::channel(self.options.send_queue.max(1));
+                let (deadline, deadline_end) = oneshot::channel();
+                let end = SocketEnd {
+                    queue: queue_end,
+                    deadline: deadline_end,
+                };
                 let delivered = self
                     .upgrades
                     .remove(&conn)
-                    .is_some_and(|reply| reply.send(Ok(receiver)).is_ok());
+                    .is_some_and(|reply| reply.send(Ok(end)).is_ok());
                 if delivered {
-                    self.sockets.insert(conn, queue);
+                    self.sockets.insert(conn, Socket { queue, deadline });
                 } else {
                     // The client went away while the engine decided.
                     self.gone.push(conn);

@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -12,14 +13,15 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use percent_encoding::percent_decode_str;
 use switchboard_engine::rest::{RestAuth, RestRequest};
 use switchboard_engine::ConnectParams;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
-use tracing::{debug, warn};
+use tokio_util::task::TaskTracker;
+use tracing::{debug, debug_span, warn, Instrument};
 
 use crate::engine_task::EngineHandle;
 use crate::listener::Listener;
@@ -31,23 +33,26 @@ const BODY_BYTES_MAX: usize = 5_000_000;
 
 type Body = Full<Bytes>;
 
+/// What every request handler shares.
 #[derive(Clone)]
-struct State {
-    engine: EngineHandle,
-    metrics: Arc<Metrics>,
+pub(crate) struct State {
+    pub(crate) engine: EngineHandle,
+    pub(crate) metrics: Arc<Metrics>,
+    /// WebSocket tasks, so shutdown can wait for their close frames.
+    pub(crate) sockets: TaskTracker,
 }
 
 /// Accepts connections until `shutdown` completes; each is served on its own task.
 pub(crate) async fn accept_loop<L: Listener>(
     listener: L,
-    engine: EngineHandle,
-    metrics: Arc<Metrics>,
+    state: State,
     shutdown: impl Future<Output = ()>,
 ) {
-    let state = State { engine, metrics };
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
+            // Shutdown first, so a stream of new connections cannot delay it.
+            biased;
             () = &mut shutdown => return,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -61,8 +66,11 @@ pub(crate) async fn accept_loop<L: Listener>(
         };
         let state = state.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |request| route(request, state.clone()));
+            let service = service_fn(move |request| route(request, state.clone(), peer));
+            // With a timer hyper enforces its 30 s limit on reading request headers, so a
+            // client trickling bytes cannot hold a task forever.
             let served = http1::Builder::new()
+                .timer(TokioTimer::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             if let Err(e) = served.await {
@@ -89,12 +97,16 @@ fn json(status: u16, body: Bytes) -> Response<Body> {
     respond(status, content_type, body)
 }
 
-async fn route(request: Request<Incoming>, state: State) -> Result<Response<Body>, Infallible> {
+async fn route(
+    request: Request<Incoming>,
+    state: State,
+    peer: SocketAddr,
+) -> Result<Response<Body>, Infallible> {
     let path = request.uri().path().trim_end_matches('/').to_owned();
     let method = request.method().clone();
     let response = match (&method, path.as_str()) {
         (&Method::GET, "/realtime/v1/websocket" | "/socket/websocket") => {
-            upgrade(request, state).await
+            upgrade(request, state, peer).await
         }
         (&Method::GET, "/healthz" | "/api/health" | "/realtime/v1/api/health") => {
             json(200, Bytes::from_static(br#"{"status":"ok"}"#))
@@ -206,7 +218,7 @@ async fn rest(request: Request<Incoming>, target: RestTarget, state: State) -> R
     json(status, body)
 }
 
-async fn upgrade(mut request: Request<Incoming>, state: State) -> Response<Body> {
+async fn upgrade(mut request: Request<Incoming>, state: State, peer: SocketAddr) -> Response<Body> {
     let headers = request.headers();
     let is_upgrade = headers
         .get(header::UPGRADE)
@@ -228,29 +240,37 @@ async fn upgrade(mut request: Request<Incoming>, state: State) -> Response<Body>
         x_api_key: header(request.headers(), "x-api-key"),
     };
     let conn = state.engine.next_conn();
-    let queue = match state.engine.connect(conn, params).await {
-        Ok(queue) => queue,
+    let end = match state.engine.connect(conn, params).await {
+        Ok(end) => end,
         Err((status, body)) => return json(status, body),
     };
     let on_upgrade = hyper::upgrade::on(&mut request);
-    let (engine, metrics) = (state.engine.clone(), state.metrics.clone());
-    tokio::spawn(async move {
+    let State {
+        engine,
+        metrics,
+        sockets,
+    } = state;
+    let socket = async move {
         match on_upgrade.await {
             Ok(upgraded) => {
+                debug!("socket open");
                 let stream = WebSocketStream::from_raw_socket(
                     TokioIo::new(upgraded),
                     Role::Server,
                     Some(ws::config()),
                 )
                 .await;
-                ws::run(stream, conn, queue, engine, metrics).await;
+                metrics.sockets.inc();
+                ws::run(stream, conn, end, engine, metrics.clone()).await;
+                metrics.sockets.dec();
             }
             Err(e) => {
-                debug!(conn = conn.0, error = %e, "upgrade failed");
-                engine.input(switchboard_engine::Input::Closed { conn });
+                debug!(error = %e, "upgrade failed");
+                engine.closed(conn).await;
             }
         }
-    });
+    };
+    sockets.spawn(socket.instrument(debug_span!("socket", conn = conn.0, %peer)));
     let mut response = respond(101, None, Bytes::new());
     let headers = response.headers_mut();
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));

@@ -26,6 +26,8 @@ use std::time::Duration;
 
 use switchboard_engine::{Config, NodeId, Output};
 use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+use tracing::info;
 
 /// Everything [`serve`] needs besides its listener.
 pub struct Options {
@@ -44,7 +46,8 @@ pub struct Options {
     /// Receives the database outputs (visibility queries, WAL progress) when a database
     /// is configured.
     pub database: Option<mpsc::UnboundedSender<Output>>,
-    /// How long shutdown waits for sockets to flush their close frames.
+    /// How long a socket the engine closed may take to flush what is queued and its close
+    /// frame before it is dropped; shutdown waits at most this long.
     pub drain_timeout: Duration,
 }
 
@@ -85,6 +88,7 @@ impl Server {
                 handle,
                 task,
                 drain_timeout,
+                sockets: TaskTracker::new(),
             },
         )
     }
@@ -105,6 +109,7 @@ pub struct ServerTask {
     handle: EngineHandle,
     task: tokio::task::JoinHandle<()>,
     drain_timeout: Duration,
+    sockets: TaskTracker,
 }
 
 impl ServerTask {
@@ -116,9 +121,27 @@ impl ServerTask {
         metrics: Arc<Metrics>,
         shutdown: impl Future<Output = ()>,
     ) {
-        http::accept_loop(listener, self.handle.clone(), metrics, shutdown).await;
-        self.handle.shutdown().await;
-        let _ = tokio::time::timeout(self.drain_timeout, self.task).await;
+        let state = http::State {
+            engine: self.handle.clone(),
+            metrics,
+            sockets: self.sockets.clone(),
+        };
+        http::accept_loop(listener, state, shutdown).await;
+        self.handle.shutdown();
+        self.sockets.close();
+        let drained = async {
+            let _ = self.task.await;
+            self.sockets.wait().await;
+        };
+        if tokio::time::timeout(self.drain_timeout, drained)
+            .await
+            .is_err()
+        {
+            info!(
+                sockets = self.sockets.len(),
+                "drain timeout: dropping sockets still flushing"
+            );
+        }
     }
 }
 

@@ -14,6 +14,9 @@ use switchboard_engine::Stats;
 pub struct Metrics {
     registry: Registry,
     connections: Gauge,
+    /// WebSocket tasks the runtime holds, closing ones included: above `connections` while
+    /// sockets the engine closed still flush.
+    pub(crate) sockets: Gauge,
     channels: Gauge,
     messages_in: Counter,
     messages_out: Counter,
@@ -37,6 +40,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("switchboard");
         let metrics = Metrics {
             connections: Gauge::default(),
+            sockets: Gauge::default(),
             channels: Gauge::default(),
             messages_in: Counter::default(),
             messages_out: Counter::default(),
@@ -54,6 +58,11 @@ impl Metrics {
             "connections",
             "Open WebSocket connections",
             metrics.connections.clone(),
+        );
+        registry.register(
+            "sockets",
+            "WebSocket sockets held by the runtime, closing ones included",
+            metrics.sockets.clone(),
         );
         registry.register("channels", "Joined channels", metrics.channels.clone());
         registry.register(

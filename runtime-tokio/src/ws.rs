@@ -1,14 +1,22 @@
 //! One WebSocket connection: a reader feeding the engine and a writer draining the
 //! connection's bounded queue.
 //!
+//! Whenever the engine lets a socket go (it closed it, or heard it closed) it also sets a
+//! deadline: what is queued and the close frame may flush until then, and the socket is
+//! dropped at the deadline whatever the client does. A client that stops reading therefore
+//! cannot hold a socket, a task and its queue after the engine closed it.
+//!
 //! tokio-tungstenite, not fastwebsockets: both are maintained and fast, but tungstenite's
 //! `WebSocketConfig` sizes the read and write buffers per connection (its defaults cost
 //! about 130 KB per idle socket; we use a few KB), and its `Sink` separates `feed` from
 //! `flush`, so every frame already queued for a socket goes out in one write instead of one
 //! syscall per frame. fastwebsockets writes each frame as it is given.
 
+use std::sync::Arc;
+
+use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
-use switchboard_engine::{ConnId, Input, WsMessage};
+use switchboard_engine::{ConnId, WsMessage};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -16,13 +24,14 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tracing::debug;
 
-use crate::engine_task::{EngineHandle, Outbound};
+use crate::engine_task::{EngineHandle, Outbound, SocketEnd};
 use crate::metrics::Metrics;
 
 /// Largest frame and message accepted (upstream's limit, PROTOCOL.md §1.1).
 const FRAME_BYTES_MAX: usize = 5_000_000;
 
-/// Buffers sized for many mostly idle sockets.
+/// Buffers sized for many mostly idle sockets. Writes leave the buffer once it passes
+/// `write_buffer_size` or on the writer's explicit flush, whichever comes first.
 pub(crate) fn config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(4 * 1024)
@@ -32,66 +41,130 @@ pub(crate) fn config() -> WebSocketConfig {
         .max_frame_size(Some(FRAME_BYTES_MAX))
 }
 
-/// Runs a connection until either side ends it; the engine always hears `Closed`.
+/// Runs a connection until both sides are done with it or the engine's deadline for it
+/// passes; the engine always hears `Closed`, after the last frame read.
 pub(crate) async fn run<S>(
     stream: WebSocketStream<S>,
     conn: ConnId,
-    mut queue: mpsc::Receiver<Outbound>,
+    end: SocketEnd,
     engine: EngineHandle,
-    metrics: std::sync::Arc<Metrics>,
+    metrics: Arc<Metrics>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sink, mut source) = stream.split();
-    let writer = tokio::spawn(async move {
-        while let Some(first) = queue.recv().await {
-            let mut next = Some(first);
-            let mut bytes = 0u64;
-            // Everything already queued goes out in one flush.
-            while let Some(outbound) = next.take() {
-                match outbound {
-                    Outbound::Frame(message) => {
-                        bytes += message.len() as u64;
-                        if sink.feed(message).await.is_err() {
-                            return;
+    let SocketEnd {
+        queue,
+        mut deadline,
+    } = end;
+    let (sink, mut source) = stream.split();
+    let mut writer = tokio::spawn(write(sink, queue, metrics));
+    let abandon = tokio::time::sleep(std::time::Duration::MAX);
+    tokio::pin!(abandon);
+    let (mut reading, mut writing, mut released) = (true, true, false);
+    // Stop reading the client once its close (or a broken socket) is seen or nobody
+    // handles its frames; stop when the writer is done too.
+    loop {
+        tokio::select! {
+            // Biased: the simulator cannot seed tokio's choice among ready branches, and a
+            // client that never stops sending must not starve its deadline.
+            biased;
+            () = &mut abandon => {
+                debug!(conn = conn.0, "close deadline passed, dropping the socket");
+                break;
+            }
+            at = &mut deadline, if !released => {
+                released = true;
+                // Unsent means the engine task is gone: nobody will write to this socket.
+                abandon.as_mut().reset(at.unwrap_or_else(|_| tokio::time::Instant::now()));
+            }
+            ended = &mut writer, if writing => {
+                writing = false;
+                // After our close frame, wait for the client's (within the deadline); a
+                // socket that broke while writing has nothing more to say.
+                if !reading || !matches!(ended, Ok(Ended::CloseSent)) {
+                    break;
+                }
+            }
+            received = source.next(), if reading => {
+                let msg = match received {
+                    Some(Ok(Message::Text(text))) => WsMessage::Text(text.into()),
+                    Some(Ok(Message::Binary(data))) => WsMessage::Binary(data),
+                    // Pings are answered and pongs noted by tungstenite.
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                    Some(Ok(Message::Close(_)) | Err(_)) | None => {
+                        reading = false;
+                        engine.closed(conn).await;
+                        if !writing {
+                            break;
                         }
+                        continue;
                     }
-                    Outbound::Close(frame) => {
-                        let _ = sink.send(Message::Close(Some(frame))).await;
-                        let _ = sink.close().await;
-                        return;
+                };
+                if !engine.frame(conn, msg).await {
+                    // The engine has stopped (shutdown): the writer may still owe a close.
+                    reading = false;
+                    if !writing {
+                        break;
                     }
                 }
-                next = queue.try_recv().ok();
             }
-            if sink.flush().await.is_err() {
-                return;
-            }
-            metrics.bytes_out.inc_by(bytes);
         }
-        // The engine dropped the queue (shutdown after a close, or never): end the socket.
-        let _ = sink.close().await;
-    });
-    let mut writer = writer;
-    loop {
-        let received = tokio::select! {
-            received = source.next() => received,
-            // The server closed the socket: nothing more will be read.
-            _ = &mut writer => {
-                engine.input(Input::Closed { conn });
-                return;
-            }
-        };
-        let msg = match received {
-            Some(Ok(Message::Text(text))) => WsMessage::Text(text.into()),
-            Some(Ok(Message::Binary(data))) => WsMessage::Binary(data),
-            Some(Ok(Message::Close(_)) | Err(_)) | None => break,
-            Some(Ok(_)) => continue,
-        };
-        engine.input(Input::Frame { conn, msg });
+    }
+    // Ends a writer stuck on a client that does not read; the socket drops with both halves.
+    writer.abort();
+    if reading {
+        engine.closed(conn).await;
     }
     debug!(conn = conn.0, "socket ended");
-    engine.input(Input::Closed { conn });
-    // Let the writer flush what is queued before the socket drops, within reason.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), writer).await;
+}
+
+/// Why a writer stopped.
+enum Ended {
+    /// The engine's close frame went out; the client's reply is due.
+    CloseSent,
+    /// The engine let the socket go without a close frame: the client closed first.
+    Released,
+    /// Writing failed: the socket is broken.
+    Broken,
+}
+
+/// Writes queued frames, feeding everything already queued before one flush: one syscall
+/// for a burst instead of one per frame.
+async fn write<S>(
+    mut sink: SplitSink<WebSocketStream<S>, Message>,
+    mut queue: mpsc::Receiver<Outbound>,
+    metrics: Arc<Metrics>,
+) -> Ended
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    while let Some(first) = queue.recv().await {
+        let mut next = Some(first);
+        let mut bytes = 0u64;
+        while let Some(outbound) = next.take() {
+            match outbound {
+                Outbound::Frame(message) => {
+                    bytes += message.len() as u64;
+                    if sink.feed(message).await.is_err() {
+                        return Ended::Broken;
+                    }
+                }
+                Outbound::Close(frame) => {
+                    if sink.send(Message::Close(Some(frame))).await.is_err() {
+                        return Ended::Broken;
+                    }
+                    metrics.bytes_out.inc_by(bytes);
+                    return Ended::CloseSent;
+                }
+            }
+            next = queue.try_recv().ok();
+        }
+        if sink.flush().await.is_err() {
+            return Ended::Broken;
+        }
+        metrics.bytes_out.inc_by(bytes);
+    }
+    // Flushes tungstenite's reply to the client's close frame.
+    let _ = sink.close().await;
+    Ended::Released
 }
