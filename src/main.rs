@@ -2,10 +2,12 @@
 //!
 //! `switchboard serve` starts it; every option also reads an environment variable.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use clap::builder::RangedU64ValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use switchboard_engine::{auth, Config};
 use switchboard_tokio::postgres::{self, PostgresConfig};
@@ -28,10 +30,11 @@ enum Command {
     Serve(Serve),
 }
 
-/// Which runtime drives the engine.
+/// Which runtime drives the engine. Only tokio exists so far; the thread-per-core glommio
+/// runtime arrives with its own issue, as a second variant here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Runtime {
-    /// tokio: a work-stealing pool, one engine.
+    /// A work-stealing thread pool driving one engine.
     Tokio,
 }
 
@@ -75,53 +78,95 @@ struct Serve {
     )]
     log_level: String,
     /// Frames queued per socket before the client is closed as a slow consumer.
-    #[arg(long, env = "SWITCHBOARD_SEND_QUEUE", default_value_t = 1024)]
+    #[arg(
+        long,
+        env = "SWITCHBOARD_SEND_QUEUE",
+        default_value_t = 1024,
+        value_parser = RangedU64ValueParser::<usize>::new().range(1..)
+    )]
     send_queue: usize,
     /// Sockets with at least one channel.
-    #[arg(long, env = "SWITCHBOARD_MAX_CONCURRENT_USERS", default_value_t = 200)]
+    #[arg(long, env = "SWITCHBOARD_MAX_CONCURRENT_USERS", default_value_t = Config::default().concurrent_users_max)]
     max_concurrent_users: usize,
     /// Channels per socket.
     #[arg(
         long,
         env = "SWITCHBOARD_MAX_CHANNELS_PER_CLIENT",
-        default_value_t = 100
+        default_value_t = Config::default().channels_per_client_max
     )]
     max_channels_per_client: usize,
-    /// Joins per second, averaged over a minute (0: unlimited).
-    #[arg(long, env = "SWITCHBOARD_MAX_JOINS_PER_SECOND", default_value_t = 100)]
+    /// Joins per second, averaged over --rate-window-secs (0: unlimited).
+    #[arg(long, env = "SWITCHBOARD_MAX_JOINS_PER_SECOND", default_value_t = Config::default().joins_per_sec_max)]
     max_joins_per_second: u32,
-    /// Events per second, averaged over a minute (0: unlimited).
-    #[arg(long, env = "SWITCHBOARD_MAX_EVENTS_PER_SECOND", default_value_t = 100)]
+    /// Events per second, averaged over --rate-window-secs (0: unlimited).
+    #[arg(long, env = "SWITCHBOARD_MAX_EVENTS_PER_SECOND", default_value_t = Config::default().events_per_sec_max)]
     max_events_per_second: u32,
-    /// Presence events per second, averaged over a minute (0: unlimited).
+    /// Presence events per second, averaged over --rate-window-secs (0: unlimited).
     #[arg(
         long,
         env = "SWITCHBOARD_MAX_PRESENCE_EVENTS_PER_SECOND",
-        default_value_t = 1000
+        default_value_t = Config::default().presence_events_per_sec_max
     )]
     max_presence_events_per_second: u32,
     /// Largest payload, in kilobytes.
-    #[arg(long, env = "SWITCHBOARD_MAX_PAYLOAD_SIZE_KB", default_value_t = 3000)]
+    #[arg(long, env = "SWITCHBOARD_MAX_PAYLOAD_SIZE_KB", default_value_t = Config::default().payload_kb_max)]
     max_payload_size_kb: u64,
     /// Delay before a join error reply.
     #[arg(
         long,
         env = "SWITCHBOARD_JOIN_ERROR_BACKOFF_MS",
-        default_value_t = 5000
+        default_value_t = Config::default().join_error_backoff_ms
     )]
     join_error_backoff_ms: u64,
     /// Delay before a refused upgrade is answered.
     #[arg(
         long,
         env = "SWITCHBOARD_CONNECT_ERROR_BACKOFF_MS",
-        default_value_t = 2000
+        default_value_t = Config::default().connect_error_backoff_ms
     )]
     connect_error_backoff_ms: u64,
+    /// A socket without any channel for this long is closed.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_NO_CHANNEL_TIMEOUT_MS",
+        default_value_t = Config::default().no_channel_timeout_ms
+    )]
+    no_channel_timeout_ms: u64,
+    /// Presence pushes one channel may make per --client-presence-window-ms.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_CLIENT_PRESENCE_MAX_CALLS",
+        default_value_t = Config::default().client_presence_calls_max
+    )]
+    client_presence_max_calls: u32,
+    /// The window for --client-presence-max-calls.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_CLIENT_PRESENCE_WINDOW_MS",
+        default_value_t = Config::default().client_presence_window_ms
+    )]
+    client_presence_window_ms: u64,
+    /// The window rate limits average over: bursts within it are allowed.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_RATE_WINDOW_SECS",
+        default_value_t = Config::default().rate_window_secs,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    rate_window_secs: u64,
+    /// How often presence heartbeats go to peer replicas.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_PRESENCE_BROADCAST_MS",
+        default_value_t = Config::default().presence_broadcast_ms,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    presence_broadcast_ms: u64,
     /// A socket that sends nothing for this long is closed.
     #[arg(
         long,
         env = "SWITCHBOARD_HEARTBEAT_TIMEOUT_MS",
-        default_value_t = 60_000
+        default_value_t = Config::default().heartbeat_timeout_ms
     )]
     heartbeat_timeout_ms: u64,
     /// Send presence_state on every join.
@@ -150,17 +195,17 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// A development secret: 40 characters from the OS's random source.
+/// A development secret: 40 characters, 240 bits from the OS's random source.
 fn random_secret() -> anyhow::Result<String> {
-    let mut bytes = [0u8; 30];
+    // 64 symbols, so six bits of each byte pick one without bias.
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut bytes = [0u8; 40];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
         .context("reading /dev/urandom")?;
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
     Ok(bytes
         .iter()
-        .chain(&bytes[..10])
-        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+        .map(|b| ALPHABET[usize::from(b & 63)] as char)
         .collect())
 }
 
@@ -190,9 +235,17 @@ async fn run(serve: Serve) -> anyhow::Result<()> {
         println!("  service_role key:  {}", key("service_role"));
         println!("  createClient URL:  http://{addr}");
     }
+    // Every field is set; the update supplies `planted_bug` when a workspace build (the
+    // simulator's) unifies the engine's `planted-bugs` feature into this binary.
+    #[allow(clippy::needless_update)]
     let config = Config {
         jwt_secret,
         heartbeat_timeout_ms: serve.heartbeat_timeout_ms,
+        no_channel_timeout_ms: serve.no_channel_timeout_ms,
+        client_presence_calls_max: serve.client_presence_max_calls,
+        client_presence_window_ms: serve.client_presence_window_ms,
+        rate_window_secs: serve.rate_window_secs,
+        presence_broadcast_ms: serve.presence_broadcast_ms,
         join_error_backoff_ms: serve.join_error_backoff_ms,
         connect_error_backoff_ms: serve.connect_error_backoff_ms,
         concurrent_users_max: serve.max_concurrent_users,
@@ -229,7 +282,9 @@ async fn run(serve: Serve) -> anyhow::Result<()> {
         );
         postgres::start(config, move |input| engine.input(input), outputs)
     });
+    // Tests and scripts wait for this line; stdout may be a pipe, so flush it now.
     println!("switchboard listening on http://{addr}");
+    std::io::stdout().flush().context("writing to stdout")?;
     info!(%addr, runtime = ?serve.runtime, "listening");
     task.run(listener, server.metrics(), shutdown_signal())
         .await;
