@@ -184,3 +184,14 @@ pub async fn http(
         .expect("status");
     (status, head, response[split + 4..].to_vec())
 }
+
+/// The value of an unlabelled metric on `/metrics`, as exported.
+pub async fn metric(server: &Server, name: &str) -> String {
+    let (status, _, body) = http(&server.addr, "GET", "/metrics", &[], b"").await;
+    assert_eq!(status, 200);
+    let body = String::from_utf8(body).expect("metrics are UTF-8");
+    body.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{name} in {body}"))
+        .to_owned()
+}
