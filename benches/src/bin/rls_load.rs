@@ -56,6 +56,36 @@ fn user(group: usize) -> String {
     format!("00000000-0000-0000-0000-{group:012}")
 }
 
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Connects with `token` and subscribes `realtime:<sub>` to the bench table's inserts;
+/// returns once Postgres changes are live, or the error the server sent.
+async fn subscribe(addr: &str, token: &str, sub: &str) -> Result<Ws, String> {
+    let url = format!("ws://{addr}/realtime/v1/websocket?apikey={token}&vsn=2.0.0");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .map_err(|e| e.to_string())?;
+    let binding = json!({"event": "INSERT", "schema": "public", "table": "bench_rls"});
+    let join = json!(["1", "1", format!("realtime:{sub}"), "phx_join",
+        {"config": {"postgres_changes": [binding]}, "access_token": token}]);
+    ws.send(Message::Text(join.to_string().into()))
+        .await
+        .map_err(|e| e.to_string())?;
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) if text.contains("Subscribed to PostgreSQL") => {
+                return Ok(ws)
+            }
+            Some(Ok(Message::Text(text))) if text.contains("\"error\"") => {
+                return Err(text.to_string())
+            }
+            Some(Ok(_)) => {}
+            other => return Err(format!("socket ended while subscribing: {other:?}")),
+        }
+    }
+}
+
 /// The value of a counter in switchboard's /metrics.
 async fn metric(addr: &str, name: &str) -> f64 {
     let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
@@ -78,14 +108,30 @@ async fn main() {
         .expect("database reachable");
     tokio::spawn(connection);
     db.batch_execute(SETUP).await.expect("bench schema");
-    // A first row makes the WAL reader announce the table before anyone subscribes.
-    db.batch_execute(&format!(
-        "insert into bench_rls(owner) values ('{}'); delete from bench_rls;",
-        user(0)
-    ))
-    .await
-    .expect("warm-up row");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Wait until switchboard knows the new table: a row makes the WAL reader announce it
+    // (once its slot exists), and a probe subscription tells when that happened.
+    let probe_claims = json!({"role": "service_role", "exp": 4_000_000_000u64});
+    let probe_token = auth::sign(&args.secret, &probe_claims);
+    let mut known = false;
+    for attempt in 0..30 {
+        let warm_up = format!(
+            "insert into bench_rls(owner) values ('{}'); delete from bench_rls;",
+            user(0)
+        );
+        db.batch_execute(&warm_up).await.expect("warm-up row");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if subscribe(&args.addr, &probe_token, &format!("probe-{attempt}"))
+            .await
+            .is_ok()
+        {
+            known = true;
+            break;
+        }
+    }
+    assert!(
+        known,
+        "switchboard never saw the bench table in the publication"
+    );
 
     let delivered = Arc::new(AtomicU64::new(0));
     let mut readers = Vec::new();
@@ -93,30 +139,9 @@ async fn main() {
         let group = i % args.groups;
         let claims = json!({"role": "authenticated", "sub": user(group), "exp": 4_000_000_000u64});
         let token = auth::sign(&args.secret, &claims);
-        let url = format!(
-            "ws://{}/realtime/v1/websocket?apikey={token}&vsn=2.0.0",
-            args.addr
-        );
-        let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        let mut ws = subscribe(&args.addr, &token, &format!("rls-{i}"))
             .await
-            .expect("upgrade");
-        let binding = json!({"event": "INSERT", "schema": "public", "table": "bench_rls"});
-        let join = json!(["1", "1", format!("realtime:rls-{i}"), "phx_join",
-            {"config": {"postgres_changes": [binding]}, "access_token": token}]);
-        ws.send(Message::Text(join.to_string().into()))
-            .await
-            .expect("join");
-        // Wait for "Subscribed to PostgreSQL".
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Text(text))) if text.contains("Subscribed to PostgreSQL") => break,
-                Some(Ok(Message::Text(text))) if text.contains("\"error\"") => {
-                    panic!("subscription failed: {text}")
-                }
-                Some(Ok(_)) => {}
-                other => panic!("socket ended while subscribing: {other:?}"),
-            }
-        }
+            .expect("subscription");
         let delivered = delivered.clone();
         readers.push(tokio::spawn(async move {
             while let Some(Ok(msg)) = ws.next().await {
