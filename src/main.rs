@@ -261,6 +261,13 @@ async fn run(serve: Serve) -> anyhow::Result<()> {
     };
     let mut options = Options::new(config);
     options.send_queue = serve.send_queue;
+    // Presence keys and refs come from the engine's RNG: a fresh seed per start, so a
+    // restarted server never hands out refs that reconnecting clients still hold.
+    let mut seed = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed))
+        .context("reading /dev/urandom")?;
+    options.seed = u64::from_le_bytes(seed);
     let database = serve.database_url.map(|url| {
         let (outputs, receiver) = tokio::sync::mpsc::unbounded_channel();
         options.database = Some(outputs);
