@@ -319,12 +319,14 @@ impl Driver {
                     let Some(socket) = self.sockets.get(&conn) else {
                         continue;
                     };
-                    if socket
-                        .queue
-                        .try_send(Outbound::Frame(message.clone()))
-                        .is_err()
-                        && !self.lagging.contains(&conn)
-                    {
+                    // The queue's last slot is the close frame's: a slow consumer that
+                    // still reads gets every queued frame, then learns why it was dropped.
+                    let full = socket.queue.capacity() <= 1
+                        || socket
+                            .queue
+                            .try_send(Outbound::Frame(message.clone()))
+                            .is_err();
+                    if full && !self.lagging.contains(&conn) {
                         self.lagging.push(conn);
                     }
                 }
@@ -338,16 +340,14 @@ impl Driver {
                     reason: Utf8Bytes::from_static(reason),
                 };
                 // Queued behind what the socket already has, so a close never overtakes a
-                // send. A full queue means the client stopped reading: waiting for it would
-                // hold the socket for as long as the client likes, so it is dropped at once.
-                let grace = match socket.queue.try_send(Outbound::Close(frame)) {
-                    Ok(()) => self.options.drain_timeout,
-                    Err(_) => Duration::ZERO,
-                };
-                socket.release(grace);
+                // send; the slot kept for it means it always fits. A client that does not
+                // read it within the grace loses the socket anyway.
+                let _ = socket.queue.try_send(Outbound::Close(frame));
+                socket.release(self.options.drain_timeout);
             }
             Output::Accept { conn } => {
-                let (queue, queue_end) = mpsc::channel(self.options.send_queue.max(1));
+                // One slot more than the frames: the close frame's.
+                let (queue, queue_end) = mpsc::channel(self.options.send_queue.max(1) + 1);
                 let (deadline, deadline_end) = oneshot::channel();
                 let end = SocketEnd {
                     queue: queue_end,
