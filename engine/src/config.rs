@@ -61,6 +61,10 @@ pub enum PlantedBug {
     KeepPresenceOnClose,
     /// Rows RLS hides are delivered anyway.
     IgnoreRlsVerdicts,
+    /// A slow consumer is kept: the frames its full queue refused are silently lost.
+    KeepSlowConsumers,
+    /// Silent sockets are never timed out, so a vanished client's presence stays.
+    IgnoreHeartbeatTimeout,
 }
 
 impl Config {

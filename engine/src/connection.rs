@@ -240,6 +240,10 @@ impl Engine {
     }
 
     pub(crate) fn lagging(&mut self, conn: ConnId) {
+        #[cfg(feature = "planted-bugs")]
+        if self.planted(crate::PlantedBug::KeepSlowConsumers) {
+            return;
+        }
         // Growing the queue without bound would let one slow reader exhaust memory.
         self.close(conn, 1008, "slow consumer: send queue full");
     }
@@ -253,6 +257,10 @@ impl Engine {
                         continue;
                     };
                     let deadline = c.last_seen.plus_ms(self.config.heartbeat_timeout_ms);
+                    #[cfg(feature = "planted-bugs")]
+                    if self.planted(crate::PlantedBug::IgnoreHeartbeatTimeout) {
+                        continue;
+                    }
                     if deadline <= now {
                         self.close(conn, 1000, "heartbeat timeout");
                     } else {
