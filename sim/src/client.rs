@@ -1,7 +1,13 @@
 //! A simulated client speaking the real wire protocol (vsn 1.0.0 or 2.0.0 with binary
 //! broadcast frames) over turmoil's TCP: joins and leaves rooms, broadcasts with acks,
-//! tracks presence, sends malformed frames, and keeps a presence view the way the
-//! Phoenix JS client does.
+//! tracks presence, refreshes tokens, sends malformed frames, and keeps a presence view the
+//! way the Phoenix JS client does.
+//!
+//! Like realtime-js it reconnects: when its process is killed and restarts, when the server
+//! closes or breaks its socket, and when a heartbeat goes unanswered until the next one is
+//! due. A new connection (a new [`Who`]) rejoins the rooms the client was in and tracks its
+//! last presence again, as applications do on `SUBSCRIBED`. It can also stall: read and
+//! send nothing for a while, as a frozen tab does, which makes it a slow consumer.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -17,24 +23,41 @@ use switchboard_engine::protocol::{
 use switchboard_engine::Encoding;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::oracle::{Event, Ms, Oracle};
+use crate::oracle::{Ending, Event, Ms, Oracle, Who};
 
 /// Rooms clients use.
 pub const ROOMS: [&str; 2] = ["room0", "room1"];
+
+/// How often a client sends a heartbeat; one unanswered until the next is a timeout
+/// (realtime-js's rule, on a shorter period to fit the simulation).
+pub const HEARTBEAT_MS: Ms = 1_500;
+
+/// A connection attempt (TCP and upgrade) gives up after this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(1_000);
+
+/// No connection is started this close to the end: a late joiner would race the final
+/// presence reports.
+const CONNECT_CUTOFF_MS: Ms = 4_000;
 
 /// What one client does, drawn from the seed.
 #[derive(Clone, Debug)]
 pub struct Plan {
     pub index: usize,
-    pub node: String,
+    /// Nodes of the cluster: the client may land on any after a reconnect.
+    pub nodes: usize,
+    /// The node of its first connection.
+    pub home: usize,
     pub v2: bool,
     pub seed: u64,
     /// When actions stop (simulated ms).
     pub chaos_ms: Ms,
     /// When the client reports its final views and stops.
     pub end_ms: Ms,
-    /// If set, the client crashes (drops its socket without a word) at this time.
-    pub crash_at: Option<Ms>,
+    /// The client's process is killed at this time (its socket drops without a close
+    /// frame) and restarts after the given delay, or never.
+    pub kill: Option<(Ms, Option<Ms>)>,
+    /// Stalls: from, for how long. The client reads and sends nothing meanwhile.
+    pub stalls: Vec<(Ms, Ms)>,
     pub key: String,
     /// The channel token for postgres_changes in room0: `sub` is `c<index>`.
     pub channel_token: String,
@@ -46,6 +69,14 @@ pub struct Plan {
 
 fn now() -> Ms {
     turmoil::sim_elapsed().map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A room the client means to be in, kept across reconnects.
+#[derive(Clone, Copy)]
+struct Wanted {
+    self_broadcast: bool,
+    /// The value last tracked, tracked again after a rejoin.
+    track: Option<u64>,
 }
 
 struct Channel {
@@ -60,12 +91,9 @@ struct Channel {
     leaving: bool,
 }
 
-struct Client {
-    plan: Plan,
-    oracle: Oracle,
-    rng: ChaCha8Rng,
-    next_ref: u64,
-    seq: u64,
+/// What one connection knows; a reconnect starts a fresh one.
+#[derive(Default)]
+struct Session {
     channels: BTreeMap<String, Channel>,
     /// Push refs awaiting an ack: ref → (room, seq).
     awaiting: BTreeMap<String, (String, u64)>,
@@ -73,93 +101,200 @@ struct Client {
     joining: BTreeMap<String, (String, bool)>,
     /// Pending track/untrack refs: ref → (room, value).
     tracking: BTreeMap<String, (String, Option<u64>)>,
+    /// The unanswered heartbeat's ref.
+    heartbeat: Option<String>,
+}
+
+struct Client {
+    plan: Plan,
+    oracle: Oracle,
+    rng: ChaCha8Rng,
+    next_ref: u64,
+    /// Broadcasts sent over all lives: a broadcast is `(client, seq)` everywhere.
+    seq: u64,
+    who: Who,
+    node: usize,
+    wanted: BTreeMap<String, Wanted>,
+    session: Session,
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<turmoil::net::TcpStream>;
+
+/// How a connection ended, for the client's next move.
+enum Next {
+    /// Connect again after a short backoff.
+    Reconnect,
+    /// The process restarts at this time.
+    Restart(Ms),
+    /// Nothing more: the run ended or the process is gone for good.
+    Stop,
+}
 
 /// Runs a client to the end of the simulation.
 pub async fn run(plan: Plan, oracle: Oracle) -> turmoil::Result {
     let mut client = Client {
         rng: ChaCha8Rng::seed_from_u64(plan.seed),
+        who: Who {
+            client: plan.index,
+            life: 0,
+        },
+        node: plan.home,
         plan,
         oracle,
         next_ref: 0,
         seq: 0,
-        channels: BTreeMap::new(),
-        awaiting: BTreeMap::new(),
-        joining: BTreeMap::new(),
-        tracking: BTreeMap::new(),
+        wanted: BTreeMap::new(),
+        session: Session::default(),
     };
-    let Some(mut ws) = client.connect().await else {
-        client.oracle.record(Event::Disconnected {
-            client: client.plan.index,
-            at: now(),
-        });
-        return Ok(());
-    };
-    let mut next_action = now() + 50;
-    let mut next_heartbeat = now() + 10_000;
-    loop {
-        let t = now();
-        if client.plan.crash_at.is_some_and(|c| t >= c) {
-            // Abrupt: no leave, no close frame.
-            client.oracle.record(Event::Disconnected {
-                client: client.plan.index,
-                at: t,
-            });
-            return Ok(());
-        }
-        if t >= client.plan.end_ms {
-            client.report();
-            // Stay connected a little: every client reports at the same instant, before
-            // anyone's departure changes what the others see.
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            let _ = ws.close(None).await;
-            return Ok(());
-        }
-        if t >= next_heartbeat {
-            client
-                .send(&mut ws, None, "phoenix", "heartbeat", json!({}))
-                .await;
-            next_heartbeat = t + 10_000;
-        }
-        if t >= next_action && t < client.plan.chaos_ms {
-            client.act(&mut ws).await;
-            next_action = t + 20 + client.rng.next_u64() % 300;
-        }
-        let wait = Duration::from_millis(20);
-        match tokio::time::timeout(wait, ws.next()).await {
-            Ok(Some(Ok(msg))) => client.receive(msg),
-            Ok(Some(Err(_)) | None) => {
-                client.oracle.record(Event::Disconnected {
-                    client: client.plan.index,
-                    at: now(),
-                });
-                return Ok(());
+    while let Some(ws) = client.connect().await {
+        match client.session(ws).await {
+            Next::Reconnect => {
+                let backoff = 100 + client.rng.next_u64() % 400;
+                tokio::time::sleep(Duration::from_millis(backoff)).await;
             }
-            Err(_) => {}
+            Next::Restart(at) => client.restart(at).await,
+            Next::Stop => break,
         }
     }
+    Ok(())
 }
 
 impl Client {
+    /// Connects to a node, retrying until the cutoff; lands on the home node or, after a
+    /// reconnect, wherever the seed says (a load balancer's choice).
     async fn connect(&mut self) -> Option<Ws> {
         let vsn = if self.plan.v2 { "2.0.0" } else { "1.0.0" };
-        let url = format!(
-            "ws://{}:4000/realtime/v1/websocket?apikey={}&vsn={vsn}",
-            self.plan.node, self.plan.key
-        );
-        for _ in 0..50 {
-            if let Ok(stream) =
-                turmoil::net::TcpStream::connect((self.plan.node.as_str(), 4000)).await
-            {
-                if let Ok((ws, _)) = tokio_tungstenite::client_async(url.as_str(), stream).await {
-                    return Some(ws);
+        while now() + CONNECT_CUTOFF_MS < self.plan.end_ms {
+            match self.kill_due(now()) {
+                None => {}
+                Some(None) => return None,
+                Some(Some(at)) => {
+                    self.restart(at).await;
+                    continue;
                 }
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            if self.who.life > 0 && self.pick(2) == 0 {
+                self.node = self.pick(self.plan.nodes);
+            }
+            let host = format!("node{}", self.node);
+            let url = format!(
+                "ws://{host}:4000/realtime/v1/websocket?apikey={}&vsn={vsn}",
+                self.plan.key
+            );
+            let attempt = async {
+                let stream = turmoil::net::TcpStream::connect((host.as_str(), 4000))
+                    .await
+                    .ok()?;
+                let (ws, _) = tokio_tungstenite::client_async(url.as_str(), stream)
+                    .await
+                    .ok()?;
+                Some(ws)
+            };
+            if let Ok(Some(ws)) = tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+                self.who.life += 1;
+                self.session = Session::default();
+                self.oracle.record(Event::Connected {
+                    who: self.who,
+                    node: self.node,
+                    at: now(),
+                });
+                return Some(ws);
+            }
+            let backoff = 200 + self.rng.next_u64() % 800;
+            tokio::time::sleep(Duration::from_millis(backoff)).await;
         }
         None
+    }
+
+    /// The killed process starts again at `at`, remembering nothing, as realtime-js would.
+    async fn restart(&mut self, at: Ms) {
+        self.wanted.clear();
+        tokio::time::sleep(Duration::from_millis(at.saturating_sub(now()))).await;
+    }
+
+    /// One connection, from its rejoins to its end.
+    async fn session(&mut self, mut ws: Ws) -> Next {
+        let rooms: Vec<(String, Wanted)> =
+            self.wanted.iter().map(|(r, w)| (r.clone(), *w)).collect();
+        for (room, wanted) in rooms {
+            self.join(&mut ws, room, wanted.self_broadcast).await;
+        }
+        let mut next_action = now() + 50;
+        let mut next_heartbeat = now() + HEARTBEAT_MS;
+        loop {
+            let t = now();
+            if let Some(restart) = self.kill_due(t) {
+                // Abrupt: no leave, no close frame; the socket just drops.
+                self.end(Ending::Killed);
+                return restart.map_or(Next::Stop, Next::Restart);
+            }
+            if t >= self.plan.end_ms {
+                self.report();
+                // Stay connected a little: every client reports at the same instant, before
+                // anyone's departure changes what the others see.
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let _ = ws.close(None).await;
+                self.end(Ending::Finished);
+                return Next::Stop;
+            }
+            if let Some(stall) = self.stall_at(t) {
+                // Frozen: nothing read, nothing sent. Timers fire late, as in a frozen tab.
+                tokio::time::sleep(Duration::from_millis(stall)).await;
+                next_heartbeat = now() + HEARTBEAT_MS;
+                continue;
+            }
+            if t >= next_heartbeat {
+                if self.session.heartbeat.is_some() {
+                    self.end(Ending::HeartbeatTimeout);
+                    return Next::Reconnect;
+                }
+                let ref_ = self
+                    .send(&mut ws, None, "phoenix", "heartbeat", json!({}))
+                    .await;
+                self.session.heartbeat = Some(ref_);
+                next_heartbeat = t + HEARTBEAT_MS;
+            }
+            if t >= next_action && t < self.plan.chaos_ms {
+                self.act(&mut ws).await;
+                next_action = t + 20 + self.rng.next_u64() % 300;
+            }
+            let wait = Duration::from_millis(20);
+            match tokio::time::timeout(wait, ws.next()).await {
+                Ok(Some(Ok(Message::Close(frame)))) => {
+                    let code = frame.map_or(1005, |f| u16::from(f.code));
+                    self.end(Ending::ServerClosed(code));
+                    return Next::Reconnect;
+                }
+                Ok(Some(Ok(msg))) => self.receive(&mut ws, msg).await,
+                Ok(Some(Err(_)) | None) => {
+                    self.end(Ending::Broken);
+                    return Next::Reconnect;
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// If the process is killed by now: when it restarts, if ever. Happens once.
+    fn kill_due(&mut self, t: Ms) -> Option<Option<Ms>> {
+        let (at, restart) = self.plan.kill.filter(|(at, _)| t >= *at)?;
+        self.plan.kill = None;
+        Some(restart.map(|after| at + after))
+    }
+
+    /// The stall starting now, if any: how long it lasts.
+    fn stall_at(&mut self, t: Ms) -> Option<u64> {
+        let index = self.plan.stalls.iter().position(|(from, _)| t >= *from)?;
+        let (from, length) = self.plan.stalls.remove(index);
+        (t < from + length).then(|| from + length - t)
+    }
+
+    fn end(&mut self, why: Ending) {
+        self.oracle.record(Event::Disconnected {
+            who: self.who,
+            at: now(),
+            why,
+        });
     }
 
     fn next_ref(&mut self) -> String {
@@ -189,48 +324,78 @@ impl Client {
         (self.rng.next_u64() % n as u64) as usize
     }
 
+    /// Joins `room`; its postgres_changes binding and token come with room0.
+    async fn join(&mut self, ws: &mut Ws, room: String, self_broadcast: bool) {
+        let topic = format!("realtime:{room}");
+        let mut config = json!({"config": {"broadcast": {"ack": true, "self": self_broadcast},
+            "presence": {"enabled": true, "key": format!("c{}", self.plan.index)}}});
+        if room == "room0" {
+            let mut binding = json!({"event": "*", "schema": "public", "table": "todos"});
+            if let Some(owner) = &self.plan.filter_owner {
+                binding["filter"] = json!(format!("owner=eq.{owner}"));
+            }
+            config["config"]["postgres_changes"] = json!([binding]);
+            config["access_token"] = json!(self.plan.channel_token);
+        }
+        // A join's ref is its join_ref: the ref `send` is about to use.
+        let join_ref = (self.next_ref + 1).to_string();
+        let sent = self
+            .send(ws, Some(&join_ref), &topic, "phx_join", config)
+            .await;
+        debug_assert_eq!(sent, join_ref);
+        self.session
+            .joining
+            .insert(join_ref.clone(), (room.clone(), self_broadcast));
+        self.session.channels.insert(
+            room,
+            Channel {
+                join_ref,
+                joined: false,
+                view: BTreeMap::new(),
+                pending: Vec::new(),
+                have_state: false,
+                leaving: false,
+            },
+        );
+    }
+
+    async fn track(&mut self, ws: &mut Ws, room: &str, join_ref: &str, value: Option<u64>) {
+        let topic = format!("realtime:{room}");
+        let payload = match value {
+            Some(v) => json!({"type": "presence", "event": "track", "payload": {"v": v}}),
+            None => json!({"type": "presence", "event": "untrack"}),
+        };
+        let ref_ = self
+            .send(ws, Some(join_ref), &topic, "presence", payload)
+            .await;
+        self.session.tracking.insert(ref_, (room.to_owned(), value));
+        if let Some(wanted) = self.wanted.get_mut(room) {
+            wanted.track = value;
+        }
+    }
+
     async fn act(&mut self, ws: &mut Ws) {
         let room = ROOMS[self.pick(ROOMS.len())].to_owned();
         let topic = format!("realtime:{room}");
         let joined = self
+            .session
             .channels
             .get(&room)
             .filter(|c| c.joined)
             .map(|c| c.join_ref.clone());
         let Some(join_ref) = joined else {
             // Like realtime-js, a channel is joined again only after its leave completes.
-            let leaving = self.channels.get(&room).is_some_and(|c| c.leaving);
-            if !leaving && !self.joining.values().any(|(r, _)| *r == room) {
+            let busy = self.session.channels.contains_key(&room);
+            if !busy {
                 let self_broadcast = self.pick(4) == 0;
-                let mut config = json!({"config": {"broadcast": {"ack": true, "self": self_broadcast},
-                    "presence": {"enabled": true, "key": format!("c{}", self.plan.index)}}});
-                if room == "room0" {
-                    let mut binding = json!({"event": "*", "schema": "public", "table": "todos"});
-                    if let Some(owner) = &self.plan.filter_owner {
-                        binding["filter"] = json!(format!("owner=eq.{owner}"));
-                    }
-                    config["config"]["postgres_changes"] = json!([binding]);
-                    config["access_token"] = json!(self.plan.channel_token);
-                }
-                // A join's ref is its join_ref: the ref `send` is about to use.
-                let join_ref = (self.next_ref + 1).to_string();
-                let sent = self
-                    .send(ws, Some(&join_ref), &topic, "phx_join", config)
-                    .await;
-                debug_assert_eq!(sent, join_ref);
-                self.joining
-                    .insert(join_ref.clone(), (room.clone(), self_broadcast));
-                self.channels.insert(
-                    room,
-                    Channel {
-                        join_ref,
-                        joined: false,
-                        view: BTreeMap::new(),
-                        pending: Vec::new(),
-                        have_state: false,
-                        leaving: false,
+                self.wanted.insert(
+                    room.clone(),
+                    Wanted {
+                        self_broadcast,
+                        track: None,
                     },
                 );
+                self.join(ws, room, self_broadcast).await;
             }
             return;
         };
@@ -238,7 +403,7 @@ impl Client {
             0..=11 => {
                 self.seq += 1;
                 let seq = self.seq;
-                let body = json!({"from": self.plan.index, "seq": seq});
+                let body = json!({"from": self.who.client, "life": self.who.life, "seq": seq});
                 let ref_ = if self.plan.v2 && self.pick(2) == 0 {
                     let ref_ = self.next_ref();
                     let push = UserBroadcastPush {
@@ -263,43 +428,24 @@ impl Client {
                     .await
                 };
                 self.oracle.record(Event::Sent {
-                    client: self.plan.index,
+                    who: self.who,
                     room: room.clone(),
                     seq,
                     at: now(),
                 });
-                self.awaiting.insert(ref_, (room, seq));
+                self.session.awaiting.insert(ref_, (room, seq));
             }
             12..=14 => {
                 let value = self.rng.next_u64() % 1000;
-                let ref_ = self
-                    .send(
-                        ws,
-                        Some(&join_ref),
-                        &topic,
-                        "presence",
-                        json!({"type": "presence", "event": "track", "payload": {"v": value}}),
-                    )
-                    .await;
-                self.tracking.insert(ref_, (room, Some(value)));
+                self.track(ws, &room, &join_ref, Some(value)).await;
             }
-            15 => {
-                let ref_ = self
-                    .send(
-                        ws,
-                        Some(&join_ref),
-                        &topic,
-                        "presence",
-                        json!({"type": "presence", "event": "untrack"}),
-                    )
-                    .await;
-                self.tracking.insert(ref_, (room, None));
-            }
+            15 => self.track(ws, &room, &join_ref, None).await,
             16 => {
                 self.send(ws, Some(&join_ref), &topic, "phx_leave", json!({}))
                     .await;
+                self.wanted.remove(&room);
                 // Leaving: like realtime-js, push nothing more on this channel.
-                if let Some(channel) = self.channels.get_mut(&room) {
+                if let Some(channel) = self.session.channels.get_mut(&room) {
                     channel.joined = false;
                     channel.leaving = true;
                 }
@@ -339,8 +485,8 @@ impl Client {
         }
     }
 
-    fn receive(&mut self, msg: Message) {
-        let index = self.plan.index;
+    async fn receive(&mut self, ws: &mut Ws, msg: Message) {
+        let who = self.who;
         let (topic, event, payload, ref_, join_ref) = match msg {
             Message::Binary(data) => match decode_user_broadcast(&data) {
                 Ok(ub) => {
@@ -355,7 +501,7 @@ impl Client {
                 }
                 Err(e) => {
                     self.oracle.record(Event::Broken {
-                        client: index,
+                        who,
                         what: format!("undecodable binary frame: {e}"),
                     });
                     return;
@@ -364,7 +510,7 @@ impl Client {
             Message::Text(text) => {
                 let Ok(value) = serde_json::from_str::<Value>(&text) else {
                     self.oracle.record(Event::Broken {
-                        client: index,
+                        who,
                         what: format!("non-JSON frame {text}"),
                     });
                     return;
@@ -392,39 +538,50 @@ impl Client {
         };
         let room = topic.strip_prefix("realtime:").unwrap_or(&topic).to_owned();
         match event.as_str() {
-            "phx_reply" => self.reply(&room, ref_.unwrap_or_default(), &payload),
+            "phx_reply" => {
+                self.reply(ws, &room, ref_.unwrap_or_default(), &payload)
+                    .await
+            }
             "broadcast" => {
                 let body = &payload["payload"];
-                let (Some(from), Some(seq)) = (body["from"].as_u64(), body["seq"].as_u64()) else {
+                let (Some(from), Some(life), Some(seq)) = (
+                    body["from"].as_u64(),
+                    body["life"].as_u64(),
+                    body["seq"].as_u64(),
+                ) else {
                     self.oracle.record(Event::Broken {
-                        client: index,
+                        who,
                         what: format!("unexpected broadcast {payload}"),
                     });
                     return;
                 };
+                let from = Who {
+                    client: from as usize,
+                    life: life as u32,
+                };
                 self.oracle.record(Event::Delivered {
-                    client: index,
+                    who,
                     room,
-                    from: from as usize,
+                    from,
                     seq,
                     at: now(),
                 });
             }
             "phx_close" => {
-                let current = self.channels.get(&room).map(|c| c.join_ref.clone());
+                let current = self.session.channels.get(&room).map(|c| c.join_ref.clone());
                 // v1 carries the join_ref in `ref`.
                 let closing = join_ref.or(ref_);
                 if current.is_some() && closing == current {
-                    self.channels.remove(&room);
+                    self.session.channels.remove(&room);
                     self.oracle.record(Event::Left {
-                        client: index,
+                        who,
                         room,
                         at: now(),
                     });
                 }
             }
             "presence_state" => {
-                if let Some(channel) = self.channels.get_mut(&room) {
+                if let Some(channel) = self.session.channels.get_mut(&room) {
                     channel.view = parse_metas(&payload);
                     channel.have_state = true;
                     for diff in std::mem::take(&mut channel.pending) {
@@ -433,7 +590,7 @@ impl Client {
                 }
             }
             "presence_diff" => {
-                if let Some(channel) = self.channels.get_mut(&room) {
+                if let Some(channel) = self.session.channels.get_mut(&room) {
                     if channel.have_state {
                         apply_diff(&mut channel.view, &payload);
                     } else {
@@ -447,20 +604,16 @@ impl Client {
                     .as_u64()
                     .or_else(|| data["old_record"]["id"].as_u64());
                 match id {
-                    Some(id) => self.oracle.record(Event::ChangeSeen {
-                        client: index,
-                        room,
-                        id,
-                    }),
+                    Some(id) => self.oracle.record(Event::ChangeSeen { who, room, id }),
                     None => self.oracle.record(Event::Broken {
-                        client: index,
+                        who,
                         what: format!("change without id {payload}"),
                     }),
                 }
             }
             "system" if payload["status"] == "ok" && payload["extension"] == "postgres_changes" => {
                 self.oracle.record(Event::Subscribed {
-                    client: index,
+                    who,
                     room,
                     at: now(),
                     service: self.plan.service,
@@ -470,69 +623,72 @@ impl Client {
             "system" => {
                 if payload["status"] == "error" {
                     self.oracle.record(Event::Broken {
-                        client: index,
+                        who,
                         what: format!("system error {payload}"),
                     });
                 }
             }
             other => self.oracle.record(Event::Broken {
-                client: index,
+                who,
                 what: format!("unexpected event {other}"),
             }),
         }
     }
 
-    fn reply(&mut self, room: &str, ref_: String, payload: &Value) {
-        let index = self.plan.index;
+    async fn reply(&mut self, ws: &mut Ws, room: &str, ref_: String, payload: &Value) {
+        let who = self.who;
         let ok = payload["status"] == "ok";
-        if let Some((room, self_broadcast)) = self.joining.remove(&ref_) {
-            if ok {
-                if let Some(channel) = self.channels.get_mut(&room) {
-                    channel.joined = true;
-                }
-                self.oracle.record(Event::Joined {
-                    client: index,
-                    room,
-                    self_broadcast,
-                    at: now(),
-                });
-            } else {
-                self.channels.remove(&room);
+        if self.session.heartbeat.as_ref() == Some(&ref_) {
+            self.session.heartbeat = None;
+        } else if let Some((room, self_broadcast)) = self.session.joining.remove(&ref_) {
+            let Some(channel) = self.session.channels.get_mut(&room) else {
+                return;
+            };
+            if !ok {
+                self.session.channels.remove(&room);
+                return;
             }
-        } else if let Some((room, seq)) = self.awaiting.remove(&ref_) {
-            if ok {
-                self.oracle.record(Event::Acked {
-                    client: index,
-                    room,
-                    seq,
-                });
+            channel.joined = true;
+            let join_ref = channel.join_ref.clone();
+            self.oracle.record(Event::Joined {
+                who,
+                room: room.clone(),
+                self_broadcast,
+                at: now(),
+            });
+            if let Some(value) = self.wanted.get(&room).and_then(|w| w.track) {
+                self.track(ws, &room, &join_ref, Some(value)).await;
             }
-        } else if let Some((room, value)) = self.tracking.remove(&ref_) {
+        } else if let Some((room, seq)) = self.session.awaiting.remove(&ref_) {
             if ok {
-                self.oracle.record(Event::Tracking {
-                    client: index,
-                    room,
-                    value,
-                });
+                self.oracle.record(Event::Acked { who, room, seq });
+            }
+        } else if let Some((room, value)) = self.session.tracking.remove(&ref_) {
+            if ok {
+                self.oracle.record(Event::Tracking { who, room, value });
             }
         } else if !ok && room != "phoenix" {
             self.oracle.record(Event::Broken {
-                client: index,
+                who,
                 what: format!("error reply {payload} in {room}"),
             });
         }
     }
 
     fn report(&self) {
-        for (room, channel) in &self.channels {
+        for (room, channel) in &self.session.channels {
             if channel.joined {
                 let view = channel
                     .view
                     .iter()
-                    .map(|(key, metas)| (key.clone(), metas.iter().map(|(_, v)| *v).collect()))
+                    .map(|(key, metas)| {
+                        let mut values: Vec<u64> = metas.iter().map(|(_, v)| *v).collect();
+                        values.sort_unstable();
+                        (key.clone(), values)
+                    })
                     .collect();
                 self.oracle.record(Event::View {
-                    client: self.plan.index,
+                    who: self.who,
                     room: room.clone(),
                     view,
                 });

@@ -106,6 +106,8 @@ impl Db {
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         loop {
             tokio::select! {
+                // Biased: tokio's choice among ready branches is not seeded.
+                biased;
                 _ = tick.tick() => {
                     let batch: Vec<Commit> = {
                         let state = self.state.lock().expect("db lock");

@@ -15,13 +15,14 @@ pub mod client;
 pub mod db;
 pub mod oracle;
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 use switchboard_engine::{Config, PlantedBug};
-use switchboard_tokio::{Clock, Listener, Options};
+use switchboard_tokio::{Clock, Listener, Metrics, Options};
 
 use switchboard_engine::changes::ChangeKind;
 use switchboard_tokio::Server;
@@ -75,10 +76,19 @@ impl Listener for SimListener {
 /// Fault rates, themselves drawn from the seed.
 #[derive(Clone, Debug)]
 pub struct Faults {
-    /// Chance that a client crashes during the chaos.
+    /// Chance that a client's process is killed during the chaos (its socket drops, the
+    /// server hears it close); most restart and reconnect.
     pub client_crash: f64,
-    /// Number of delay episodes (held client-node links).
+    /// Chance that a client's machine vanishes: its link goes silent for good, so the
+    /// server must notice on its own, by the heartbeat timeout.
+    pub client_vanish: f64,
+    /// Number of delay episodes (a client's links held, then released in order).
     pub delays: u32,
+    /// Number of client partitions (a client's links drop everything, then repair): its
+    /// connection stalls, both sides time it out, the client reconnects.
+    pub client_partitions: u32,
+    /// Number of stalls: a client reads and sends nothing for a while (a slow consumer).
+    pub stalls: u32,
     /// Number of partitions between nodes.
     pub partitions: u32,
     /// Whether one node crashes and restarts.
@@ -117,7 +127,23 @@ pub struct Report {
     pub deliveries: usize,
     /// Postgres changes delivered.
     pub changes: usize,
+    /// Connections made after a client's first.
+    pub reconnects: usize,
+    /// Sockets the servers closed because their send queue overflowed.
+    pub slow_consumers: u64,
+    /// How connections ended, as their clients saw it.
+    pub endings: BTreeMap<String, usize>,
 }
+
+/// Frames queued per socket in the simulation: a quarter of production's 1,024, so a
+/// stalled client overflows it within seconds, yet as many as the inputs the engine task
+/// takes per wake-up, so the burst a healed node partition releases does not.
+const SEND_QUEUE: usize = 256;
+
+/// The server's heartbeat timeout in the simulation: longer than any stall, so stalled
+/// clients are judged as slow consumers, and short enough to expire a vanished client well
+/// within the settle time.
+const HEARTBEAT_TIMEOUT_MS: u64 = 6_000;
 
 impl Scenario {
     /// Draws topology and fault rates from `seed`.
@@ -128,7 +154,10 @@ impl Scenario {
         let clients = 5 + pick(46) as usize;
         let faults = Faults {
             client_crash: [0.0, 0.1, 0.3][pick(3) as usize],
+            client_vanish: [0.0, 0.0, 0.05][pick(3) as usize],
             delays: pick(4) as u32,
+            client_partitions: pick(3) as u32,
+            stalls: 1 + pick(4) as u32,
             partitions: if nodes > 1 { pick(3) as u32 } else { 0 },
             node_crash: nodes > 1 && pick(4) == 0,
         };
@@ -138,7 +167,7 @@ impl Scenario {
             clients,
             faults,
             chaos: Duration::from_secs(20),
-            settle: Duration::from_secs(10),
+            settle: Duration::from_secs(12),
             planted_bug: None,
         }
     }
@@ -151,6 +180,7 @@ impl Scenario {
 
     /// Runs the simulation and checks the invariants.
     pub fn run(&self) -> Report {
+        let panics_before = panics::count();
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x5eed);
         let mut sim = turmoil::Builder::new()
             .rng_seed(self.seed)
@@ -158,14 +188,19 @@ impl Scenario {
             .simulation_duration(self.chaos + self.settle + Duration::from_secs(30))
             .tick_duration(Duration::from_millis(5))
             .max_message_latency(Duration::from_millis(20))
+            // Hosts step in an order drawn from the seed, not always node0 first.
+            .enable_random_order()
             .build();
         let bus = Bus::default();
         let db = Db::default();
         let oracle = Oracle::default();
+        let metrics: Arc<Mutex<Vec<Arc<Metrics>>>> = Arc::default();
         for host in 0..self.nodes {
             let (bus, db, config, seed) = (bus.clone(), db.clone(), self.config(), self.seed);
+            let metrics = metrics.clone();
             sim.host(format!("node{host}"), move || {
                 let (bus, db, config) = (bus.clone(), db.clone(), config.clone());
+                let metrics = metrics.clone();
                 async move {
                     let listener =
                         SimListener(turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?);
@@ -175,12 +210,14 @@ impl Scenario {
                     options.node = node;
                     options.seed = seed ^ node.0;
                     options.peers = Some(link);
+                    options.send_queue = SEND_QUEUE;
                     options.clock = Clock::with_wall(Arc::new(|| {
                         turmoil::since_epoch().map_or(0, |d| d.as_millis() as u64)
                     }));
                     let (database, outputs) = tokio::sync::mpsc::unbounded_channel();
                     options.database = Some(database);
                     let (server, task) = Server::start(options);
+                    metrics.lock().expect("metrics lock").push(server.metrics());
                     tokio::spawn(db.replicate(host, server.handle(), outputs));
                     task.run(listener, server.metrics(), std::future::pending())
                         .await;
@@ -194,11 +231,17 @@ impl Scenario {
             SECRET,
             &serde_json::json!({"role": "anon", "exp": 4_000_000_000u64}),
         );
-        let mut node_of = Vec::new();
+        // The fault schedule: (at ms, action), healed before the settle phase.
+        let mut schedule: Vec<(u64, Fault)> = Vec::new();
+        let mut stalls: BTreeMap<usize, Vec<(u64, u64)>> = BTreeMap::new();
+        for _ in 0..self.faults.stalls {
+            let client = (rng.next_u64() % self.clients as u64) as usize;
+            let start = 1_000 + rng.next_u64() % (chaos_ms - 1_000);
+            let length = 500 + rng.next_u64() % 4_000;
+            stalls.entry(client).or_default().push((start, length));
+        }
         for index in 0..self.clients {
-            let node = (rng.next_u64() % self.nodes as u64) as usize;
-            node_of.push(node);
-            let crashes = (rng.next_u64() % 1000) as f64 / 1000.0 < self.faults.client_crash;
+            let home = (rng.next_u64() % self.nodes as u64) as usize;
             let service = rng.next_u64() % 5 == 0;
             let role = if service {
                 "service_role"
@@ -214,24 +257,41 @@ impl Scenario {
                 1 => Some(format!("c{index}")),
                 _ => Some(format!("c{}", rng.next_u64() % self.clients as u64)),
             };
+            let crashes = chance(&mut rng, self.faults.client_crash);
+            let vanishes = chance(&mut rng, self.faults.client_vanish);
+            let kill = if vanishes {
+                // Silence first, then the process goes: not even a FIN gets out.
+                let at = 1_000 + rng.next_u64() % (chaos_ms - 1_000);
+                schedule.push((at, Fault::Vanish(index)));
+                Some((at + 50, None))
+            } else {
+                crashes.then(|| {
+                    let restart = (rng.next_u64() % 4 != 0).then(|| 200 + rng.next_u64() % 3_000);
+                    (1_000 + rng.next_u64() % chaos_ms, restart)
+                })
+            };
             let plan = Plan {
                 channel_token,
                 service,
                 filter_owner,
                 index,
-                node: format!("node{node}"),
+                nodes: self.nodes,
+                home,
                 v2: rng.next_u64() % 3 != 0,
                 seed: rng.next_u64(),
                 chaos_ms,
                 end_ms,
-                crash_at: crashes.then(|| 1_000 + rng.next_u64() % chaos_ms),
+                kill,
+                stalls: {
+                    let mut stalls = stalls.remove(&index).unwrap_or_default();
+                    stalls.sort_unstable();
+                    stalls
+                },
                 key: key.clone(),
             };
             let oracle = oracle.clone();
             sim.client(format!("client{index}"), client::run(plan, oracle));
         }
-        // The fault schedule: (at ms, action), healed before the settle phase.
-        let mut schedule: Vec<(u64, Fault)> = Vec::new();
         for _ in 0..self.faults.delays {
             let (client, start) = (
                 (rng.next_u64() % self.clients as u64) as usize,
@@ -240,6 +300,15 @@ impl Scenario {
             let end = (start + 200 + rng.next_u64() % 3_000).min(chaos_ms);
             schedule.push((start, Fault::Hold(client)));
             schedule.push((end, Fault::Release(client)));
+        }
+        for _ in 0..self.faults.client_partitions {
+            let (client, start) = (
+                (rng.next_u64() % self.clients as u64) as usize,
+                rng.next_u64() % chaos_ms,
+            );
+            let end = (start + 500 + rng.next_u64() % 5_000).min(chaos_ms);
+            schedule.push((start, Fault::Cut(client)));
+            schedule.push((end, Fault::Repair(client)));
         }
         for _ in 0..self.faults.partitions {
             let a = (rng.next_u64() % self.nodes as u64) as usize;
@@ -269,11 +338,16 @@ impl Scenario {
         schedule.push((chaos_ms, Fault::HealAll));
         schedule.sort_by_key(|(at, _)| *at);
         let mut schedule = schedule.into_iter().peekable();
+        let mut links = Links {
+            clients: self.clients,
+            nodes: self.nodes,
+            ..Links::default()
+        };
         let mut violations = Vec::new();
         loop {
             let now = sim.elapsed().as_millis() as u64;
             while let Some((_, fault)) = schedule.next_if(|(at, _)| *at <= now) {
-                fault.apply(&mut sim, &bus, &db, &oracle, &node_of, now);
+                fault.apply(&mut sim, &bus, &db, &mut links, now);
             }
             match sim.step() {
                 Ok(true) => break,
@@ -284,28 +358,45 @@ impl Scenario {
                 }
             }
         }
+        let panics = panics::count() - panics_before;
+        if panics > 0 {
+            violations.push(format!("invariant 7: {panics} tasks panicked"));
+        }
         let events = oracle.events();
         violations.extend(oracle::check(&events, &db.log()));
-        let deliveries = events
-            .iter()
-            .filter(|e| matches!(e, Event::Delivered { .. }))
-            .count();
-        let changes = events
-            .iter()
-            .filter(|e| matches!(e, Event::ChangeSeen { .. }))
-            .count();
-        Report {
+        let mut report = Report {
             seed: self.seed,
             violations,
             trace_hash: oracle.trace_hash(),
-            deliveries,
-            changes,
+            deliveries: 0,
+            changes: 0,
+            reconnects: 0,
+            slow_consumers: metrics
+                .lock()
+                .expect("metrics lock")
+                .iter()
+                .map(|m| m.slow_consumers.get())
+                .sum(),
+            endings: BTreeMap::new(),
+        };
+        for event in &events {
+            match event {
+                Event::Delivered { .. } => report.deliveries += 1,
+                Event::ChangeSeen { .. } => report.changes += 1,
+                Event::Connected { who, .. } if who.life > 1 => report.reconnects += 1,
+                Event::Disconnected { why, .. } => {
+                    *report.endings.entry(format!("{why:?}")).or_default() += 1;
+                }
+                _ => {}
+            }
         }
+        report
     }
 
     fn config(&self) -> Config {
         Config {
             jwt_secret: SECRET.to_owned(),
+            heartbeat_timeout_ms: HEARTBEAT_TIMEOUT_MS,
             join_error_backoff_ms: 0,
             connect_error_backoff_ms: 0,
             events_per_sec_max: 0,
@@ -320,11 +411,67 @@ impl Scenario {
     }
 }
 
+/// True with probability `p`, drawn from `rng`.
+fn chance(rng: &mut ChaCha8Rng, p: f64) -> bool {
+    (rng.next_u64() % 1000) as f64 / 1000.0 < p
+}
+
+/// What the fault schedule knows of the links between clients and nodes.
+#[derive(Default)]
+struct Links {
+    clients: usize,
+    nodes: usize,
+    /// Clients whose links are held.
+    held: BTreeSet<usize>,
+    /// Clients whose links drop everything.
+    cut: BTreeSet<usize>,
+    /// Clients whose machine vanished: their links stay cut to the end.
+    vanished: BTreeSet<usize>,
+}
+
+impl Links {
+    /// Every link of `client` (it may be on any node), unless it vanished.
+    fn of(&self, client: usize) -> Vec<(String, String)> {
+        if self.vanished.contains(&client) {
+            return Vec::new();
+        }
+        (0..self.nodes)
+            .map(|node| (format!("client{client}"), format!("node{node}")))
+            .collect()
+    }
+
+    /// Crashes `node` silently, as a machine dies: not one FIN or RST reaches a client,
+    /// which must notice by its heartbeats. Its links are cut while turmoil drops the node's
+    /// sockets, then put back as they were.
+    ///
+    /// Silence also keeps the run a function of its seed: tokio drops a crashed runtime's
+    /// tasks in an order that depends on process-wide task ids, and each segment sent in
+    /// that order would draw its latency from the simulation's one RNG.
+    fn crash(&self, sim: &mut turmoil::Sim<'_>, node: usize) {
+        let host = format!("node{node}");
+        let clients: Vec<String> = (0..self.clients).map(|c| format!("client{c}")).collect();
+        for client in &clients {
+            sim.partition(client.as_str(), host.as_str());
+        }
+        sim.crash(host.as_str());
+        for (index, client) in clients.iter().enumerate() {
+            if self.held.contains(&index) {
+                sim.hold(client.as_str(), host.as_str());
+            } else if !self.cut.contains(&index) && !self.vanished.contains(&index) {
+                sim.repair(client.as_str(), host.as_str());
+            }
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 enum Fault {
     Commit(String, ChangeKind),
     Hold(usize),
     Release(usize),
+    Cut(usize),
+    Repair(usize),
+    Vanish(usize),
     Partition(usize, usize),
     Heal(usize, usize),
     Crash(usize),
@@ -333,49 +480,81 @@ enum Fault {
 }
 
 impl Fault {
-    fn apply(
-        self,
-        sim: &mut turmoil::Sim<'_>,
-        bus: &Bus,
-        db: &Db,
-        oracle: &Oracle,
-        node_of: &[usize],
-        now: u64,
-    ) {
-        let client_link = |client: usize| {
-            (
-                format!("client{client}"),
-                format!("node{}", node_of[client]),
-            )
-        };
+    fn apply(self, sim: &mut turmoil::Sim<'_>, bus: &Bus, db: &Db, links: &mut Links, now: u64) {
         match self {
             Fault::Hold(client) => {
-                let (a, b) = client_link(client);
-                sim.hold(a, b);
+                for (a, b) in links.of(client) {
+                    sim.hold(a, b);
+                }
+                links.held.insert(client);
             }
             Fault::Release(client) => {
-                let (a, b) = client_link(client);
-                sim.release(a, b);
+                for (a, b) in links.of(client) {
+                    sim.release(a, b);
+                }
+                links.held.remove(&client);
+            }
+            Fault::Cut(client) => {
+                for (a, b) in links.of(client) {
+                    sim.partition(a, b);
+                }
+                links.cut.insert(client);
+            }
+            Fault::Repair(client) => {
+                for (a, b) in links.of(client) {
+                    sim.repair(a, b);
+                }
+                links.cut.remove(&client);
+            }
+            Fault::Vanish(client) => {
+                for (a, b) in links.of(client) {
+                    sim.partition(a, b);
+                }
+                links.vanished.insert(client);
             }
             Fault::Commit(owner, kind) => db.commit(now, owner, kind),
             Fault::Partition(a, b) => bus.partition(a, b),
             Fault::Heal(a, b) => bus.heal(a, b),
             Fault::Crash(node) => {
                 bus.crash(node);
-                sim.crash(format!("node{node}"));
-                // Its clients lost their connections, whatever their sockets report.
-                for (client, _) in node_of.iter().enumerate().filter(|(_, n)| **n == node) {
-                    oracle.record(Event::Disconnected { client, at: now });
-                }
+                links.crash(sim, node);
             }
             Fault::Restart(node) => sim.bounce(format!("node{node}")),
             Fault::HealAll => {
                 bus.heal_all();
-                for client in 0..node_of.len() {
-                    let (a, b) = client_link(client);
-                    sim.release(a, b);
+                links.held.clear();
+                links.cut.clear();
+                for client in 0..links.clients {
+                    for (a, b) in links.of(client) {
+                        sim.release(a.as_str(), b.as_str());
+                        sim.repair(a, b);
+                    }
                 }
             }
         }
+    }
+}
+
+/// Counts panics on this thread: a simulation runs on one thread, and a panic in any of its
+/// tasks (which tokio would otherwise swallow) breaks invariant 7.
+mod panics {
+    use std::cell::Cell;
+    use std::sync::Once;
+
+    thread_local! {
+        static PANICS: Cell<u64> = const { Cell::new(0) };
+    }
+
+    /// Panics seen on this thread so far.
+    pub(crate) fn count() -> u64 {
+        static HOOK: Once = Once::new();
+        HOOK.call_once(|| {
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                PANICS.with(|p| p.set(p.get() + 1));
+                previous(info);
+            }));
+        });
+        PANICS.with(Cell::get)
     }
 }

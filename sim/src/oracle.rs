@@ -1,5 +1,9 @@
 //! The oracle: a log of everything clients sent and saw, and the invariants of
 //! DESIGN.md checked against it.
+//!
+//! A client reconnects after crashes, timeouts and server closes, so the oracle's unit is
+//! one connection of one client: a [`Who`]. Every rule speaks of connections, as the server
+//! does; only presence keys (`c<client>`) are shared by a client's connections.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
@@ -12,69 +16,93 @@ use crate::db::Commit;
 /// Milliseconds of simulated time.
 pub type Ms = u64;
 
+/// One connection of one client: its `life`-th, counting from 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Who {
+    /// The simulated client.
+    pub client: usize,
+    /// Which of its connections.
+    pub life: u32,
+}
+
+impl std::fmt::Display for Who {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.client, self.life)
+    }
+}
+
+/// Why a connection ended, as its client saw it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Ending {
+    /// The client's process was killed: its socket dropped without a close frame.
+    Killed,
+    /// The client stopped waiting for heartbeat replies and dropped the socket.
+    HeartbeatTimeout,
+    /// The server sent a close frame with this code.
+    ServerClosed(u16),
+    /// The socket broke or ended without a close frame (a node crash, a reset).
+    Broken,
+    /// The client closed it at the end of the run.
+    Finished,
+}
+
 /// Something a client did or saw.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Event {
+    /// A WebSocket connection was established.
+    Connected { who: Who, node: usize, at: Ms },
     /// A join was acknowledged (`self` is the join's `broadcast.self`).
     Joined {
-        client: usize,
+        who: Who,
         room: String,
         self_broadcast: bool,
         at: Ms,
     },
     /// The channel ended (`phx_close` received).
-    Left { client: usize, room: String, at: Ms },
-    /// A broadcast push was written.
+    Left { who: Who, room: String, at: Ms },
+    /// A broadcast push was written. `seq` counts a client's broadcasts over all its lives.
     Sent {
-        client: usize,
+        who: Who,
         room: String,
         seq: u64,
         at: Ms,
     },
     /// The server acknowledged that push.
-    Acked {
-        client: usize,
-        room: String,
-        seq: u64,
-    },
+    Acked { who: Who, room: String, seq: u64 },
     /// A broadcast arrived.
     Delivered {
-        client: usize,
+        who: Who,
         room: String,
-        from: usize,
+        from: Who,
         seq: u64,
         at: Ms,
     },
-    /// The client's connection ended abruptly, or its node crashed.
-    Disconnected { client: usize, at: Ms },
-    /// The client's last successful track in a room (`None` after untrack).
+    /// The connection ended; nothing more is read from it.
+    Disconnected { who: Who, at: Ms, why: Ending },
+    /// The connection's last successful track in a room (`None` after untrack).
     Tracking {
-        client: usize,
+        who: Who,
         room: String,
         value: Option<u64>,
     },
-    /// The client's presence view of a room at the end: key → tracked values.
+    /// The connection's presence view of a room at the end: key → tracked values.
     View {
-        client: usize,
+        who: Who,
         room: String,
         view: BTreeMap<String, Vec<u64>>,
     },
     /// The channel's postgres_changes subscription is live (`Subscribed to PostgreSQL`).
     Subscribed {
-        client: usize,
+        who: Who,
         room: String,
         at: Ms,
         service: bool,
         filter_owner: Option<String>,
     },
     /// A postgres change arrived.
-    ChangeSeen {
-        client: usize,
-        room: String,
-        id: u64,
-    },
+    ChangeSeen { who: Who, room: String, id: u64 },
     /// Something the client itself found wrong.
-    Broken { client: usize, what: String },
+    Broken { who: Who, what: String },
 }
 
 /// Shared by every simulated client.
@@ -102,7 +130,7 @@ impl Oracle {
     }
 }
 
-/// Membership of one client in one room over time.
+/// Membership of one connection in one room over time.
 #[derive(Default, Debug)]
 struct Membership {
     /// (joined at, left at) intervals; the last may be open.
@@ -110,9 +138,18 @@ struct Membership {
     self_broadcast: bool,
 }
 
+impl Membership {
+    /// The open span's start, if the connection is a member now.
+    fn joined_since(&self) -> Option<Ms> {
+        self.spans
+            .last()
+            .and_then(|(joined, left)| left.is_none().then_some(*joined))
+    }
+}
+
 /// A subscription's life: from `Subscribed` to the channel's end.
 struct Subscription {
-    client: usize,
+    who: Who,
     room: String,
     at: Ms,
     service: bool,
@@ -130,20 +167,24 @@ impl Subscription {
             .is_none_or(|owner| *owner == commit.owner);
         let rls = commit.kind == ChangeKind::Delete
             || self.service
-            || commit.owner == format!("c{}", self.client);
+            || commit.owner == format!("c{}", self.who.client);
         filter && rls
     }
 }
 
 /// Invariant 6: each live subscriber gets exactly the changes its filter and RLS allow that
 /// were committed after it subscribed, in commit order, none twice; never a forbidden one.
-fn check_changes(events: &[Event], commits: &[Commit], violations: &mut Vec<String>) {
+fn check_changes(
+    events: &[Event],
+    commits: &[Commit],
+    disconnected: &BTreeMap<Who, Ms>,
+    violations: &mut Vec<String>,
+) {
     let mut subscriptions: Vec<Subscription> = Vec::new();
-    let mut disconnected = BTreeSet::new();
     for event in events {
         match event {
             Event::Subscribed {
-                client,
+                who,
                 room,
                 at,
                 service,
@@ -151,12 +192,12 @@ fn check_changes(events: &[Event], commits: &[Commit], violations: &mut Vec<Stri
             } => {
                 for s in subscriptions
                     .iter_mut()
-                    .filter(|s| s.client == *client && s.room == *room)
+                    .filter(|s| s.who == *who && s.room == *room)
                 {
                     s.open = false;
                 }
                 subscriptions.push(Subscription {
-                    client: *client,
+                    who: *who,
                     room: room.clone(),
                     at: *at,
                     service: *service,
@@ -165,22 +206,25 @@ fn check_changes(events: &[Event], commits: &[Commit], violations: &mut Vec<Stri
                     open: true,
                 });
             }
-            Event::ChangeSeen { client, room, id } => {
-                match subscriptions.iter_mut().rev().find(|s| s.client == *client && s.room == *room && s.open) {
+            Event::ChangeSeen { who, room, id } => {
+                match subscriptions
+                    .iter_mut()
+                    .rev()
+                    .find(|s| s.who == *who && s.room == *room && s.open)
+                {
                     Some(s) => s.seen.push(*id),
-                    None => violations.push(format!("invariant 6: client {client} got change {id} in {room} without a subscription")),
+                    None => violations.push(format!(
+                        "invariant 6: {who} got change {id} in {room} without a subscription"
+                    )),
                 }
             }
-            Event::Left { client, room, .. } => {
+            Event::Left { who, room, .. } => {
                 for s in subscriptions
                     .iter_mut()
-                    .filter(|s| s.client == *client && s.room == *room)
+                    .filter(|s| s.who == *who && s.room == *room)
                 {
                     s.open = false;
                 }
-            }
-            Event::Disconnected { client, .. } => {
-                disconnected.insert(*client);
             }
             _ => {}
         }
@@ -189,24 +233,24 @@ fn check_changes(events: &[Event], commits: &[Commit], violations: &mut Vec<Stri
     for s in &subscriptions {
         if s.seen.windows(2).any(|w| w[0] >= w[1]) {
             violations.push(format!(
-                "invariant 6: client {} got changes out of order or twice: {:?}",
-                s.client, s.seen
+                "invariant 6: {} got changes out of order or twice: {:?}",
+                s.who, s.seen
             ));
         }
         for id in &s.seen {
             if by_id.get(id).is_none_or(|c| !s.allows(c)) {
                 violations.push(format!(
-                    "invariant 6: client {} got change {id} its filter or RLS forbid",
-                    s.client
+                    "invariant 6: {} got change {id} its filter or RLS forbid",
+                    s.who
                 ));
             }
         }
-        if s.open && !disconnected.contains(&s.client) {
+        if s.open && !disconnected.contains_key(&s.who) {
             for commit in commits.iter().filter(|c| c.at > s.at && s.allows(c)) {
                 if !s.seen.contains(&commit.id) {
                     violations.push(format!(
-                        "invariant 6: client {} subscribed at {} missed change {} committed at {}",
-                        s.client, s.at, commit.id, commit.at
+                        "invariant 6: {} subscribed at {} missed change {} committed at {}",
+                        s.who, s.at, commit.id, commit.at
                     ));
                 }
             }
@@ -214,147 +258,175 @@ fn check_changes(events: &[Event], commits: &[Commit], violations: &mut Vec<Stri
     }
 }
 
+/// Close codes the server may send: normal (heartbeat timeout), going away (join rate),
+/// policy violation (slow consumer) and service restart (shutdown).
+const CLOSE_CODES: [u16; 4] = [1000, 1001, 1008, 1012];
+
+/// A broadcast: its sender connection, room and sequence number.
+type Message = (Who, String, u64);
+
 /// Checks the invariants over the log of client events and the database's commits.
 pub fn check(events: &[Event], commits: &[Commit]) -> Vec<String> {
     let mut violations = Vec::new();
-    let mut membership: BTreeMap<(usize, String), Membership> = BTreeMap::new();
-    let mut disconnected: BTreeMap<usize, Ms> = BTreeMap::new();
-    let mut sent: BTreeMap<(usize, String, u64), Ms> = BTreeMap::new();
-    let mut acked: BTreeSet<(usize, String, u64)> = BTreeSet::new();
-    let mut delivered: BTreeMap<(usize, String, usize, u64), usize> = BTreeMap::new();
-    let mut last_seq: BTreeMap<(usize, String, usize), u64> = BTreeMap::new();
-    let mut tracking: BTreeMap<(usize, String), Option<u64>> = BTreeMap::new();
+    let mut membership: BTreeMap<(Who, String), Membership> = BTreeMap::new();
+    let mut disconnected: BTreeMap<Who, Ms> = BTreeMap::new();
+    let mut sent: BTreeMap<Message, Ms> = BTreeMap::new();
+    let mut acked: BTreeSet<Message> = BTreeSet::new();
+    let mut delivered: BTreeMap<(Who, Message), usize> = BTreeMap::new();
+    // Per receiver, room and sender connection: the seqs received, and when.
+    let mut received: BTreeMap<(Who, String, Who), Vec<(u64, Ms)>> = BTreeMap::new();
+    let mut tracking: BTreeMap<(Who, String), Option<u64>> = BTreeMap::new();
     let mut views = Vec::new();
     for event in events {
         match event {
             Event::Joined {
-                client,
+                who,
                 room,
                 self_broadcast,
                 at,
             } => {
-                let m = membership.entry((*client, room.clone())).or_default();
+                let m = membership.entry((*who, room.clone())).or_default();
                 m.spans.push((*at, None));
                 m.self_broadcast = *self_broadcast;
                 // A new channel starts with nothing tracked.
-                tracking.insert((*client, room.clone()), None);
+                tracking.insert((*who, room.clone()), None);
             }
-            Event::Left { client, room, at } => {
+            Event::Left { who, room, at } => {
                 if let Some(span) = membership
-                    .get_mut(&(*client, room.clone()))
+                    .get_mut(&(*who, room.clone()))
                     .and_then(|m| m.spans.last_mut())
                 {
                     span.1.get_or_insert(*at);
                 }
             }
-            Event::Sent {
-                client,
-                room,
-                seq,
-                at,
-            } => {
-                sent.insert((*client, room.clone(), *seq), *at);
+            Event::Sent { who, room, seq, at } => {
+                sent.insert((*who, room.clone(), *seq), *at);
             }
-            Event::Acked { client, room, seq } => {
-                acked.insert((*client, room.clone(), *seq));
+            Event::Acked { who, room, seq } => {
+                acked.insert((*who, room.clone(), *seq));
             }
             Event::Delivered {
-                client,
+                who,
                 room,
                 from,
                 seq,
                 at,
             } => {
                 *delivered
-                    .entry((*client, room.clone(), *from, *seq))
+                    .entry((*who, (*from, room.clone(), *seq)))
                     .or_default() += 1;
+                let m = membership.get(&(*who, room.clone()));
                 // 3: only members receive, and nothing after their channel ended.
-                let member = membership.get(&(*client, room.clone())).is_some_and(|m| {
-                    m.spans
-                        .last()
-                        .is_some_and(|(joined, left)| *joined <= *at && left.is_none())
-                });
-                if !member {
-                    violations.push(format!("invariant 3: client {client} got {from}#{seq} in {room} while not a member"));
-                }
-                // 4: no self-delivery without `self`.
-                let self_ok = membership
-                    .get(&(*client, room.clone()))
-                    .is_some_and(|m| m.self_broadcast);
-                if from == client && !self_ok {
+                let since = m.and_then(Membership::joined_since);
+                if since.is_none_or(|joined| joined > *at) {
                     violations.push(format!(
-                        "invariant 4: client {client} got its own {seq} in {room} without self"
+                        "invariant 3: {who} got {from}#{seq} in {room} while not a member"
                     ));
                 }
-                // 2: per-sender order.
-                let key = (*client, room.clone(), *from);
-                if let Some(previous) = last_seq.get(&key) {
+                // 4: no self-delivery without `self`.
+                if from == who && !m.is_some_and(|m| m.self_broadcast) {
+                    violations.push(format!(
+                        "invariant 4: {who} got its own #{seq} in {room} without self"
+                    ));
+                }
+                // 2: per-sender order: one sender connection's seqs only grow.
+                let seqs = received.entry((*who, room.clone(), *from)).or_default();
+                if let Some((previous, _)) = seqs.last() {
                     if seq <= previous {
-                        violations.push(format!("invariant 2: client {client} got {from}#{seq} after #{previous} in {room}"));
+                        violations.push(format!(
+                            "invariant 2: {who} got {from}#{seq} after #{previous} in {room}"
+                        ));
                     }
                 }
-                last_seq.insert(key, *seq);
+                seqs.push((*seq, *at));
             }
-            Event::Disconnected { client, at } => {
-                disconnected.entry(*client).or_insert(*at);
+            // The run's end is no fault: a finished connection was live to the end.
+            Event::Disconnected {
+                why: Ending::Finished,
+                ..
+            } => {}
+            Event::Disconnected { who, at, why } => {
+                // 7: a server close says why, in a code the clients know.
+                if let Ending::ServerClosed(code) = why {
+                    if !CLOSE_CODES.contains(code) {
+                        violations.push(format!("invariant 7: {who} was closed with code {code}"));
+                    }
+                }
+                disconnected.entry(*who).or_insert(*at);
             }
-            Event::Tracking {
-                client,
-                room,
-                value,
-            } => {
-                tracking.insert((*client, room.clone()), *value);
+            Event::Tracking { who, room, value } => {
+                tracking.insert((*who, room.clone()), *value);
             }
-            Event::View { client, room, view } => views.push((*client, room.clone(), view.clone())),
-            Event::Subscribed { .. } | Event::ChangeSeen { .. } => {}
-            Event::Broken { client, what } => {
-                violations.push(format!("invariant 7: client {client}: {what}"))
-            }
+            Event::View { who, room, view } => views.push((*who, room.clone(), view.clone())),
+            Event::Connected { .. } | Event::Subscribed { .. } | Event::ChangeSeen { .. } => {}
+            Event::Broken { who, what } => violations.push(format!("invariant 7: {who}: {what}")),
         }
     }
-    // 1: an acknowledged broadcast reaches every stable member exactly once.
-    for (client, room, seq) in &acked {
-        let at = sent[&(*client, room.clone(), *seq)];
+    // 1: an acknowledged broadcast reaches every stable member exactly once, and no member
+    // misses one between two broadcasts of the same sender it did receive.
+    for message @ (from, room, seq) in &acked {
+        let at = sent[message];
         for ((member, member_room), m) in &membership {
-            if member_room != room || (member == client && !m.self_broadcast) {
+            if member_room != room || (member == from && !m.self_broadcast) {
                 continue;
             }
-            let stable = m
-                .spans
-                .last()
-                .is_some_and(|(joined, left)| *joined < at && left.is_none())
-                && !disconnected.contains_key(member);
             let count = delivered
-                .get(&(*member, room.clone(), *client, *seq))
+                .get(&(*member, message.clone()))
                 .copied()
                 .unwrap_or(0);
-            if (stable && count != 1) || count > 1 {
+            if count > 1 {
                 violations.push(format!(
-                    "invariant 1: {client}#{seq} in {room} reached stable member {member} {count} times"
+                    "invariant 1: {from}#{seq} in {room} reached {member} {count} times"
+                ));
+                continue;
+            }
+            // The span the member was in when the sender wrote the message, if any.
+            let Some(&(joined, left)) = m
+                .spans
+                .iter()
+                .find(|(joined, left)| *joined < at && left.is_none_or(|left| left > at))
+            else {
+                continue;
+            };
+            let stable = left.is_none() && !disconnected.contains_key(member);
+            // A later message of the same sender within the span proves this one was due.
+            let later = received
+                .get(&(*member, room.clone(), *from))
+                .is_some_and(|seqs| {
+                    seqs.iter().any(|(s, got)| {
+                        *s > *seq && *got >= joined && left.is_none_or(|left| *got <= left)
+                    })
+                });
+            if count == 0 && (stable || later) {
+                let why = if stable { "stable member" } else { "member" };
+                violations.push(format!(
+                    "invariant 1: {from}#{seq} in {room} never reached {why} {member}, joined at {joined}"
                 ));
             }
         }
     }
     // 5: after healing, every live member's presence view is the set of live trackers.
     for (viewer, room, view) in views {
-        let truth: BTreeMap<String, Vec<u64>> = tracking
-            .iter()
-            .filter(|((client, r), value)| {
-                *r == room
-                    && value.is_some()
-                    && !disconnected.contains_key(client)
-                    && membership
-                        .get(&(*client, room.clone()))
-                        .is_some_and(|m| m.spans.last().is_some_and(|(_, left)| left.is_none()))
-            })
-            .map(|((client, _), value)| (format!("c{client}"), vec![value.expect("filtered")]))
-            .collect();
+        let mut truth: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for ((who, r), value) in &tracking {
+            let live = !disconnected.contains_key(who)
+                && membership
+                    .get(&(*who, room.clone()))
+                    .is_some_and(|m| m.joined_since().is_some());
+            if let (true, true, Some(value)) = (*r == room, live, value) {
+                truth
+                    .entry(format!("c{}", who.client))
+                    .or_default()
+                    .push(*value);
+            }
+        }
+        truth.values_mut().for_each(|values| values.sort_unstable());
         if view != truth {
             violations.push(format!(
-                "invariant 5: client {viewer} sees {view:?} in {room}, truth is {truth:?}"
+                "invariant 5: {viewer} sees {view:?} in {room}, truth is {truth:?}"
             ));
         }
     }
-    check_changes(events, commits, &mut violations);
+    check_changes(events, commits, &disconnected, &mut violations);
     violations
 }

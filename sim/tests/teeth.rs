@@ -41,3 +41,21 @@ fn delivering_rows_rls_hides_is_caught() {
     let seed = first_catch(PlantedBug::IgnoreRlsVerdicts, "invariant 6", 10);
     assert!(seed.is_some(), "an RLS leak went unnoticed for 10 seeds");
 }
+
+#[test]
+fn keeping_slow_consumers_is_caught() {
+    let seed = first_catch(PlantedBug::KeepSlowConsumers, "invariant 1", 20);
+    assert!(
+        seed.is_some(),
+        "frames lost to a full queue went unnoticed for 20 seeds"
+    );
+}
+
+#[test]
+fn never_timing_out_silent_sockets_is_caught() {
+    let seed = first_catch(PlantedBug::IgnoreHeartbeatTimeout, "invariant 5", 20);
+    assert!(
+        seed.is_some(),
+        "a vanished client's presence went unnoticed for 20 seeds"
+    );
+}
