@@ -186,7 +186,7 @@ impl Scenario {
             .rng_seed(self.seed)
             .epoch(SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600))
             .simulation_duration(self.chaos + self.settle + Duration::from_secs(30))
-            .tick_duration(Duration::from_millis(5))
+            .tick_duration(Duration::from_millis(10))
             .max_message_latency(Duration::from_millis(20))
             // Hosts step in an order drawn from the seed, not always node0 first.
             .enable_random_order()
