@@ -61,8 +61,9 @@ pub enum PlantedBug {
     KeepPresenceOnClose,
     /// Rows RLS hides are delivered anyway.
     IgnoreRlsVerdicts,
-    /// A slow consumer is kept: the frames its full queue refused are silently lost.
-    KeepSlowConsumers,
+    /// A slow consumer is kept, and frames past its limit are silently lost (planted in the
+    /// runtime, which enforces the limit).
+    DropFramesOfSlowConsumers,
     /// Silent sockets are never timed out, so a vanished client's presence stays.
     IgnoreHeartbeatTimeout,
 }

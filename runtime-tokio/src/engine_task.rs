@@ -1,12 +1,12 @@
 //! The one task that owns the engine: read what happened, `handle`, drain, carry out,
 //! sleep until the next deadline.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant};
 
 use bytes::Bytes;
+use rustc_hash::FxHashMap;
 use switchboard_engine::{
     ConnId, ConnectParams, Engine, Input, NodeId, Output, PeerMsg, ReqId, RestRequest, Stats,
     WsMessage,
@@ -18,21 +18,13 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tracing::{debug, warn};
 
 use crate::metrics::Metrics;
+use crate::outbox::Outbox;
 use crate::Options;
-
-/// What a socket's writer task does next.
-#[derive(Debug)]
-pub(crate) enum Outbound {
-    /// Write a frame.
-    Frame(Message),
-    /// Write a close frame and stop.
-    Close(CloseFrame),
-}
 
 /// The connection task's end of a socket the engine accepted.
 pub(crate) struct SocketEnd {
     /// Frames to write, in the engine's order; a close frame comes last.
-    pub(crate) queue: mpsc::Receiver<Outbound>,
+    pub(crate) outbox: Arc<Outbox>,
     /// Once the engine is done with the socket: the instant by which the connection task
     /// must have dropped it, flushed or not. Dropped unsent only if the engine task ended.
     pub(crate) deadline: oneshot::Receiver<tokio::time::Instant>,
@@ -148,13 +140,20 @@ impl EngineHandle {
 
 /// The engine task's end of a socket.
 struct Socket {
-    queue: mpsc::Sender<Outbound>,
+    outbox: Arc<Outbox>,
+    /// Frames of this wake-up, handed to the outbox together at its end.
+    pending: Vec<Message>,
+    /// Reported to the engine as a slow consumer, whose close is on its way.
+    lagging: bool,
     deadline: oneshot::Sender<tokio::time::Instant>,
 }
 
 impl Socket {
-    /// Lets the socket go: its connection task gets `grace` to flush what is queued.
-    fn release(self, grace: Duration) {
+    /// Lets the socket go after what is pending: its connection task gets `grace` to write
+    /// it.
+    fn release(mut self, grace: Duration) {
+        self.outbox.append(&mut self.pending);
+        self.outbox.finish();
         let _ = self.deadline.send(tokio::time::Instant::now() + grace);
     }
 }
@@ -163,11 +162,13 @@ struct Driver {
     engine: Engine,
     options: Options,
     metrics: Arc<Metrics>,
-    sockets: HashMap<ConnId, Socket>,
-    upgrades: HashMap<ConnId, oneshot::Sender<Upgrade>>,
-    requests: HashMap<ReqId, oneshot::Sender<(u16, Bytes)>>,
+    sockets: FxHashMap<ConnId, Socket>,
+    /// Sockets with pending frames this wake-up.
+    dirty: Vec<ConnId>,
+    upgrades: FxHashMap<ConnId, oneshot::Sender<Upgrade>>,
+    requests: FxHashMap<ReqId, oneshot::Sender<(u16, Bytes)>>,
     next_req: u64,
-    /// Connections whose queue overflowed, reported back to the engine after the drain.
+    /// Connections whose outbox overflowed, reported back to the engine after the hand-over.
     lagging: Vec<ConnId>,
     /// Connections accepted by the engine whose upgrade can no longer happen.
     gone: Vec<ConnId>,
@@ -191,9 +192,10 @@ pub(crate) fn spawn(
         engine,
         options,
         metrics,
-        sockets: HashMap::new(),
-        upgrades: HashMap::new(),
-        requests: HashMap::new(),
+        sockets: FxHashMap::default(),
+        dirty: Vec::new(),
+        upgrades: FxHashMap::default(),
+        requests: FxHashMap::default(),
         next_req: 0,
         lagging: Vec::new(),
         gone: Vec::new(),
@@ -242,6 +244,7 @@ impl Driver {
                 };
                 self.step(event, peers.as_ref());
             }
+            self.hand_over(peers.as_ref());
             if self.draining {
                 // The engine closed every connection; any socket left gets the same grace.
                 for (_, socket) in self.sockets.drain() {
@@ -287,13 +290,43 @@ impl Driver {
             }
         };
         self.handle(input, peers);
-        while let Some(conn) = self.lagging.pop() {
-            warn!(conn = conn.0, "slow consumer: send queue full, closing");
-            self.metrics.slow_consumers.inc();
-            self.handle(Input::Lagging { conn }, peers);
-        }
         while let Some(conn) = self.gone.pop() {
             self.handle(Input::Closed { conn }, peers);
+        }
+    }
+
+    /// Hands every socket's pending frames to its outbox: one append and one wake per socket
+    /// however many broadcasts the wake-up held. Sockets now over their limit are reported
+    /// to the engine, whose closes go out in turn.
+    fn hand_over(&mut self, peers: Option<&PeerLink>) {
+        loop {
+            for conn in std::mem::take(&mut self.dirty) {
+                let Some(socket) = self.sockets.get_mut(&conn) else {
+                    continue;
+                };
+                #[cfg(feature = "planted-bugs")]
+                if self.options.config.planted_bug
+                    == Some(switchboard_engine::PlantedBug::DropFramesOfSlowConsumers)
+                {
+                    socket
+                        .outbox
+                        .append_within(&mut socket.pending, self.options.send_queue);
+                    continue;
+                }
+                let waiting = socket.outbox.append(&mut socket.pending);
+                if waiting > self.options.send_queue && !socket.lagging {
+                    socket.lagging = true;
+                    self.lagging.push(conn);
+                }
+            }
+            if self.lagging.is_empty() {
+                return;
+            }
+            for conn in std::mem::take(&mut self.lagging) {
+                warn!(conn = conn.0, "slow consumer: send queue full, closing");
+                self.metrics.slow_consumers.inc();
+                self.handle(Input::Lagging { conn }, peers);
+            }
         }
     }
 
@@ -316,41 +349,34 @@ impl Driver {
             Output::Send { to, msg } => {
                 let message = to_message(msg);
                 for conn in to.iter() {
-                    let Some(socket) = self.sockets.get(&conn) else {
+                    let Some(socket) = self.sockets.get_mut(&conn) else {
                         continue;
                     };
-                    // The queue's last slot is the close frame's: a slow consumer that
-                    // still reads gets every queued frame, then learns why it was dropped.
-                    let full = socket.queue.capacity() <= 1
-                        || socket
-                            .queue
-                            .try_send(Outbound::Frame(message.clone()))
-                            .is_err();
-                    if full && !self.lagging.contains(&conn) {
-                        self.lagging.push(conn);
+                    if socket.pending.is_empty() {
+                        self.dirty.push(conn);
                     }
+                    socket.pending.push(message.clone());
                 }
             }
             Output::Close { conn, code, reason } => {
-                let Some(socket) = self.sockets.remove(&conn) else {
+                let Some(mut socket) = self.sockets.remove(&conn) else {
                     return;
                 };
                 let frame = CloseFrame {
                     code: CloseCode::from(code),
                     reason: Utf8Bytes::from_static(reason),
                 };
-                // Queued behind what the socket already has, so a close never overtakes a
-                // send; the slot kept for it means it always fits. A client that does not
-                // read it within the grace loses the socket anyway.
-                let _ = socket.queue.try_send(Outbound::Close(frame));
+                // Behind what the socket already has, so a close never overtakes a send, and
+                // past any limit: a slow consumer that still reads gets every frame, then
+                // learns why it was dropped. One that does not loses the socket at the grace.
+                socket.pending.push(Message::Close(Some(frame)));
                 socket.release(self.options.drain_timeout);
             }
             Output::Accept { conn } => {
-                // One slot more than the frames: the close frame's.
-                let (queue, queue_end) = mpsc::channel(self.options.send_queue.max(1) + 1);
+                let outbox = Outbox::new();
                 let (deadline, deadline_end) = oneshot::channel();
                 let end = SocketEnd {
-                    queue: queue_end,
+                    outbox: outbox.clone(),
                     deadline: deadline_end,
                 };
                 let delivered = self
@@ -358,7 +384,13 @@ impl Driver {
                     .remove(&conn)
                     .is_some_and(|reply| reply.send(Ok(end)).is_ok());
                 if delivered {
-                    self.sockets.insert(conn, Socket { queue, deadline });
+                    let socket = Socket {
+                        outbox,
+                        pending: Vec::new(),
+                        lagging: false,
+                        deadline,
+                    };
+                    self.sockets.insert(conn, socket);
                 } else {
                     // The client went away while the engine decided.
                     self.gone.push(conn);

@@ -12,6 +12,7 @@ mod engine_task;
 mod http;
 mod listener;
 mod metrics;
+mod outbox;
 pub mod postgres;
 mod ws;
 
@@ -37,7 +38,7 @@ pub struct Options {
     pub node: NodeId,
     /// Seed of the engine's RNG (presence keys and refs).
     pub seed: u64,
-    /// Frames queued per socket before it counts as a slow consumer.
+    /// Frames waiting for a socket's writer before it counts as a slow consumer.
     pub send_queue: usize,
     /// Where time comes from: real time in production, simulated time under turmoil.
     pub clock: Clock,

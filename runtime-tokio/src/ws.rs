@@ -1,5 +1,5 @@
 //! One WebSocket connection: a reader feeding the engine and a writer draining the
-//! connection's bounded queue.
+//! connection's outbox.
 //!
 //! Whenever the engine lets a socket go (it closed it, or heard it closed) it also sets a
 //! deadline: what is queued and the close frame may flush until then, and the socket is
@@ -18,14 +18,14 @@ use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use switchboard_engine::{ConnId, WsMessage};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tracing::debug;
 
-use crate::engine_task::{EngineHandle, Outbound, SocketEnd};
+use crate::engine_task::{EngineHandle, SocketEnd};
 use crate::metrics::Metrics;
+use crate::outbox::{Outbox, Taken};
 
 /// Largest frame and message accepted (upstream's limit, PROTOCOL.md §1.1).
 const FRAME_BYTES_MAX: usize = 5_000_000;
@@ -55,11 +55,11 @@ pub(crate) async fn run<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let SocketEnd {
-        queue,
+        outbox,
         mut deadline,
     } = end;
     let (sink, mut source) = stream.split();
-    let mut writer = tokio::spawn(write(sink, queue, metrics));
+    let mut writer = tokio::spawn(write(sink, outbox, metrics));
     let abandon = tokio::time::sleep(std::time::Duration::MAX);
     tokio::pin!(abandon);
     let (mut reading, mut writing, mut released) = (true, true, false);
@@ -130,43 +130,40 @@ enum Ended {
     Broken,
 }
 
-/// Writes queued frames, feeding everything already queued before one flush: one syscall
-/// for a burst instead of one per frame.
+/// Writes what the outbox holds, feeding everything taken at once before one flush: one
+/// syscall for a burst instead of one per frame.
 async fn write<S>(
     mut sink: SplitSink<WebSocketStream<S>, Message>,
-    mut queue: mpsc::Receiver<Outbound>,
+    outbox: Arc<Outbox>,
     metrics: Arc<Metrics>,
 ) -> Ended
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    while let Some(first) = queue.recv().await {
-        let mut next = Some(first);
+    loop {
+        let Taken { frames, finished } = outbox.take().await;
         let mut bytes = 0u64;
-        while let Some(outbound) = next.take() {
-            match outbound {
-                Outbound::Frame(message) => {
-                    bytes += message.len() as u64;
-                    if sink.feed(message).await.is_err() {
-                        return Ended::Broken;
-                    }
-                }
-                Outbound::Close(frame) => {
-                    if sink.send(Message::Close(Some(frame))).await.is_err() {
-                        return Ended::Broken;
-                    }
-                    metrics.bytes_out.inc_by(bytes);
-                    return Ended::CloseSent;
-                }
+        for message in frames {
+            if let Message::Close(_) = message {
+                // The engine's close frame comes last: the client's reply is due.
+                return match sink.send(message).await {
+                    Ok(()) => Ended::CloseSent,
+                    Err(_) => Ended::Broken,
+                };
             }
-            next = queue.try_recv().ok();
+            bytes += message.len() as u64;
+            if sink.feed(message).await.is_err() {
+                return Ended::Broken;
+            }
         }
         if sink.flush().await.is_err() {
             return Ended::Broken;
         }
         metrics.bytes_out.inc_by(bytes);
+        if finished {
+            // Flushes tungstenite's reply to the client's close frame.
+            let _ = sink.close().await;
+            return Ended::Released;
+        }
     }
-    // Flushes tungstenite's reply to the client's close frame.
-    let _ = sink.close().await;
-    Ended::Released
 }

@@ -43,11 +43,11 @@ fn delivering_rows_rls_hides_is_caught() {
 }
 
 #[test]
-fn keeping_slow_consumers_is_caught() {
-    let seed = first_catch(PlantedBug::KeepSlowConsumers, "invariant 1", 20);
+fn dropping_frames_of_slow_consumers_is_caught() {
+    let seed = first_catch(PlantedBug::DropFramesOfSlowConsumers, "invariant 1", 20);
     assert!(
         seed.is_some(),
-        "frames lost to a full queue went unnoticed for 20 seeds"
+        "frames dropped for a slow consumer went unnoticed for 20 seeds"
     );
 }
 
