@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use rustc_hash::FxHashMap;
 use serde_json::{Map, Value};
 
 /// Verified claims of a token, kept for RLS and private channels.
@@ -143,6 +144,55 @@ impl Verifier {
     }
 }
 
+/// Tokens verified and still held by a connection or channel. The thousands of sockets that
+/// present one key (every browser of a site shares its anon key) then share one copy of the
+/// token and its claims, about a kilobyte each, and a token seen before skips the HMAC and
+/// the JSON parse. A signature's validity depends only on the token and the secret, so the
+/// only check a known token still needs is its expiry.
+pub(crate) struct Tokens {
+    verifier: Verifier,
+    known: FxHashMap<Arc<str>, Arc<Claims>>,
+    /// When `known` reaches this size, entries nobody holds any more are swept out, and the
+    /// next sweep waits until it doubles: amortised O(1), at most twice the live tokens.
+    sweep_at: usize,
+}
+
+impl Tokens {
+    pub(crate) fn new(secret: &str) -> Self {
+        Tokens {
+            verifier: Verifier::new(secret),
+            known: FxHashMap::default(),
+            sweep_at: 64,
+        }
+    }
+
+    /// Verifies `token` at `now_unix_ms` as [`Verifier::verify`] does, and returns the
+    /// shared copy of the token with its claims.
+    pub(crate) fn verify(
+        &mut self,
+        token: &str,
+        now_unix_ms: u64,
+    ) -> Result<(Arc<str>, Arc<Claims>), TokenError> {
+        if let Some((known, claims)) = self.known.get_key_value(token) {
+            let now_secs = now_unix_ms / 1000;
+            if claims.exp <= now_secs {
+                return Err(TokenError::Expired {
+                    secs_ago: now_secs - claims.exp,
+                });
+            }
+            return Ok((known.clone(), claims.clone()));
+        }
+        let claims = Arc::new(self.verifier.verify(token, now_unix_ms)?);
+        if self.known.len() >= self.sweep_at {
+            self.known.retain(|_, claims| Arc::strong_count(claims) > 1);
+            self.sweep_at = (self.known.len() * 2).max(64);
+        }
+        let token: Arc<str> = Arc::from(token);
+        self.known.insert(token.clone(), claims.clone());
+        Ok((token, claims))
+    }
+}
+
 /// Signs `claims` with HS256: development keys printed by the binary, and tests.
 pub fn sign(secret: &str, claims: &Value) -> String {
     jsonwebtoken::encode(
@@ -215,6 +265,44 @@ mod tests {
             verify("").unwrap_err().connect_message(),
             "API key is missing"
         );
+    }
+
+    #[test]
+    fn a_known_token_is_shared_and_still_expires() {
+        let mut tokens = Tokens::new("secret");
+        let token = sign("secret", &json!({"role": "anon", "exp": 1_700_000_100u64}));
+        let (first, claims) = tokens.verify(&token, NOW_MS).unwrap();
+        let (second, again) = tokens.verify(&token, NOW_MS).unwrap();
+        assert!(Arc::ptr_eq(&first, &second) && Arc::ptr_eq(&claims, &again));
+        assert_eq!(
+            tokens.verify(&token, NOW_MS + 105_000).unwrap_err(),
+            TokenError::Expired { secs_ago: 5 }
+        );
+        let forged = sign("other", &json!({"role": "anon", "exp": 1_800_000_000u64}));
+        assert_eq!(
+            tokens.verify(&forged, NOW_MS).unwrap_err(),
+            TokenError::BadSignature
+        );
+    }
+
+    #[test]
+    fn tokens_nobody_holds_are_swept() {
+        let mut tokens = Tokens::new("secret");
+        let held = tokens
+            .verify(
+                &sign("secret", &json!({"role": "anon", "exp": 1_800_000_000u64})),
+                NOW_MS,
+            )
+            .unwrap();
+        for exp in 0..200u64 {
+            let token = sign(
+                "secret",
+                &json!({"role": "anon", "exp": 1_800_000_001 + exp}),
+            );
+            tokens.verify(&token, NOW_MS).unwrap();
+        }
+        assert!(tokens.known.len() <= 128, "{} kept", tokens.known.len());
+        assert!(tokens.known.contains_key(&held.0));
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub(crate) struct Channel {
     /// The presence key: the configured one or a generated UUID.
     pub(crate) presence_key: Arc<str>,
     /// The channel's own token, when it is not the connection token.
-    pub(crate) token: Option<Box<str>>,
+    pub(crate) token: Option<Arc<str>>,
     pub(crate) claims: Arc<Claims>,
     /// Postgres changes bindings, echoed with ids.
     pub(crate) bindings: Vec<Binding>,
@@ -185,13 +185,16 @@ impl Engine {
             return;
         }
         // The channel token: the join's own unless it is an opaque `sb_` key.
-        let own_token = config.token.clone().filter(|t| !t.starts_with("sb_"));
-        let claims = match &own_token {
-            None => Ok(c.claims.clone()),
-            Some(token) => self.verifier.verify(token, self.now.unix_ms).map(Arc::new),
+        let own_token = config.token.as_deref().filter(|t| !t.starts_with("sb_"));
+        let verified = match own_token {
+            None => Ok((None, c.claims.clone())),
+            Some(token) => self
+                .tokens
+                .verify(token, self.now.unix_ms)
+                .map(|(token, claims)| (Some(token), claims)),
         };
-        let claims = match claims {
-            Ok(claims) => claims,
+        let (own_token, claims) = match verified {
+            Ok(verified) => verified,
             Err(e) => {
                 self.refuse_join(conn, vsn, &reply_to, &e.join_reason(), false);
                 return;
@@ -226,7 +229,7 @@ impl Engine {
         sub: &str,
         private: bool,
         claims: Arc<Claims>,
-        own_token: Option<String>,
+        own_token: Option<Arc<str>>,
         config: JoinConfig,
     ) {
         let presence_key = match config.presence_key {
@@ -243,10 +246,14 @@ impl Engine {
             .collect();
         self.next_instance += 1;
         let instance = self.next_instance;
-        let topic: Arc<str> = Arc::from(reply_to.topic);
         let room = RoomKey {
             private,
             sub: Arc::from(sub),
+        };
+        // Members of a room share its key and topic: one copy each, not one per channel.
+        let (room, topic) = match self.rooms.get_key_value(&room) {
+            Some((key, existing)) => (key.clone(), existing.topic.clone()),
+            None => (room, Arc::from(reply_to.topic)),
         };
         let exp = claims.exp;
         let channel = Channel {
@@ -258,7 +265,7 @@ impl Engine {
             ack: config.ack,
             presence_enabled: config.presence_enabled || self.config.presence_enabled,
             presence_key,
-            token: own_token.map(String::into_boxed_str),
+            token: own_token,
             claims,
             bindings,
             presence_calls: FixedWindow::default(),
@@ -397,13 +404,13 @@ impl Engine {
         if token.starts_with("sb_") || token == current {
             return;
         }
-        match self.verifier.verify(token, self.now.unix_ms) {
-            Ok(claims) => {
+        match self.tokens.verify(token, self.now.unix_ms) {
+            Ok((token, claims)) => {
                 let c = self.conns.get_mut(&conn).expect("checked above");
                 let channel = &mut c.channels[index];
                 let exp = claims.exp;
-                channel.claims = Arc::new(claims);
-                channel.token = Some(token.into());
+                channel.claims = claims;
+                channel.token = Some(token);
                 let instance = channel.instance;
                 self.arm_expiry(conn, instance, exp);
                 // Re-registered under the new claims: RLS follows the new token.

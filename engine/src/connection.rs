@@ -68,11 +68,11 @@ impl Engine {
         let refused = match &token {
             None => Err((401, "API key is missing".to_owned())),
             Some(token) => self
-                .verifier
+                .tokens
                 .verify(token, self.now.unix_ms)
                 .map_err(|e| (401, e.connect_message())),
         }
-        .and_then(|claims| {
+        .and_then(|verified| {
             if self.shutting_down {
                 Err((503, "Realtime is restarting, please standby".to_owned()))
             } else if self.users >= self.config.concurrent_users_max {
@@ -80,19 +80,18 @@ impl Engine {
             } else if self.joins.tripped(self.now.mono) {
                 Err((429, "Too many joins per second".to_owned()))
             } else {
-                Ok(claims)
+                Ok(verified)
             }
         });
         match refused {
-            Ok(claims) => {
+            Ok((token, claims)) => {
                 let now = self.now.mono;
-                let token: Arc<str> = token.map(Arc::from).unwrap_or_else(|| Arc::from(""));
                 self.conns.insert(
                     conn,
                     Conn {
                         vsn,
                         token,
-                        claims: Arc::new(claims),
+                        claims,
                         last_seen: now,
                         empty_since: Some(now),
                         channels: Vec::new(),

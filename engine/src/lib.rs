@@ -342,13 +342,13 @@ pub struct Engine {
     #[cfg(feature = "planted-bugs")]
     planted_count: u64,
     stats: Stats,
-    verifier: auth::Verifier,
+    tokens: auth::Tokens,
 }
 
 impl Engine {
     /// Builds an engine. Every random choice (presence keys and refs) comes from `seed`.
     pub fn new(config: Config, node: NodeId, seed: u64) -> Self {
-        let verifier = auth::Verifier::new(&config.jwt_secret);
+        let tokens = auth::Tokens::new(&config.jwt_secret);
         let joins = TokenBucket::new(config.joins_per_sec_max, config.rate_window_secs);
         let events = TokenBucket::new(config.events_per_sec_max, config.rate_window_secs);
         let presence_rate =
@@ -377,7 +377,7 @@ impl Engine {
             #[cfg(feature = "planted-bugs")]
             planted_count: 0,
             stats: Stats::default(),
-            verifier,
+            tokens,
             config,
         }
     }

@@ -1,6 +1,8 @@
 //! The REST broadcast API (PROTOCOL.md §3.4, §3.5): parsing, auth, limits and delivery.
 //! HTTP routing stays in the runtimes; every decision a client can observe is made here.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
 
@@ -92,10 +94,11 @@ impl Engine {
         self.emit(Output::Reply { req, status, body });
     }
 
-    fn authorize(&self, auth: &RestAuth) -> Result<Claims, Answer> {
+    fn authorize(&mut self, auth: &RestAuth) -> Result<Arc<Claims>, Answer> {
         let token = auth.token().ok_or_else(|| message(401, "Unauthorized"))?;
-        self.verifier
+        self.tokens
             .verify(token, self.now.unix_ms)
+            .map(|(_, claims)| claims)
             .map_err(|_| message(401, "Unauthorized"))
     }
 
