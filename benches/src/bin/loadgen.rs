@@ -6,6 +6,7 @@
 //! It stays on loopback, stops by itself after `--duration`, and prints one
 //! machine-readable JSON line last. `--mode floor` drives the raw fan-out floor instead.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,10 +19,10 @@ use hdrhistogram::Histogram;
 use serde_json::json;
 use switchboard_engine::protocol::{encode_user_broadcast_push, UserBroadcastPush};
 use switchboard_engine::Encoding;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::WebSocketStream;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Mode {
@@ -84,10 +85,15 @@ struct Args {
     /// `presence_diff` every member receives (presence churn).
     #[arg(long)]
     presence: bool,
+    /// Loopback source addresses to spread connections over (127.0.0.2 and up). One address
+    /// has about 28,000 ephemeral ports, and connect() slows down sharply as they fill up,
+    /// with the TIME_WAIT sockets of earlier runs too.
+    #[arg(long, default_value_t = 16)]
+    source_ips: u8,
 }
 
-type Sink = SplitSink<WebSocketStream<MaybeTlsStream<TcpStream>>, Message>;
-type Source = SplitStream<WebSocketStream<MaybeTlsStream<TcpStream>>>;
+type Sink = SplitSink<WebSocketStream<TcpStream>, Message>;
+type Source = SplitStream<WebSocketStream<TcpStream>>;
 
 /// Resident memory of `pid` in KiB.
 fn rss_kib(pid: Option<u32>) -> Option<u64> {
@@ -100,7 +106,21 @@ fn topic(room: usize) -> String {
     format!("realtime:load-{room}")
 }
 
-async fn open(args: &Args, room: usize) -> Result<(Sink, Source), String> {
+/// Connects from loopback source address `127.0.0.<2 + index % source_ips>`.
+async fn tcp(args: &Args, index: usize) -> std::io::Result<TcpStream> {
+    let server: SocketAddr = args
+        .addr
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let socket = TcpSocket::new_v4()?;
+    let last = 2 + (index % usize::from(args.source_ips.max(1))) as u8;
+    socket.bind(SocketAddr::from(([127, 0, 0, last], 0)))?;
+    let stream = socket.connect(server).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+async fn open(args: &Args, index: usize, room: usize) -> Result<(Sink, Source), String> {
     let url = match args.mode {
         Mode::Switchboard => {
             let vsn = if args.vsn == Vsn::V2 {
@@ -118,7 +138,8 @@ async fn open(args: &Args, room: usize) -> Result<(Sink, Source), String> {
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
         .write_buffer_size(4096);
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true)
+    let stream = tcp(args, index).await.map_err(|e| e.to_string())?;
+    let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
         .await
         .map_err(|e| e.to_string())?;
     let (mut sink, mut source) = ws.split();
@@ -248,7 +269,7 @@ async fn main() {
         opening.push(tokio::spawn(async move {
             let _permit = semaphore.acquire().await.expect("semaphore open");
             let room = i % args.rooms;
-            (room, open(&args, room).await)
+            (room, open(&args, i, room).await)
         }));
     }
     let mut connections = Vec::with_capacity(args.connections);
