@@ -209,10 +209,24 @@ fn random_secret() -> anyhow::Result<String> {
         .collect())
 }
 
+/// Pending connections the kernel queues before accept (capped by `net.core.somaxconn`).
+/// tokio's `TcpListener::bind` asks for 128: a reconnect storm of a few hundred clients
+/// overflows that, and each dropped SYN is only retried after a second.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 async fn run(serve: Serve) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(serve.bind)
-        .await
-        .with_context(|| format!("binding {}", serve.bind))?;
+    let listener = listen(serve.bind).with_context(|| format!("binding {}", serve.bind))?;
     let addr = listener.local_addr().context("reading the bound address")?;
     let (jwt_secret, generated) = match serve.jwt_secret {
         Some(secret) => (secret, false),
