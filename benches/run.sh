@@ -59,6 +59,7 @@ scenarios=(
   "1k fan-out 1→1000|--connections 1001 --rooms 1 --publishers 1 --rate 1000"
   "10k, 100 rooms × 100|--connections 10000 --rooms 100 --publishers 100 --rate 2000"
   "10k fan-out 1→10000|--connections 10000 --rooms 1 --publishers 1 --rate 200"
+  "10k fan-out 1→10000, 400/s (saturating)|--connections 10000 --rooms 1 --publishers 1 --rate 400"
   "1k v1.0.0 fan-out 1→1000|--connections 1001 --rooms 1 --publishers 1 --rate 2000 --vsn v1"
   "presence churn 1k|--connections 1000 --rooms 1 --publishers 500 --rate 50 --presence"
   "19k idle joined|--connections 19000 --rooms 190 --publishers 0 --rate 0 --connect-concurrency 512"

@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -32,7 +31,15 @@ type Rooms = Arc<Mutex<HashMap<String, Vec<(u64, mpsc::Sender<Message>)>>>>;
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
     let args = Args::parse();
-    let listener = TcpListener::bind(&args.bind).await?;
+    // The backlog switchboard asks for: tokio's default of 128 drops SYNs in a burst.
+    let addr: std::net::SocketAddr = args
+        .bind
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    let listener = socket.listen(4096)?;
     println!("floor listening on ws://{}", listener.local_addr()?);
     let rooms: Rooms = Arc::default();
     let mut next_id = 0u64;

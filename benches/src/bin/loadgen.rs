@@ -7,6 +7,7 @@
 //! machine-readable JSON line last. `--mode floor` drives the raw fan-out floor instead.
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -106,6 +107,29 @@ fn topic(room: usize) -> String {
     format!("realtime:load-{room}")
 }
 
+/// Leaves the port to connect(), which picks one free for the whole address pair. A port
+/// bind() picks alone may still be in TIME_WAIT at the server from an earlier run, and
+/// such a SYN is only retried after a second.
+fn bind_address_no_port(socket: &TcpSocket) -> std::io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: a plain setsockopt on a socket we own, with a pointer to a live c_int and its
+    // size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Connects from loopback source address `127.0.0.<2 + index % source_ips>`.
 async fn tcp(args: &Args, index: usize) -> std::io::Result<TcpStream> {
     let server: SocketAddr = args
@@ -113,6 +137,7 @@ async fn tcp(args: &Args, index: usize) -> std::io::Result<TcpStream> {
         .parse()
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let socket = TcpSocket::new_v4()?;
+    bind_address_no_port(&socket)?;
     let last = 2 + (index % usize::from(args.source_ips.max(1))) as u8;
     socket.bind(SocketAddr::from(([127, 0, 0, last], 0)))?;
     let stream = socket.connect(server).await?;
