@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant as StdInstant};
+use std::time::Instant as StdInstant;
 
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tracing::{debug, warn};
 
 use crate::metrics::Metrics;
-use crate::outbox::Outbox;
+use crate::outbox::{Batch, Outbox, Picks};
 use crate::Options;
 
 /// The connection task's end of a socket the engine accepted.
@@ -39,6 +39,11 @@ const FRAMES_QUEUED_MAX: usize = 4096;
 
 /// Inputs taken per wake-up before outputs are carried out and the timer re-armed.
 const BATCH_MAX: usize = 256;
+
+/// Frames gathered for sockets before they are handed over, even mid-batch: 256 broadcasts
+/// to 10,000 members would otherwise keep every socket waiting until 2.5M deliveries were
+/// gathered.
+const HAND_OVER_FRAMES: usize = 128 * 1024;
 
 /// Membership and messages of the peer bus.
 #[derive(Debug)]
@@ -141,21 +146,11 @@ impl EngineHandle {
 /// The engine task's end of a socket.
 struct Socket {
     outbox: Arc<Outbox>,
-    /// Frames of this wake-up, handed to the outbox together at its end.
-    pending: Vec<Message>,
+    /// This hand-over's frames for the socket, as indices into the driver's table.
+    pending: Vec<u32>,
     /// Reported to the engine as a slow consumer, whose close is on its way.
     lagging: bool,
     deadline: oneshot::Sender<tokio::time::Instant>,
-}
-
-impl Socket {
-    /// Lets the socket go after what is pending: its connection task gets `grace` to write
-    /// it.
-    fn release(mut self, grace: Duration) {
-        self.outbox.append(&mut self.pending);
-        self.outbox.finish();
-        let _ = self.deadline.send(tokio::time::Instant::now() + grace);
-    }
 }
 
 struct Driver {
@@ -163,8 +158,12 @@ struct Driver {
     options: Options,
     metrics: Arc<Metrics>,
     sockets: FxHashMap<ConnId, Socket>,
-    /// Sockets with pending frames this wake-up.
+    /// This hand-over's frames, each encoded once, shared by every socket it goes to.
+    table: Vec<Message>,
+    /// Sockets with pending frames.
     dirty: Vec<ConnId>,
+    /// Frames pending over all sockets.
+    pending_frames: usize,
     upgrades: FxHashMap<ConnId, oneshot::Sender<Upgrade>>,
     requests: FxHashMap<ReqId, oneshot::Sender<(u16, Bytes)>>,
     next_req: u64,
@@ -193,7 +192,9 @@ pub(crate) fn spawn(
         options,
         metrics,
         sockets: FxHashMap::default(),
+        table: Vec::new(),
         dirty: Vec::new(),
+        pending_frames: 0,
         upgrades: FxHashMap::default(),
         requests: FxHashMap::default(),
         next_req: 0,
@@ -235,6 +236,9 @@ impl Driver {
             self.step(event, peers.as_ref());
             // Take whatever else is ready before sleeping: one wake-up, many inputs.
             for _ in 0..BATCH_MAX {
+                if self.pending_frames >= HAND_OVER_FRAMES {
+                    self.hand_over(peers.as_ref());
+                }
                 let Some(event) = events
                     .try_recv()
                     .ok()
@@ -247,8 +251,8 @@ impl Driver {
             self.hand_over(peers.as_ref());
             if self.draining {
                 // The engine closed every connection; any socket left gets the same grace.
-                for (_, socket) in self.sockets.drain() {
-                    socket.release(self.options.drain_timeout);
+                for (_, socket) in std::mem::take(&mut self.sockets) {
+                    self.release(socket, None);
                 }
                 return;
             }
@@ -280,7 +284,7 @@ impl Driver {
                 if let Input::Closed { conn } = &input {
                     // Let the writer flush tungstenite's reply to the client's close frame.
                     if let Some(socket) = self.sockets.remove(conn) {
-                        socket.release(self.options.drain_timeout);
+                        self.release(socket, None);
                     }
                 }
                 if matches!(input, Input::Shutdown) {
@@ -300,20 +304,40 @@ impl Driver {
     /// to the engine, whose closes go out in turn.
     fn hand_over(&mut self, peers: Option<&PeerLink>) {
         loop {
+            self.pending_frames = 0;
+            let table: Arc<[Message]> = std::mem::take(&mut self.table).into();
             for conn in std::mem::take(&mut self.dirty) {
                 let Some(socket) = self.sockets.get_mut(&conn) else {
                     continue;
+                };
+                // Picks are distinct and ascending: as many as the table means all of it.
+                let batch = if socket.pending.len() == table.len() {
+                    if socket.pending.capacity() > 64 {
+                        socket.pending = Vec::new();
+                    } else {
+                        socket.pending.clear();
+                    }
+                    match &*table {
+                        [one] => Batch::One(one.clone()),
+                        _ => Batch::Shared {
+                            frames: table.clone(),
+                            picks: Picks::All,
+                        },
+                    }
+                } else {
+                    Batch::Shared {
+                        frames: table.clone(),
+                        picks: Picks::Some(std::mem::take(&mut socket.pending)),
+                    }
                 };
                 #[cfg(feature = "planted-bugs")]
                 if self.options.config.planted_bug
                     == Some(switchboard_engine::PlantedBug::DropFramesOfSlowConsumers)
                 {
-                    socket
-                        .outbox
-                        .append_within(&mut socket.pending, self.options.send_queue);
+                    socket.outbox.append_within(batch, self.options.send_queue);
                     continue;
                 }
-                let waiting = socket.outbox.append(&mut socket.pending);
+                let waiting = socket.outbox.append(batch);
                 if waiting > self.options.send_queue && !socket.lagging {
                     socket.lagging = true;
                     self.lagging.push(conn);
@@ -328,6 +352,22 @@ impl Driver {
                 self.handle(Input::Lagging { conn }, peers);
             }
         }
+    }
+
+    /// Lets a socket go after what is pending for it and `close`: its connection task gets
+    /// the drain timeout to write them.
+    fn release(&self, socket: Socket, close: Option<CloseFrame>) {
+        let mut own: Vec<Message> = socket
+            .pending
+            .iter()
+            .map(|&pick| self.table[pick as usize].clone())
+            .collect();
+        own.extend(close.map(|frame| Message::Close(Some(frame))));
+        socket.outbox.append(Batch::Own(own));
+        socket.outbox.finish();
+        let _ = socket
+            .deadline
+            .send(tokio::time::Instant::now() + self.options.drain_timeout);
     }
 
     fn handle(&mut self, input: Input, peers: Option<&PeerLink>) {
@@ -347,7 +387,9 @@ impl Driver {
     fn execute(&mut self, output: Output, peers: Option<&PeerLink>) {
         match output {
             Output::Send { to, msg } => {
-                let message = to_message(msg);
+                let pick = u32::try_from(self.table.len())
+                    .expect("a hand-over holds far fewer than 2^32 frames");
+                let mut sent = false;
                 for conn in to.iter() {
                     let Some(socket) = self.sockets.get_mut(&conn) else {
                         continue;
@@ -355,11 +397,16 @@ impl Driver {
                     if socket.pending.is_empty() {
                         self.dirty.push(conn);
                     }
-                    socket.pending.push(message.clone());
+                    socket.pending.push(pick);
+                    self.pending_frames += 1;
+                    sent = true;
+                }
+                if sent {
+                    self.table.push(to_message(msg));
                 }
             }
             Output::Close { conn, code, reason } => {
-                let Some(mut socket) = self.sockets.remove(&conn) else {
+                let Some(socket) = self.sockets.remove(&conn) else {
                     return;
                 };
                 let frame = CloseFrame {
@@ -369,8 +416,7 @@ impl Driver {
                 // Behind what the socket already has, so a close never overtakes a send, and
                 // past any limit: a slow consumer that still reads gets every frame, then
                 // learns why it was dropped. One that does not loses the socket at the grace.
-                socket.pending.push(Message::Close(Some(frame)));
-                socket.release(self.options.drain_timeout);
+                self.release(socket, Some(frame));
             }
             Output::Accept { conn } => {
                 let outbox = Outbox::new();

@@ -4,16 +4,108 @@
 //! Why not a tokio `mpsc` channel per socket: its first block of 32 slots is allocated up
 //! front, about 1.8 KB for every idle socket, and each frame sent through it is a handful of
 //! atomic operations on cache lines the writer's core also writes. The engine task instead
-//! gathers a wake-up's frames per socket in a plain `Vec` and hands the whole batch over
-//! here in one locked append: one wake per socket per batch, however many broadcasts the
-//! batch held. The writer takes everything at once. An idle socket's outbox holds no frame
-//! buffer at all.
+//! gathers a hand-over's frames once, in a table every socket shares, and each socket's share
+//! as indices into it; at the hand-over every socket gets one [`Batch`] in one locked append
+//! and one wake, however many broadcasts it held. The writer takes everything at once. An
+//! idle socket's outbox holds no frame buffer at all.
+//!
+//! A frame waiting in an outbox costs four bytes, not a 56-byte message: a backlog of
+//! thousands of frames per socket (clients reading slower than they are sent to) stays
+//! small, and batches are moved in whole, never copied into larger buffers.
 
 use std::future::poll_fn;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Poll, Waker};
 
+use smallvec::SmallVec;
 use tokio_tungstenite::tungstenite::Message;
+
+/// Frames for one socket from one hand-over, in order.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Batch {
+    /// One frame: the usual share of a broadcast when the server keeps up.
+    One(Message),
+    /// Frames from the hand-over's table, which every socket shares.
+    Shared {
+        frames: Arc<[Message]>,
+        picks: Picks,
+    },
+    /// Frames of the socket's own: its last ones, when it is let go between hand-overs.
+    Own(Vec<Message>),
+}
+
+/// Which frames of a shared table a socket gets.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Picks {
+    /// Every one, as every member of a busy room does: nothing to allocate per socket.
+    All,
+    /// These, in order.
+    Some(Vec<u32>),
+}
+
+impl Batch {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Batch::One(_) => 1,
+            Batch::Shared {
+                frames,
+                picks: Picks::All,
+            } => frames.len(),
+            Batch::Shared {
+                picks: Picks::Some(picks),
+                ..
+            } => picks.len(),
+            Batch::Own(frames) => frames.len(),
+        }
+    }
+
+    /// The frames in order; shared ones as refcounted clones.
+    pub(crate) fn into_frames(self) -> Frames {
+        match self {
+            Batch::One(frame) => Frames::One(Some(frame)),
+            Batch::Shared {
+                frames,
+                picks: Picks::All,
+            } => Frames::All(frames, 0),
+            Batch::Shared {
+                frames,
+                picks: Picks::Some(picks),
+            } => Frames::Picked(frames, picks.into_iter()),
+            Batch::Own(frames) => Frames::Own(frames.into_iter()),
+        }
+    }
+
+    /// Keeps only the first `n` frames.
+    #[cfg(feature = "planted-bugs")]
+    fn truncate(self, n: usize) -> Batch {
+        Batch::Own(self.into_frames().take(n).collect())
+    }
+}
+
+/// The frames of a [`Batch`].
+pub(crate) enum Frames {
+    One(Option<Message>),
+    All(Arc<[Message]>, usize),
+    Picked(Arc<[Message]>, std::vec::IntoIter<u32>),
+    Own(std::vec::IntoIter<Message>),
+}
+
+impl Iterator for Frames {
+    type Item = Message;
+
+    fn next(&mut self) -> Option<Message> {
+        match self {
+            Frames::One(frame) => frame.take(),
+            Frames::All(frames, at) => {
+                let frame = frames.get(*at)?.clone();
+                *at += 1;
+                Some(frame)
+            }
+            Frames::Picked(frames, picks) => picks.next().map(|pick| frames[pick as usize].clone()),
+            Frames::Own(frames) => frames.next(),
+        }
+    }
+}
 
 /// One socket's outbox, shared by the engine task (which appends) and the writer (which
 /// takes).
@@ -24,16 +116,19 @@ pub(crate) struct Outbox {
 
 #[derive(Default)]
 struct State {
-    frames: Vec<Message>,
-    /// No frame will follow what is in `frames`.
+    /// Batches in order; the first inline, as a socket that keeps up has one at a time.
+    batches: SmallVec<[Batch; 1]>,
+    /// Frames in `batches`.
+    waiting: usize,
+    /// No frame will follow what is in `batches`.
     finished: bool,
     /// The writer, parked until there is something to take.
     writer: Option<Waker>,
 }
 
-/// What the writer takes: frames in order, and whether the engine is done with the socket.
+/// What the writer takes: batches in order, and whether the engine is done with the socket.
 pub(crate) struct Taken {
-    pub(crate) frames: Vec<Message>,
+    pub(crate) batches: SmallVec<[Batch; 1]>,
     pub(crate) finished: bool,
 }
 
@@ -50,17 +145,15 @@ impl Outbox {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Appends `frames` (emptying it; its allocation moves in when the outbox is empty) and
-    /// wakes the writer. Returns how many frames now wait.
-    pub(crate) fn append(&self, frames: &mut Vec<Message>) -> usize {
+    /// Appends `batch` and wakes the writer. Returns how many frames now wait.
+    pub(crate) fn append(&self, batch: Batch) -> usize {
         let (waiting, writer) = {
             let mut state = self.lock();
-            if state.frames.is_empty() {
-                std::mem::swap(&mut state.frames, frames);
-            } else {
-                state.frames.append(frames);
+            if batch.len() > 0 {
+                state.waiting += batch.len();
+                state.batches.push(batch);
             }
-            (state.frames.len(), state.writer.take())
+            (state.waiting, state.writer.take())
         };
         if let Some(writer) = writer {
             writer.wake();
@@ -71,10 +164,9 @@ impl Outbox {
     /// The planted slow-consumer bug: appends only what fits under `limit` and drops the
     /// rest without a word.
     #[cfg(feature = "planted-bugs")]
-    pub(crate) fn append_within(&self, frames: &mut Vec<Message>, limit: usize) {
-        let room = limit.saturating_sub(self.lock().frames.len());
-        frames.truncate(room);
-        self.append(frames);
+    pub(crate) fn append_within(&self, batch: Batch, limit: usize) {
+        let room = limit.saturating_sub(self.lock().waiting);
+        self.append(batch.truncate(room));
     }
 
     /// Says no frame follows what was appended, and wakes the writer.
@@ -93,15 +185,16 @@ impl Outbox {
     pub(crate) async fn take(&self) -> Taken {
         poll_fn(|cx| {
             let mut state = self.lock();
-            if state.frames.is_empty() && !state.finished {
+            if state.batches.is_empty() && !state.finished {
                 match &mut state.writer {
                     Some(waker) if waker.will_wake(cx.waker()) => {}
                     slot => *slot = Some(cx.waker().clone()),
                 }
                 return Poll::Pending;
             }
+            state.waiting = 0;
             Poll::Ready(Taken {
-                frames: std::mem::take(&mut state.frames),
+                batches: std::mem::take(&mut state.batches),
                 finished: state.finished,
             })
         })
@@ -120,14 +213,28 @@ mod tests {
     #[tokio::test]
     async fn frames_arrive_in_order_then_the_end() {
         let outbox = Outbox::new();
-        let mut batch = vec![text("a"), text("b")];
-        assert_eq!(outbox.append(&mut batch), 2);
-        assert!(batch.is_empty());
-        let mut batch = vec![text("c")];
-        assert_eq!(outbox.append(&mut batch), 3);
+        let table: Arc<[Message]> = Arc::from(vec![text("a"), text("b"), text("c")]);
+        let picked = Batch::Shared {
+            frames: table.clone(),
+            picks: Picks::Some(vec![2, 0]),
+        };
+        assert_eq!(outbox.append(picked), 2);
+        let all = Batch::Shared {
+            frames: table,
+            picks: Picks::All,
+        };
+        assert_eq!(outbox.append(all), 5);
+        assert_eq!(outbox.append(Batch::One(text("d"))), 6);
+        assert_eq!(outbox.append(Batch::Own(vec![text("e")])), 7);
         outbox.finish();
         let taken = outbox.take().await;
-        assert_eq!(taken.frames, vec![text("a"), text("b"), text("c")]);
+        let frames: Vec<Message> = taken
+            .batches
+            .into_iter()
+            .flat_map(Batch::into_frames)
+            .collect();
+        let expected = ["c", "a", "a", "b", "c", "d", "e"].map(text);
+        assert_eq!(frames, expected);
         assert!(taken.finished);
     }
 
@@ -136,14 +243,17 @@ mod tests {
         let outbox = Outbox::new();
         let writer = tokio::spawn({
             let outbox = outbox.clone();
-            async move { outbox.take().await.frames }
+            async move { outbox.take().await.batches }
         });
         tokio::task::yield_now().await;
-        outbox.append(&mut vec![text("x")]);
-        assert_eq!(writer.await.expect("writer"), vec![text("x")]);
+        outbox.append(Batch::One(text("x")));
+        assert_eq!(
+            writer.await.expect("writer").into_vec(),
+            vec![Batch::One(text("x"))]
+        );
         let taken = outbox.take();
         outbox.finish();
         let taken = taken.await;
-        assert!(taken.frames.is_empty() && taken.finished);
+        assert!(taken.batches.is_empty() && taken.finished);
     }
 }

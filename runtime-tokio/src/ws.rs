@@ -25,7 +25,7 @@ use tracing::debug;
 
 use crate::engine_task::{EngineHandle, SocketEnd};
 use crate::metrics::Metrics;
-use crate::outbox::{Outbox, Taken};
+use crate::outbox::{Batch, Outbox, Taken};
 
 /// Largest frame and message accepted (upstream's limit, PROTOCOL.md §1.1).
 const FRAME_BYTES_MAX: usize = 5_000_000;
@@ -141,9 +141,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     loop {
-        let Taken { frames, finished } = outbox.take().await;
+        let Taken { batches, finished } = outbox.take().await;
         let mut bytes = 0u64;
-        for message in frames {
+        for message in batches.into_iter().flat_map(Batch::into_frames) {
             if let Message::Close(_) = message {
                 // The engine's close frame comes last: the client's reply is due.
                 return match sink.send(message).await {
