@@ -1,7 +1,7 @@
 //! A simulated client speaking the real wire protocol (vsn 1.0.0 or 2.0.0 with binary
-//! broadcast frames) over turmoil's TCP: joins and leaves rooms, broadcasts with acks,
-//! tracks presence, refreshes tokens, sends malformed frames, and keeps a presence view the
-//! way the Phoenix JS client does.
+//! broadcast frames) over turmoil's TCP: joins and leaves rooms, broadcasts with and without
+//! acks, tracks presence, refreshes tokens, sends malformed frames, and keeps a presence view
+//! the way the Phoenix JS client does.
 //!
 //! Like realtime-js it reconnects: when its process is killed and restarts, when the server
 //! closes or breaks its socket, and when a heartbeat goes unanswered until the next one is
@@ -75,12 +75,15 @@ fn now() -> Ms {
 #[derive(Clone, Copy)]
 struct Wanted {
     self_broadcast: bool,
+    /// `broadcast.ack`: only acknowledged broadcasts are owed to every member.
+    ack: bool,
     /// The value last tracked, tracked again after a rejoin.
     track: Option<u64>,
 }
 
 struct Channel {
     join_ref: String,
+    ack: bool,
     joined: bool,
     /// Presence view: key → metas (phx_ref, tracked value).
     view: BTreeMap<String, Vec<(String, u64)>>,
@@ -217,7 +220,8 @@ impl Client {
         let rooms: Vec<(String, Wanted)> =
             self.wanted.iter().map(|(r, w)| (r.clone(), *w)).collect();
         for (room, wanted) in rooms {
-            self.join(&mut ws, room, wanted.self_broadcast).await;
+            self.join(&mut ws, room, wanted.self_broadcast, wanted.ack)
+                .await;
         }
         let mut next_action = now() + 50;
         let mut next_heartbeat = now() + HEARTBEAT_MS;
@@ -325,9 +329,9 @@ impl Client {
     }
 
     /// Joins `room`; its postgres_changes binding and token come with room0.
-    async fn join(&mut self, ws: &mut Ws, room: String, self_broadcast: bool) {
+    async fn join(&mut self, ws: &mut Ws, room: String, self_broadcast: bool, ack: bool) {
         let topic = format!("realtime:{room}");
-        let mut config = json!({"config": {"broadcast": {"ack": true, "self": self_broadcast},
+        let mut config = json!({"config": {"broadcast": {"ack": ack, "self": self_broadcast},
             "presence": {"enabled": true, "key": format!("c{}", self.plan.index)}}});
         if room == "room0" {
             let mut binding = json!({"event": "*", "schema": "public", "table": "todos"});
@@ -350,6 +354,7 @@ impl Client {
             room,
             Channel {
                 join_ref,
+                ack,
                 joined: false,
                 view: BTreeMap::new(),
                 pending: Vec::new(),
@@ -382,20 +387,21 @@ impl Client {
             .channels
             .get(&room)
             .filter(|c| c.joined)
-            .map(|c| c.join_ref.clone());
-        let Some(join_ref) = joined else {
+            .map(|c| (c.join_ref.clone(), c.ack));
+        let Some((join_ref, ack)) = joined else {
             // Like realtime-js, a channel is joined again only after its leave completes.
             let busy = self.session.channels.contains_key(&room);
             if !busy {
-                let self_broadcast = self.pick(4) == 0;
+                let (self_broadcast, ack) = (self.pick(4) == 0, self.pick(4) != 0);
                 self.wanted.insert(
                     room.clone(),
                     Wanted {
                         self_broadcast,
+                        ack,
                         track: None,
                     },
                 );
-                self.join(ws, room, self_broadcast).await;
+                self.join(ws, room, self_broadcast, ack).await;
             }
             return;
         };
@@ -433,7 +439,9 @@ impl Client {
                     seq,
                     at: now(),
                 });
-                self.session.awaiting.insert(ref_, (room, seq));
+                if ack {
+                    self.session.awaiting.insert(ref_, (room, seq));
+                }
             }
             12..=14 => {
                 let value = self.rng.next_u64() % 1000;

@@ -33,6 +33,11 @@ use crate::db::Db;
 use crate::oracle::{Event, Oracle};
 
 const PORT: u16 = 4000;
+
+/// One simulation step. Hosts take turns within a step, each running its own clock through
+/// it, so times two hosts record in the same step may disagree by up to this much: the
+/// oracle orders events of different hosts only when they are further apart.
+pub const TICK_MS: u64 = 10;
 pub(crate) const SECRET: &str = "simulation-secret-simulation-secret";
 
 /// The seeds a test runs: `SIM_SEED` alone, else `SIM_SEEDS` (or `default`) seeds from 0.
@@ -186,7 +191,7 @@ impl Scenario {
             .rng_seed(self.seed)
             .epoch(SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600))
             .simulation_duration(self.chaos + self.settle + Duration::from_secs(30))
-            .tick_duration(Duration::from_millis(10))
+            .tick_duration(Duration::from_millis(TICK_MS))
             .max_message_latency(Duration::from_millis(20))
             // Hosts step in an order drawn from the seed, not always node0 first.
             .enable_random_order()
@@ -364,6 +369,13 @@ impl Scenario {
         }
         let events = oracle.events();
         violations.extend(oracle::check(&events, &db.log()));
+        if let Ok(path) = std::env::var("SIM_TRACE") {
+            // The whole event log, one event a line, for reading a replayed failure.
+            let trace: String = events.iter().map(|e| format!("{e:?}\n")).collect();
+            if let Err(e) = std::fs::write(&path, trace) {
+                eprintln!("SIM_TRACE: writing {path}: {e}");
+            }
+        }
         let mut report = Report {
             seed: self.seed,
             violations,
