@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Runs the standard load scenarios against one switchboard runtime and the raw fan-out
 # floor, on loopback, and writes benches/results/<runtime>.md, a JSON-lines log and a PNG
-# plot. Usage: benches/run.sh [runtime] [seconds per scenario]
+# plot. Usage: benches/run.sh [runtime] [seconds per scenario] [repetitions]
 #   runtime: a value of `switchboard serve --runtime` (tokio today); a new runtime joins
 #            the table without changes here.
+#   repetitions: each scenario runs this often, alternating server and floor, and the table
+#            shows medians: with the load generator on the same cores, one run's latency
+#            moves by a factor of two.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runtime="${1:-tokio}"
 secs="${2:-10}"
+reps="${3:-3}"
 out=benches/results
 mkdir -p "$out"
 log="$out/$runtime.jsonl"
@@ -68,7 +72,7 @@ scenarios=(
 for entry in "${scenarios[@]}"; do
   name="${entry%%|*}"
   args="${entry#*|}"
-  for mode in switchboard floor; do
+  for mode in $(for _ in $(seq "$reps"); do echo switchboard floor; done); do
     case "$name" in presence*|"1k v1"*) [ "$mode" = floor ] && continue ;; esac
     if [ "$mode" = switchboard ]; then start_switchboard; else start_floor; fi
     # shellcheck disable=SC2086
@@ -111,31 +115,46 @@ fi
 
 python3 - "$log" "$out/$runtime.md" "$runtime" "$rls_line" <<'EOF'
 import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+import statistics
+runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+# One row per (mode, scenario): the median of each figure over the repetitions.
+rows, seen = [], {}
+for r in runs:
+    seen.setdefault((r["mode"], r["label"]), []).append(r)
+for (mode, label), group in seen.items():
+    row = {"mode": mode, "label": label, "reps": len(group)}
+    for k, v in group[0].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            values = [g[k] for g in group if g.get(k) is not None]
+            row[k] = statistics.median(values) if values else None
+    rows.append(row)
 floor = {r["label"]: r for r in rows if r["mode"] == "floor"}
+reps = max(r["reps"] for r in rows)
 lines = [
     f"Runtime `{sys.argv[3]}` vs the raw fan-out floor, same load generator, same run, loopback, "
-    "2 cores shared by server and load generator.",
+    f"2 cores shared by server and load generator; medians of {reps} runs each.",
     "",
-    "| scenario | delivered/s | × floor | p50 ms | p99 ms | p99 × floor | p999 ms | setup/s | RSS idle MiB | B per idle conn |",
-    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    "| scenario | delivered/s | × floor | p50 ms | p99 ms | p99 × floor | p999 ms | CPU ms per 1M | CPU × floor | setup/s | RSS idle MiB | B per idle conn |",
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
 ]
 fmt = lambda us: f"{us / 1000:.2f}"
-for r in rows:
-    if r["mode"] != "switchboard":
-        continue
-    f = floor.get(r["label"])
-    ratio = f"{r['delivered_per_sec'] / f['delivered_per_sec']:.2f}" if f and f["delivered_per_sec"] else "–"
-    p99 = f"{r['p99_us'] / f['p99_us']:.2f}" if f and f["p99_us"] else "–"
+num = lambda v, f="{:.0f}": f.format(v) if v is not None else "–"
+def ratio(r, f, key):
+    return f"{r[key] / f[key]:.2f}" if f and r.get(key) and f.get(key) else "–"
+def line(r, f, name):
     rss = f"{(r['rss_idle_kib'] or 0) / 1024:.1f}"
-    per = r["rss_per_idle_conn_bytes"] if r["rss_per_idle_conn_bytes"] is not None else "–"
-    lines.append(
-        f"| {r['label']} | {r['delivered_per_sec']:.0f} | {ratio} | {fmt(r['p50_us'])} | {fmt(r['p99_us'])} | {p99} "
-        f"| {fmt(r['p999_us'])} | {r['setup_per_sec']:.0f} | {rss} | {per} |"
+    return (
+        f"| {name} | {r['delivered_per_sec']:.0f} | {ratio(r, f, 'delivered_per_sec')} | {fmt(r['p50_us'])} "
+        f"| {fmt(r['p99_us'])} | {ratio(r, f, 'p99_us')} | {fmt(r['p999_us'])} "
+        f"| {num(r.get('server_cpu_ms_per_million'))} | {ratio(r, f, 'server_cpu_ms_per_million')} "
+        f"| {r['setup_per_sec']:.0f} | {rss} | {num(r.get('rss_per_idle_conn_bytes'))} |"
     )
 for r in rows:
+    if r["mode"] == "switchboard":
+        lines.append(line(r, floor.get(r["label"]), r["label"]))
+for r in rows:
     if r["mode"] == "floor":
-        lines.append(f"| floor: {r['label']} | {r['delivered_per_sec']:.0f} | 1.00 | {fmt(r['p50_us'])} | {fmt(r['p99_us'])} | 1.00 | {fmt(r['p999_us'])} | {r['setup_per_sec']:.0f} | {(r['rss_idle_kib'] or 0) / 1024:.1f} | {r['rss_per_idle_conn_bytes']} |")
+        lines.append(line(r, r, "floor: " + r["label"]))
 if len(sys.argv) > 4 and sys.argv[4]:
     r = json.loads(sys.argv[4])
     lines += [

@@ -96,6 +96,16 @@ struct Args {
 type Sink = SplitSink<WebSocketStream<TcpStream>, Message>;
 type Source = SplitStream<WebSocketStream<TcpStream>>;
 
+/// CPU time `pid` has used, user and system, in seconds (from /proc, in clock ticks of
+/// 1/100 s).
+fn cpu_secs(pid: Option<u32>) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid?)).ok()?;
+    // Fields after the parenthesised command name: state is the 3rd, utime the 14th.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
 /// Resident memory of `pid` in KiB.
 fn rss_kib(pid: Option<u32>) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
@@ -382,6 +392,7 @@ async fn main() {
     // Publishing at the target rate, in 1 ms ticks.
     let padding = "x".repeat(args.payload_bytes);
     let publish_started = Instant::now();
+    let cpu_before = cpu_secs(args.server_pid);
     let deadline = publish_started + Duration::from_secs(args.duration);
     let mut sent = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(1));
@@ -405,6 +416,9 @@ async fn main() {
     // Let in-flight messages land, then stop everything.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_busy = rss_kib(args.server_pid);
+    let server_cpu = cpu_before
+        .zip(cpu_secs(args.server_pid))
+        .map(|(before, after)| after - before);
     for (_, mut sink) in publishers {
         let _ = sink.close().await;
     }
@@ -441,6 +455,12 @@ async fn main() {
         "setup_per_sec": (opened as f64 / setup_secs).round(),
         "rss_idle_kib": rss_idle,
         "rss_busy_kib": rss_busy,
+        // Server CPU over the publishing and the 2 s after it, per million deliveries:
+        // what the server costs, whatever the shared cores did to latency.
+        "server_cpu_secs": server_cpu,
+        "server_cpu_ms_per_million": server_cpu
+            .filter(|_| delivered > 0)
+            .map(|cpu| (cpu * 1e9 / delivered as f64).round()),
         "rss_per_idle_conn_bytes": per_conn,
     });
     println!("{summary}");
