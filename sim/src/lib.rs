@@ -442,14 +442,16 @@ struct Links {
 }
 
 impl Links {
-    /// Every link of `client` (it may be on any node), unless it vanished.
-    fn of(&self, client: usize) -> Vec<(String, String)> {
+    /// Calls `f` with the hosts of every link of `client` (it may be on any node), unless it
+    /// vanished.
+    fn each(&self, client: usize, mut f: impl FnMut(&str, &str)) {
         if self.vanished.contains(&client) {
-            return Vec::new();
+            return;
         }
-        (0..self.nodes)
-            .map(|node| (format!("client{client}"), format!("node{node}")))
-            .collect()
+        let client = format!("client{client}");
+        for node in 0..self.nodes {
+            f(&client, &format!("node{node}"));
+        }
     }
 
     /// Crashes `node` silently, as a machine dies: not one FIN or RST reaches a client,
@@ -495,33 +497,23 @@ impl Fault {
     fn apply(self, sim: &mut turmoil::Sim<'_>, bus: &Bus, db: &Db, links: &mut Links, now: u64) {
         match self {
             Fault::Hold(client) => {
-                for (a, b) in links.of(client) {
-                    sim.hold(a, b);
-                }
+                links.each(client, |a, b| sim.hold(a, b));
                 links.held.insert(client);
             }
             Fault::Release(client) => {
-                for (a, b) in links.of(client) {
-                    sim.release(a, b);
-                }
+                links.each(client, |a, b| sim.release(a, b));
                 links.held.remove(&client);
             }
             Fault::Cut(client) => {
-                for (a, b) in links.of(client) {
-                    sim.partition(a, b);
-                }
+                links.each(client, |a, b| sim.partition(a, b));
                 links.cut.insert(client);
             }
             Fault::Repair(client) => {
-                for (a, b) in links.of(client) {
-                    sim.repair(a, b);
-                }
+                links.each(client, |a, b| sim.repair(a, b));
                 links.cut.remove(&client);
             }
             Fault::Vanish(client) => {
-                for (a, b) in links.of(client) {
-                    sim.partition(a, b);
-                }
+                links.each(client, |a, b| sim.partition(a, b));
                 links.vanished.insert(client);
             }
             Fault::Commit(owner, kind) => db.commit(now, owner, kind),
@@ -537,10 +529,10 @@ impl Fault {
                 links.held.clear();
                 links.cut.clear();
                 for client in 0..links.clients {
-                    for (a, b) in links.of(client) {
-                        sim.release(a.as_str(), b.as_str());
+                    links.each(client, |a, b| {
+                        sim.release(a, b);
                         sim.repair(a, b);
-                    }
+                    });
                 }
             }
         }
