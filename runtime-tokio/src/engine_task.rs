@@ -305,6 +305,11 @@ impl Driver {
     fn hand_over(&mut self, peers: Option<&PeerLink>) {
         loop {
             self.pending_frames = 0;
+            if self.dirty.is_empty() {
+                // Whoever the frames were for was let go since.
+                self.table.clear();
+                return;
+            }
             let table: Arc<[Message]> = std::mem::take(&mut self.table).into();
             for conn in std::mem::take(&mut self.dirty) {
                 let Some(socket) = self.sockets.get_mut(&conn) else {
