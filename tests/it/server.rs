@@ -206,6 +206,48 @@ async fn slow_consumer_is_released_and_others_are_unaffected() {
 }
 
 #[tokio::test]
+async fn a_slow_consumer_that_reads_again_gets_every_frame_then_1008() {
+    let server = Server::start(&["--send-queue", "16"]);
+    let (mut slow, mut sender) = (
+        connect(&server, "1.0.0").await,
+        connect(&server, "2.0.0").await,
+    );
+    // vsn 1.0.0, so broadcasts arrive as JSON text.
+    send(&mut slow, json!({"topic": "realtime:burst", "event": "phx_join", "payload": {"config": {}}, "ref": "1", "join_ref": "1"})).await;
+    assert_eq!(recv(&mut slow).await["payload"]["status"], "ok");
+    join(&mut sender, "burst", json!({})).await;
+    // Enough to fill the kernel's socket buffers and then the outbox: the client is over
+    // its limit while it does not read.
+    let blob = "x".repeat(100_000);
+    for i in 0..300 {
+        send(&mut sender, json!(["1", i.to_string(), "realtime:burst", "broadcast", {"type": "broadcast", "event": "e", "payload": {"i": i, "blob": blob}}])).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Back within the grace: every frame handed over, in order, then the reason.
+    let mut next = 0;
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(5), slow.next())
+            .await
+            .expect("the slow socket ends")
+        {
+            Some(Ok(Message::Text(text))) => {
+                let frame: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+                assert_eq!(
+                    frame["payload"]["payload"]["i"], next,
+                    "frames in order, none lost"
+                );
+                next += 1;
+            }
+            Some(Ok(Message::Close(frame))) => break frame.expect("a close frame with a code"),
+            other => panic!("the socket ended without its close frame: {other:?}"),
+        }
+    };
+    assert!(next > 16, "only {next} frames before the close");
+    assert_eq!(close.code, CloseCode::Policy);
+    assert_eq!(close.reason.as_str(), "slow consumer: send queue full");
+}
+
+#[tokio::test]
 async fn sigterm_tells_channels_and_closes_sockets_with_1012() {
     let mut server = Server::start(&[]);
     let mut ws = connect(&server, "2.0.0").await;
