@@ -1,6 +1,8 @@
 //! The one task that owns the engine: read what happened, `handle`, drain, carry out,
 //! sleep until the next deadline.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant as StdInstant;
@@ -11,6 +13,7 @@ use switchboard_engine::{
     ConnId, ConnectParams, Engine, Input, NodeId, Output, PeerMsg, ReqId, RestRequest, Stats,
     WsMessage,
 };
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -28,6 +31,18 @@ pub(crate) struct SocketEnd {
     /// Once the engine is done with the socket: the instant by which the connection task
     /// must have dropped it, flushed or not. Dropped unsent only if the engine task ended.
     pub(crate) deadline: oneshot::Receiver<tokio::time::Instant>,
+}
+
+/// What became of an input a socket handed to the engine.
+pub(crate) enum Handed {
+    /// In the engine's queue.
+    Taken,
+    /// The queue is full: this completes once it is in (false if the engine ended first).
+    /// Readers wait for it, so a burst pushes back on the clients' TCP windows instead of
+    /// growing memory.
+    Later(Pin<Box<dyn Future<Output = bool> + Send>>),
+    /// The engine task has ended.
+    EngineGone,
 }
 
 /// The verdict on an upgrade: the socket's end, or an HTTP answer.
@@ -99,10 +114,16 @@ impl EngineHandle {
         ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed) + 1)
     }
 
-    /// Hands a frame read from `conn` to the engine, waiting while the engine is behind.
-    /// False once the engine task has ended.
-    pub(crate) async fn frame(&self, conn: ConnId, msg: WsMessage) -> bool {
-        self.frames.send(Input::Frame { conn, msg }).await.is_ok()
+    /// Hands a frame (or the `Closed` after the last one) read from a socket to the engine.
+    pub(crate) fn hand(&self, input: Input) -> Handed {
+        match self.frames.try_send(input) {
+            Ok(()) => Handed::Taken,
+            Err(TrySendError::Full(input)) => {
+                let frames = self.frames.clone();
+                Handed::Later(Box::pin(async move { frames.send(input).await.is_ok() }))
+            }
+            Err(TrySendError::Closed(_)) => Handed::EngineGone,
+        }
     }
 
     /// Tells the engine `conn`'s socket is gone, after every frame read from it.

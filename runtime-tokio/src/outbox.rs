@@ -13,9 +13,8 @@
 //! thousands of frames per socket (clients reading slower than they are sent to) stays
 //! small, and batches are moved in whole, never copied into larger buffers.
 
-use std::future::poll_fn;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker};
 
 use smallvec::SmallVec;
 use tokio_tungstenite::tungstenite::Message;
@@ -181,24 +180,28 @@ impl Outbox {
         }
     }
 
-    /// Waits until there are frames or the outbox is finished, and takes everything.
-    pub(crate) async fn take(&self) -> Taken {
-        poll_fn(|cx| {
-            let mut state = self.lock();
-            if state.batches.is_empty() && !state.finished {
-                match &mut state.writer {
-                    Some(waker) if waker.will_wake(cx.waker()) => {}
-                    slot => *slot = Some(cx.waker().clone()),
-                }
-                return Poll::Pending;
+    /// Takes everything once there are frames or the outbox is finished; until then, the
+    /// task of `cx` is woken when there are.
+    pub(crate) fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Taken> {
+        let mut state = self.lock();
+        if state.batches.is_empty() && !state.finished {
+            match &mut state.writer {
+                Some(waker) if waker.will_wake(cx.waker()) => {}
+                slot => *slot = Some(cx.waker().clone()),
             }
-            state.waiting = 0;
-            Poll::Ready(Taken {
-                batches: std::mem::take(&mut state.batches),
-                finished: state.finished,
-            })
+            return Poll::Pending;
+        }
+        state.waiting = 0;
+        Poll::Ready(Taken {
+            batches: std::mem::take(&mut state.batches),
+            finished: state.finished,
         })
-        .await
+    }
+
+    /// Waits until there are frames or the outbox is finished, and takes everything.
+    #[cfg(test)]
+    async fn take(&self) -> Taken {
+        std::future::poll_fn(|cx| self.poll_take(cx)).await
     }
 }
 
