@@ -185,7 +185,10 @@ async fn open(args: &Args, index: usize, room: usize) -> Result<(Sink, Source), 
             "1",
             &topic(room),
             "phx_join",
-            json!({"config": {}}),
+            // What realtime-js 2.x sends for `channel(name).subscribe()` (PROTOCOL.md §2.2).
+            json!({"config": {"broadcast": {"ack": false, "self": false},
+                "presence": {"key": "", "enabled": false}, "postgres_changes": [],
+                "private": false}}),
         );
         sink.send(join).await.map_err(|e| e.to_string())?;
         // Wait for the join reply before counting the connection as set up.
