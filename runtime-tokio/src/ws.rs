@@ -167,21 +167,23 @@ where
         // After our close frame, wait for the client's (within the deadline); a socket that
         // broke or was released while writing has nothing more to say.
         let done = !this.writing && (!this.reading || this.ended != Some(Ended::CloseSent));
-        if done && !this.told_closed {
+        loop {
+            // A frame still waiting for the engine goes first: `Closed` never overtakes it.
+            if let Some(forward) = &mut this.forward {
+                if forward.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                this.forward = None;
+            }
+            if !done {
+                return Poll::Pending;
+            }
+            if this.told_closed {
+                return Poll::Ready(());
+            }
             this.reading = false;
             this.submit(Input::Closed { conn: this.conn });
             this.told_closed = true;
-        }
-        if let Some(forward) = &mut this.forward {
-            if forward.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
-            }
-            this.forward = None;
-        }
-        if done {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
         }
     }
 }
