@@ -328,9 +328,10 @@ test('vsn 1.0.0 and 2.0.0 clients exchange broadcasts; binary payloads reach onl
   const cb = v2b.channel(room).on('broadcast', { event: '*' }, (p) => seen.b.push(p))
   await Promise.all([subscribe(c1), subscribe(ca), subscribe(cb)])
 
+  // Different sockets have no common order: let each message land before the next.
   await ca.send({ type: 'broadcast', event: 'from-v2', payload: { x: 1, y: 'é' } })
+  await seen.b.until(1)
   await c1.send({ type: 'broadcast', event: 'from-v1', payload: { z: [1, 2] } })
-  // Different sockets have no common order: let the v1 message land before the next.
   await seen.b.until(2)
   const bytes = new Uint8Array([0, 1, 2, 250, 255])
   await ca.send({ type: 'broadcast', event: 'bin', payload: bytes.buffer })
