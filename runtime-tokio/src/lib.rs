@@ -4,8 +4,9 @@
 //! The runtime is a thin pump. One task owns the [`Engine`](switchboard_engine::Engine),
 //! feeds it [`Input`](switchboard_engine::Input)s and carries out its outputs; each socket
 //! is one task that feeds the engine what it reads and writes what the engine hands its
-//! outbox, a wake-up's frames at once. Every protocol decision is the engine's. [`serve`] is generic over its listener, so the simulator runs this very
-//! code on turmoil's simulated network.
+//! outbox, a wake-up's frames at once. Every protocol decision is the engine's. [`serve`]
+//! is generic over its listener, so the simulator runs this very code on turmoil's
+//! simulated network.
 
 mod clock;
 mod engine_task;

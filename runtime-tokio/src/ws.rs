@@ -169,21 +169,13 @@ where
         let done = !this.writing && (!this.reading || this.ended != Some(Ended::CloseSent));
         loop {
             // A frame still waiting for the engine goes first: `Closed` never overtakes it.
-            if let Some(forward) = &mut this.forward {
-                if forward.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
-                this.forward = None;
-            }
-            if !done {
+            if this.poll_forward(cx).is_pending() || !done {
                 return Poll::Pending;
             }
             if this.told_closed {
                 return Poll::Ready(());
             }
-            this.reading = false;
-            this.submit(Input::Closed { conn: this.conn });
-            this.told_closed = true;
+            this.tell_closed();
         }
     }
 }
@@ -208,22 +200,31 @@ where
         self.told_closed = true;
     }
 
+    /// Stops reading and tells the engine the socket is gone, behind every frame read.
+    fn tell_closed(&mut self) {
+        self.reading = false;
+        self.submit(Input::Closed { conn: self.conn });
+        self.told_closed = true;
+    }
+
+    /// Waits for the input the engine's queue had no room for; ready once it is in, or the
+    /// engine is gone.
+    fn poll_forward(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if let Some(forward) = &mut self.forward {
+            let delivered = std::task::ready!(forward.as_mut().poll(cx));
+            self.forward = None;
+            if !delivered {
+                self.engine_gone();
+            }
+        }
+        Poll::Ready(())
+    }
+
     /// Reads frames until the socket or the engine's queue has to wait. Stops at the
     /// client's close (or a broken socket); the engine hears `Closed` after the last frame.
     fn poll_read(&mut self, cx: &mut Context<'_>) {
         loop {
-            if let Some(forward) = &mut self.forward {
-                match forward.as_mut().poll(cx) {
-                    Poll::Pending => return,
-                    Poll::Ready(delivered) => {
-                        self.forward = None;
-                        if !delivered {
-                            self.engine_gone();
-                        }
-                    }
-                }
-            }
-            if !self.reading {
+            if self.poll_forward(cx).is_pending() || !self.reading {
                 return;
             }
             let msg = match Pin::new(&mut self.ws).poll_next(cx) {
@@ -235,9 +236,7 @@ where
                     continue
                 }
                 Poll::Ready(Some(Ok(Message::Close(_)) | Err(_)) | None) => {
-                    self.reading = false;
-                    self.submit(Input::Closed { conn: self.conn });
-                    self.told_closed = true;
+                    self.tell_closed();
                     continue;
                 }
             };
