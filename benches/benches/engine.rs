@@ -272,6 +272,8 @@ fn filters(c: &mut Criterion) {
             .as_object()
             .cloned(),
         old_record: None,
+        lsn: n,
+        xid: n as u32,
     };
     let mut lsn = 0;
     group.throughput(Throughput::Elements(1));

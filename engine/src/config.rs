@@ -61,6 +61,9 @@ pub enum PlantedBug {
     KeepPresenceOnClose,
     /// Rows RLS hides are delivered anyway.
     IgnoreRlsVerdicts,
+    /// A visibility question the database failed to answer counts as "not visible", so the
+    /// rows it asked about are withheld from subscribers their policies allow.
+    HideRowsOfFailedChecks,
     /// A slow consumer is kept, and frames past its limit are silently lost (planted in the
     /// runtime, which enforces the limit).
     DropFramesOfSlowConsumers,

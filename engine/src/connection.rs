@@ -275,6 +275,7 @@ impl Engine {
                 }
                 Timer::TokenExpiry { conn, instance } => self.token_expiry(conn, instance),
                 Timer::PeerHeartbeat => self.peer_heartbeat(),
+                Timer::VisibilityRetry { id, attempt } => self.retry_visibility(id, attempt),
                 Timer::Delayed(outputs) => outputs.into_iter().for_each(|o| self.emit(o)),
             }
         }

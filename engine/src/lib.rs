@@ -200,7 +200,9 @@ pub enum Input {
     Visibility {
         /// The query's id.
         id: u64,
-        /// One verdict per [`changes::RowCheck`], in order; `None` if the query failed.
+        /// One verdict per [`changes::RowCheck`], in order; `None` when the database could
+        /// not answer (connection lost, timeout, database down). A failure is never a
+        /// verdict: the engine asks again after a backoff.
         verdicts: Option<Vec<changes::Verdict>>,
     },
     /// The server is draining: tell every channel and close every socket.
@@ -256,6 +258,9 @@ pub enum Output {
     /// Ask the database which rows a claims group may see; answer with
     /// [`Input::Visibility`].
     Visibility(changes::VisibilityQuery),
+    /// Read the publication's tables again and answer with [`Input::Publication`], even if
+    /// nothing changed: a channel named a table or column the last read lacked.
+    RefreshPublication,
     /// Every change up to this WAL position has been handed out: the runtime may confirm
     /// it to Postgres.
     WalProgress {
@@ -312,6 +317,8 @@ pub struct Stats {
     pub errors: u64,
     /// Frames that could not be decoded and were ignored.
     pub malformed: u64,
+    /// Visibility questions the database failed to answer, each asked again.
+    pub visibility_retries: u64,
 }
 
 /// The state machine. One per shard; `Send`, so a runtime may move it between threads.

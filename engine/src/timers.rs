@@ -20,6 +20,9 @@ pub(crate) enum Timer {
     TokenExpiry { conn: ConnId, instance: u64 },
     /// Send a presence heartbeat to peers.
     PeerHeartbeat,
+    /// Ask visibility question `id` again after its `attempt`-th failure, unless it was
+    /// asked again since.
+    VisibilityRetry { id: u64, attempt: u32 },
     /// Outputs held back by an error backoff.
     Delayed(Vec<Output>),
 }

@@ -484,7 +484,9 @@ impl Driver {
                     let _ = peers.outgoing.send(msg);
                 }
             }
-            output @ (Output::Visibility(_) | Output::WalProgress { .. }) => {
+            output @ (Output::Visibility(_)
+            | Output::RefreshPublication
+            | Output::WalProgress { .. }) => {
                 if let Some(database) = &self.options.database {
                     let _ = database.send(output);
                 }

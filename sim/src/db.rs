@@ -1,11 +1,17 @@
 //! A simulated database: a commit log standing in for the WAL, a replication slot per
 //! node that advances only as far as the node confirms, and a simple RLS model answering
 //! visibility queries: a role sees a row when the row's `owner` is its `sub`.
+//!
+//! The database misbehaves as the seed says: visibility answers are delayed, some fail,
+//! and during an outage every one fails and the change stream stops, as when Postgres is
+//! down. A correct engine asks failed questions again and loses nothing.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rand_chacha::ChaCha8Rng;
+use rand_core::{RngCore, SeedableRng};
 use serde_json::{json, Value};
 use switchboard_engine::changes::{Change, ChangeBatch, ChangeKind, Column, Table, Verdict};
 use switchboard_engine::{Input, Output};
@@ -13,6 +19,17 @@ use switchboard_tokio::EngineHandle;
 use tokio::sync::mpsc;
 
 use crate::oracle::Ms;
+
+/// How the database misbehaves, drawn from the seed.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DbFaults {
+    /// Chance that a visibility question fails (the connection broke, a timeout).
+    pub fail: f64,
+    /// Answers take up to this long.
+    pub delay_ms_max: u64,
+    /// Number of outages: every question fails and no change is streamed meanwhile.
+    pub outages: u32,
+}
 
 /// The one published table.
 pub fn table() -> Table {
@@ -58,15 +75,33 @@ struct State {
     log: Vec<Commit>,
     /// Per node host: the WAL position it confirmed (its replication slot).
     slots: BTreeMap<usize, u64>,
+    /// The database is down: nothing is answered or streamed.
+    down: bool,
 }
 
 /// Shared by the writer and every node.
 #[derive(Clone, Default)]
 pub struct Db {
     state: Arc<Mutex<State>>,
+    faults: DbFaults,
+    seed: u64,
 }
 
 impl Db {
+    /// A database that misbehaves as `faults` say, its choices drawn from `seed`.
+    pub fn new(faults: DbFaults, seed: u64) -> Db {
+        Db {
+            state: Arc::default(),
+            faults,
+            seed,
+        }
+    }
+
+    /// Starts or ends an outage.
+    pub fn set_down(&self, down: bool) {
+        self.state.lock().expect("db lock").down = down;
+    }
+
     /// Commits a change to a fresh row at `at`.
     pub fn commit(&self, at: Ms, owner: String, kind: ChangeKind) {
         let mut state = self.state.lock().expect("db lock");
@@ -86,8 +121,9 @@ impl Db {
     }
 
     /// A node's replication: the publication, then batches from its slot, confirming what
-    /// the engine reports handed out and answering visibility queries. Runs on the node's
-    /// host until it crashes; a restarted node resumes from its slot.
+    /// the engine reports handed out and answering visibility queries, late or not at all
+    /// as the faults say. Runs on the node's host until it crashes; a restarted node
+    /// resumes from its slot.
     pub async fn replicate(
         self,
         host: usize,
@@ -95,6 +131,7 @@ impl Db {
         mut outputs: mpsc::UnboundedReceiver<Output>,
     ) {
         engine.input(Input::Publication(vec![table()]));
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ (host as u64) << 32);
         let mut cursor = self
             .state
             .lock()
@@ -111,6 +148,9 @@ impl Db {
                 _ = tick.tick() => {
                     let batch: Vec<Commit> = {
                         let state = self.state.lock().expect("db lock");
+                        if state.down {
+                            continue;
+                        }
                         state.log.iter().skip(cursor as usize).take(50).cloned().collect()
                     };
                     if let Some(last) = batch.last() {
@@ -122,17 +162,29 @@ impl Db {
                 output = outputs.recv() => match output {
                     Some(Output::Visibility(query)) => {
                         let sub = query.claims.get("sub").and_then(Value::as_str).unwrap_or_default().to_owned();
-                        let verdicts = query
-                            .checks
-                            .iter()
-                            .map(|check| {
-                                let id = check.key.first().and_then(|(_, _, v)| v.as_u64()).unwrap_or(0);
-                                let owner = self.owner_of(id);
-                                if owner.as_deref() == Some(sub.as_str()) { Verdict::Visible } else { Verdict::Hidden }
-                            })
-                            .collect();
-                        engine.input(Input::Visibility { id: query.id, verdicts: Some(verdicts) });
+                        let down = self.state.lock().expect("db lock").down;
+                        let failed = down || (rng.next_u64() % 1000) as f64 / 1000.0 < self.faults.fail;
+                        let verdicts = (!failed).then(|| {
+                            query
+                                .checks
+                                .iter()
+                                .map(|check| {
+                                    let owner = check.row.get("owner").and_then(Value::as_str);
+                                    if owner == Some(sub.as_str()) { Verdict::Visible } else { Verdict::Hidden }
+                                })
+                                .collect()
+                        });
+                        let delay = match self.faults.delay_ms_max {
+                            0 => 0,
+                            max => rng.next_u64() % max,
+                        };
+                        let engine = engine.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(delay)).await;
+                            engine.input(Input::Visibility { id: query.id, verdicts });
+                        });
                     }
+                    Some(Output::RefreshPublication) => engine.input(Input::Publication(vec![table()])),
                     Some(Output::WalProgress { lsn }) => {
                         let mut state = self.state.lock().expect("db lock");
                         let slot = state.slots.entry(host).or_default();
@@ -143,17 +195,6 @@ impl Db {
                 },
             }
         }
-    }
-
-    /// The row's owner now: ids are never reused, so it is the owner at commit.
-    fn owner_of(&self, id: u64) -> Option<String> {
-        self.state
-            .lock()
-            .expect("db lock")
-            .log
-            .iter()
-            .find(|c| c.id == id)
-            .map(|c| c.owner.clone())
     }
 }
 
@@ -172,5 +213,7 @@ fn change(commit: &Commit) -> Change {
             .flatten(),
         // REPLICA IDENTITY FULL: the whole old row.
         old_record: (commit.kind != ChangeKind::Insert).then_some(row).flatten(),
+        lsn: commit.lsn,
+        xid: commit.lsn as u32,
     }
 }

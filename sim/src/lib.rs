@@ -29,7 +29,7 @@ use switchboard_tokio::Server;
 
 use crate::bus::Bus;
 use crate::client::Plan;
-use crate::db::Db;
+use crate::db::{Db, DbFaults};
 use crate::oracle::{Event, Oracle};
 
 const PORT: u16 = 4000;
@@ -98,6 +98,8 @@ pub struct Faults {
     pub partitions: u32,
     /// Whether one node crashes and restarts.
     pub node_crash: bool,
+    /// How the database misbehaves.
+    pub db: DbFaults,
 }
 
 /// One simulation run, fully determined by its seed.
@@ -165,6 +167,16 @@ impl Scenario {
             stalls: 1 + pick(4) as u32,
             partitions: if nodes > 1 { pick(3) as u32 } else { 0 },
             node_crash: nodes > 1 && pick(4) == 0,
+            db: {
+                // A stream of its own, so the draws above stay what they were.
+                let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xdb);
+                let mut pick = |n: u64| rng.next_u64() % n;
+                DbFaults {
+                    fail: [0.0, 0.05, 0.3][pick(3) as usize],
+                    delay_ms_max: [0, 30, 300][pick(3) as usize],
+                    outages: pick(3) as u32,
+                }
+            },
         };
         Scenario {
             seed,
@@ -197,7 +209,7 @@ impl Scenario {
             .enable_random_order()
             .build();
         let bus = Bus::default();
-        let db = Db::default();
+        let db = Db::new(self.faults.db, self.seed);
         let oracle = Oracle::default();
         let metrics: Arc<Mutex<Vec<Arc<Metrics>>>> = Arc::default();
         for host in 0..self.nodes {
@@ -323,6 +335,14 @@ impl Scenario {
             schedule.push((
                 (start + 500 + rng.next_u64() % 5_000).min(chaos_ms),
                 Fault::Heal(a, b),
+            ));
+        }
+        for _ in 0..self.faults.db.outages {
+            let start = rng.next_u64() % chaos_ms;
+            schedule.push((start, Fault::DbDown));
+            schedule.push((
+                (start + 200 + rng.next_u64() % 3_000).min(chaos_ms),
+                Fault::DbUp,
             ));
         }
         if self.faults.node_crash {
@@ -490,6 +510,8 @@ enum Fault {
     Heal(usize, usize),
     Crash(usize),
     Restart(usize),
+    DbDown,
+    DbUp,
     HealAll,
 }
 
@@ -524,8 +546,11 @@ impl Fault {
                 links.crash(sim, node);
             }
             Fault::Restart(node) => sim.bounce(format!("node{node}")),
+            Fault::DbDown => db.set_down(true),
+            Fault::DbUp => db.set_down(false),
             Fault::HealAll => {
                 bus.heal_all();
+                db.set_down(false);
                 links.held.clear();
                 links.cut.clear();
                 for client in 0..links.clients {

@@ -59,3 +59,12 @@ fn never_timing_out_silent_sockets_is_caught() {
         "a vanished client's presence went unnoticed for 20 seeds"
     );
 }
+
+#[test]
+fn hiding_rows_whose_check_failed_is_caught() {
+    let seed = first_catch(PlantedBug::HideRowsOfFailedChecks, "invariant 6", 20);
+    assert!(
+        seed.is_some(),
+        "rows withheld after a failed check went unnoticed for 20 seeds"
+    );
+}

@@ -3,6 +3,7 @@
 
 mod pg;
 mod rls;
+mod rls_changes;
 mod server;
 mod supabase_js;
 mod support;

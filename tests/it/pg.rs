@@ -128,6 +128,37 @@ impl TempPostgres {
         assert!(out.status.success(), "restart failed: {}", self.log());
     }
 
+    /// Stops the server: `immediate` is a crash (no checkpoint, clients cut off), `fast`
+    /// a clean shutdown that closes open connections.
+    pub fn stop(&self, mode: &str) {
+        let out = self
+            .postgres_command("pg_ctl")
+            .args([
+                "-D",
+                path(&self.data()),
+                "-m",
+                mode,
+                "-w",
+                "-t",
+                "30",
+                "stop",
+            ])
+            .output()
+            .expect("pg_ctl runs");
+        assert!(out.status.success(), "stop failed: {}", self.log());
+    }
+
+    /// Starts a stopped server again on the same port.
+    pub fn start_again(&self) {
+        let out = self
+            .postgres_command("pg_ctl")
+            .args(["-D", path(&self.data()), "-l", path(&self.dir.join("log"))])
+            .args(["-w", "-t", "60", "start"])
+            .output()
+            .expect("pg_ctl runs");
+        assert!(out.status.success(), "start failed: {}", self.log());
+    }
+
     fn data(&self) -> PathBuf {
         self.dir.join("data")
     }

@@ -1,7 +1,9 @@
 //! Visibility questions answered by a real PostgreSQL under Row Level Security policies that
-//! read the claims through `auth.uid()`, as Supabase projects write them.
+//! read the claims through `auth.uid()`, as Supabase projects write them. The policies are
+//! judged against the rows the changes wrote, combined as Postgres combines them.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use switchboard_engine::changes::{RowCheck, Verdict, VisibilityQuery};
@@ -14,26 +16,22 @@ use crate::wal::Engine;
 const ALICE: &str = "11111111-1111-1111-1111-111111111111";
 const BOB: &str = "22222222-2222-2222-2222-222222222222";
 
-fn check(table: &str, key: &[(&str, &str, Value)]) -> RowCheck {
+fn check(table: &str, row: Value) -> RowCheck {
     RowCheck {
         schema: "public".into(),
         table: table.into(),
-        key: key
-            .iter()
-            .map(|(column, type_name, value)| {
-                (column.to_string(), type_name.to_string(), value.clone())
-            })
-            .collect(),
+        row: Arc::new(row.as_object().expect("an object").clone()),
     }
 }
 
-fn query(id: u64, role: &str, sub: &str, checks: Vec<RowCheck>) -> VisibilityQuery {
+fn query(id: u64, role: &str, sub: &str, checks: Vec<RowCheck>, xids: Vec<u32>) -> VisibilityQuery {
     let claims = json!({"role": role, "sub": sub});
     VisibilityQuery {
         id,
         role: role.into(),
         claims: Arc::new(claims.as_object().expect("an object").clone()),
         checks,
+        xids,
     }
 }
 
@@ -48,55 +46,181 @@ async fn ask(engine: &mut Engine, question: VisibilityQuery) -> Option<Vec<Verdi
     }
 }
 
+const SCHEMA: &str = "
+create table public.notes (id int8 primary key, owner uuid, body text, shared bool,
+    tags text[], n numeric);
+alter table public.notes enable row level security;
+create policy own on public.notes for select to authenticated using (owner = auth.uid());
+create policy shared on public.notes for select using (shared and 'pub' = any(tags));
+create policy not_blocked on public.notes as restrictive for select using (body <> 'blocked');
+create policy writers on public.notes for insert to authenticated with check (true);
+create table public.pairs (a int4, b text, primary key (a, b));
+alter table public.pairs enable row level security;
+create policy everyone on public.pairs for select using (true);
+create table public.secret (id int8 primary key);
+revoke all on public.secret from anon, authenticated;
+create table public.open (id int8 primary key);
+create table public.closed (id int8 primary key);
+alter table public.closed enable row level security;
+create table public.broken (id int8 primary key);
+alter table public.broken enable row level security;
+create policy divide on public.broken for select using (1 / (id - id) = 1);
+create table public.members (room text, member uuid);
+create table public.messages (id int8 primary key, room text);
+alter table public.messages enable row level security;
+create policy members_read on public.messages for select to authenticated using (
+    exists (select 1 from public.members m where m.room = messages.room and m.member = auth.uid()));
+";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn policies_decide_what_each_subscriber_sees() {
+async fn policies_decide_what_each_subscriber_sees_from_the_rows_written() {
     let pg = TempPostgres::start();
-    pg.psql(&format!(
-        "create table public.notes (id int8 primary key, owner uuid, body text);
-         alter table public.notes enable row level security;
-         create policy own on public.notes for select to authenticated
-           using (owner = auth.uid());
-         insert into public.notes values (1, '{ALICE}', 'a'), (2, '{BOB}', 'b');
-         create table public.pairs (a int4, b text, primary key (a, b));
-         alter table public.pairs enable row level security;
-         create policy everyone on public.pairs for select using (true);
-         insert into public.pairs values (1, 'x y');
-         create table public.secret (id int8 primary key);
-         revoke all on public.secret from anon, authenticated;
-         insert into public.secret values (1);"
-    ));
+    pg.psql(SCHEMA);
     let config = PostgresConfig::new(pg.url());
     let counted = config.visibility_queries.clone();
     let mut engine = Engine::start(config);
-    let note = |id: i64| check("notes", &[("id", "int8", json!(id))]);
-    let pair =
-        |a: i64, b: &str| check("pairs", &[("a", "int4", json!(a)), ("b", "text", json!(b))]);
-
+    // The table is empty: every verdict comes from the rows the changes wrote.
+    let note = |id: i64, owner: &str, body: &str, shared: bool, tags: Value| {
+        check(
+            "notes",
+            json!({"id": id, "owner": owner, "body": body, "shared": shared, "tags": tags, "n": 1.5}),
+        )
+    };
+    use Verdict::{Hidden, Unauthorized, Visible};
     let alice = query(
         1,
         "authenticated",
         ALICE,
         vec![
-            note(1),
-            note(2),
-            note(3),
-            check("secret", &[("id", "int8", json!(1))]),
-            pair(1, "x y"),
-            pair(1, "x"),
+            note(1, ALICE, "a", false, json!([])),
+            note(2, BOB, "b", false, json!([])),
+            // Another's row, but shared: the permissive policies are or-ed.
+            note(3, BOB, "c", true, json!(["pub", "x"])),
+            // Her own, but the restrictive policy vetoes it.
+            note(4, ALICE, "blocked", false, json!([])),
+            check("secret", json!({"id": 1})),
+            check("pairs", json!({"a": 1, "b": "x y"})),
+            check("open", json!({"id": 1})),
+            check("closed", json!({"id": 1})),
         ],
+        vec![],
     );
-    use Verdict::{Hidden, Unauthorized, Visible};
     assert_eq!(
         ask(&mut engine, alice).await,
-        Some(vec![Visible, Hidden, Hidden, Unauthorized, Visible, Hidden])
+        Some(vec![
+            Visible,
+            Hidden,
+            Visible,
+            Hidden,
+            Unauthorized,
+            Visible,
+            Visible,
+            Hidden
+        ])
     );
-    let bob = query(2, "authenticated", BOB, vec![note(1), note(2)]);
+    let bob = query(
+        2,
+        "authenticated",
+        BOB,
+        vec![
+            note(1, ALICE, "a", false, json!([])),
+            note(2, BOB, "b", false, json!([])),
+        ],
+        vec![],
+    );
     assert_eq!(ask(&mut engine, bob).await, Some(vec![Hidden, Visible]));
-    // No policy lets anon read notes.
-    let anon = query(3, "anon", "", vec![note(1), pair(1, "x y")]);
+    // Only the shared policy applies to anon.
+    let anon = query(
+        3,
+        "anon",
+        "",
+        vec![
+            note(1, ALICE, "a", false, json!([])),
+            note(3, BOB, "c", true, json!(["pub"])),
+        ],
+        vec![],
+    );
     assert_eq!(ask(&mut engine, anon).await, Some(vec![Hidden, Visible]));
-    // A role that does not exist fails the question rather than showing anything.
-    let nobody = query(4, "nobody", ALICE, vec![note(1)]);
-    assert_eq!(ask(&mut engine, nobody).await, None);
-    assert_eq!(counted.get(), 4);
+    // BYPASSRLS sees everything it may select.
+    let service = query(
+        4,
+        "service_role",
+        "",
+        vec![
+            note(4, ALICE, "blocked", false, json!([])),
+            check("closed", json!({"id": 1})),
+        ],
+        vec![],
+    );
+    assert_eq!(
+        ask(&mut engine, service).await,
+        Some(vec![Visible, Visible])
+    );
+    // A role that does not exist, and a policy that raises: the subscriber is told it may
+    // not see the change, the question is answered, and the other table's verdict stands.
+    let nobody = query(
+        5,
+        "nobody",
+        ALICE,
+        vec![note(1, ALICE, "a", false, json!([]))],
+        vec![],
+    );
+    assert_eq!(ask(&mut engine, nobody).await, Some(vec![Unauthorized]));
+    let broken = query(
+        6,
+        "authenticated",
+        ALICE,
+        vec![
+            check("broken", json!({"id": 1})),
+            note(1, ALICE, "a", false, json!([])),
+        ],
+        vec![],
+    );
+    assert_eq!(
+        ask(&mut engine, broken).await,
+        Some(vec![Unauthorized, Visible])
+    );
+    assert_eq!(counted.get(), 6);
+}
+
+/// A policy that reads another table judges what the writing transaction committed there:
+/// the answer waits until that transaction is visible to the checker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_answer_waits_for_the_writing_transaction() {
+    let pg = TempPostgres::start();
+    pg.psql(SCHEMA);
+    let mut engine = Engine::start(PostgresConfig::new(pg.url()));
+    let writer = pg.client().await;
+    writer.batch_execute("begin").await.expect("begin");
+    writer
+        .execute(
+            &format!("insert into public.members values ('lobby', '{ALICE}')"),
+            &[],
+        )
+        .await
+        .expect("joining the room");
+    let xid: String = writer
+        .query_one("select pg_current_xact_id()::text", &[])
+        .await
+        .expect("the xid")
+        .get(0);
+    let xid = (xid.parse::<u64>().expect("a number") & 0xffff_ffff) as u32;
+    let committer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        writer.batch_execute("commit").await.expect("commit");
+        (writer, Instant::now())
+    });
+    let message = check("messages", json!({"id": 1, "room": "lobby"}));
+    let answer = ask(
+        &mut engine,
+        query(1, "authenticated", ALICE, vec![message], vec![xid]),
+    )
+    .await;
+    let answered = Instant::now();
+    let (_writer, committed) = committer.await.expect("committing");
+    assert_eq!(answer, Some(vec![Verdict::Visible]));
+    assert!(
+        answered >= committed,
+        "answered before the commit was visible"
+    );
 }

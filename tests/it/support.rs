@@ -20,13 +20,20 @@ pub struct Server {
     child: Option<Child>,
     /// `127.0.0.1:PORT`.
     pub addr: String,
+    /// The arguments after the defaults, for a restart.
+    extra: Vec<String>,
 }
 
 impl Server {
-    /// Starts the binary with test-friendly limits plus `extra` arguments.
+    /// Starts the binary with test-friendly limits plus `extra` arguments. It logs at `warn`
+    /// unless `SWITCHBOARD_TEST_LOG` gives another filter (`debug`, say, to follow a failure).
     pub fn start(extra: &[&str]) -> Server {
+        Server::spawn("127.0.0.1:0", extra)
+    }
+
+    fn spawn(bind: &str, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .args(["serve", "--bind", "127.0.0.1:0", "--jwt-secret", SECRET])
+            .args(["serve", "--bind", bind, "--jwt-secret", SECRET])
             .args([
                 "--join-error-backoff-ms",
                 "0",
@@ -39,7 +46,8 @@ impl Server {
                 "--max-joins-per-second",
                 "0",
             ])
-            .args(["--max-events-per-second", "0", "--log-level", "warn"])
+            .args(["--max-events-per-second", "0", "--log-level"])
+            .arg(std::env::var("SWITCHBOARD_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -61,7 +69,19 @@ impl Server {
         Server {
             child: Some(child),
             addr,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         }
+    }
+
+    /// Kills the process with SIGKILL, as a crash would, and starts it again on the same
+    /// address with the same arguments.
+    pub fn crash_and_restart(&mut self, down: Duration) {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
+        std::thread::sleep(down);
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        *self = Server::spawn(&self.addr.clone(), &extra);
     }
 
     /// Sends SIGTERM and waits for the process; returns whether it exited successfully.

@@ -73,7 +73,7 @@ impl Engine {
 }
 
 /// Waits until the reader holds the slot: changes committed from then on are streamed.
-async fn wait_streaming(client: &tokio_postgres::Client) {
+pub async fn wait_streaming(client: &tokio_postgres::Client) {
     for _ in 0..200 {
         let active = client
             .query_opt(

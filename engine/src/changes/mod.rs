@@ -7,6 +7,12 @@
 //! Batches are delivered strictly in arrival order, so a batch waiting for verdicts holds
 //! back the ones behind it and every subscriber sees changes in commit order. WAL progress
 //! is reported only for delivered batches.
+//!
+//! A question the database could not answer (connection lost, timeout, database down) is
+//! asked again after a backoff, for as long as it takes: a failure is never a verdict, so
+//! no change is withheld from a subscriber its policies allow. Changes at or below the
+//! highest WAL position already accepted are resends and are skipped, so a stream that
+//! reconnects (or a new slot holder in a cluster) repeats nothing within one engine.
 
 mod filter;
 mod index;
@@ -25,6 +31,7 @@ pub use types::{
 use crate::auth::Claims;
 use crate::channel::{system_payload, Binding};
 use crate::protocol::{self, Vsn};
+use crate::timers::Timer;
 use crate::{ConnId, Engine, Output, To};
 use filter::Condition;
 use index::{Index, Slot};
@@ -104,12 +111,23 @@ struct PendingBatch {
     awaiting: BTreeSet<u64>,
 }
 
-/// Questions sent and not yet answered: which batch, which group, which changes.
+/// Questions sent and not yet answered: which group, which changes, and the query itself
+/// to ask again if the database fails to answer.
 #[derive(Debug)]
 struct Question {
     group: String,
     changes: Vec<usize>,
+    query: VisibilityQuery,
+    /// Failed answers in a row: the next retry waits `RETRY_FIRST_MS × 2^failures`.
+    failures: u32,
+    /// Waiting for a retry timer: the question is not with the database.
+    backing_off: bool,
 }
+
+/// The first retry of a failed visibility question waits this long, each later one twice as
+/// long, up to `RETRY_MAX_MS`.
+const RETRY_FIRST_MS: u64 = 100;
+const RETRY_MAX_MS: u64 = 5_000;
 
 /// The engine's postgres_changes state.
 #[derive(Debug, Default)]
@@ -124,8 +142,13 @@ pub(crate) struct State {
     batches: VecDeque<PendingBatch>,
     questions: BTreeMap<u64, Question>,
     next_query: u64,
-    /// Visibility queries issued, for benchmarks and metrics.
-    pub(crate) queries: u64,
+    /// Questions waiting for a retry timer.
+    backing_off: usize,
+    /// The highest commit LSN accepted into `batches`: anything at or below it is a resend.
+    accepted_lsn: u64,
+    /// Channels whose bindings named a table or column the publication lacked, waiting for
+    /// the publication to be read again before they are refused.
+    refreshing: Vec<ChannelKey>,
 }
 
 /// `[event: INSERT, schema: public, table: todos, filters: [], select: nil]`, as upstream
@@ -151,11 +174,31 @@ fn describe(params: &Map<String, Value>, conditions: &[Condition]) -> String {
     )
 }
 
+/// Why a binding cannot be subscribed. The texts are upstream's, sent in the channel's
+/// `system` message.
+#[derive(Debug)]
+enum Refusal {
+    /// Wrong whatever the catalog says: no schema or table given, or a filter that does not
+    /// parse.
+    Invalid(String),
+    /// The table or a filtered column is not in the publication as last read; the user may
+    /// have just added it, so it is read again before the binding is refused.
+    Unpublished(String),
+}
+
+impl Refusal {
+    fn message(self) -> String {
+        match self {
+            Refusal::Invalid(message) | Refusal::Unpublished(message) => message,
+        }
+    }
+}
+
 /// Validates one binding against the publication.
 fn subscription(
     binding: &Binding,
     tables: &BTreeMap<(String, String), Table>,
-) -> Result<Subscription, String> {
+) -> Result<Subscription, Refusal> {
     let params = &binding.params;
     let text = |key: &str| {
         params
@@ -171,15 +214,15 @@ fn subscription(
     };
     let (schema, table) = match (text("schema"), text("table")) {
         (None, None) => {
-            return Err(format!(
+            return Err(Refusal::Invalid(format!(
                 "No subscription params provided. Please provide at least a `schema` or `table` to subscribe to: {}",
                 describe(params, &[])
-            ))
+            )))
         }
         (schema, table) => (schema.unwrap_or("public"), table),
     };
     let conditions = filter::parse(text("filter").unwrap_or_default())
-        .map_err(|e| format!("Error parsing `filter` params: {e}"))?;
+        .map_err(|e| Refusal::Invalid(format!("Error parsing `filter` params: {e}")))?;
     let wildcard = |s: &str| s == "*";
     let matching: Vec<&Table> = tables
         .values()
@@ -187,18 +230,18 @@ fn subscription(
         .filter(|t| table.is_none_or(|name| wildcard(name) || t.name == name))
         .collect();
     if matching.is_empty() {
-        return Err(format!(
+        return Err(Refusal::Unpublished(format!(
             "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: {}",
             describe(params, &conditions)
-        ));
+        )));
     }
     for table in &matching {
         for condition in &conditions {
             condition.validate(&table.columns).map_err(|exception| {
-                format!(
+                Refusal::Unpublished(format!(
                     "Unable to subscribe to changes with given parameters. An exception happened so please check your connect parameters: {}. Exception: {exception}",
                     describe(params, &conditions)
-                )
+                ))
             })?;
         }
     }
@@ -288,6 +331,12 @@ impl Engine {
     /// Registers the postgres_changes bindings of a channel (after its join or a token
     /// refresh) and tells the channel how that went.
     pub(crate) fn subscribe_changes(&mut self, conn: ConnId, instance: u64) {
+        self.subscribe(conn, instance, false);
+    }
+
+    /// [`Engine::subscribe_changes`]; `fresh` when the publication was read since the
+    /// channel asked, so a table it lacks is refused rather than read again.
+    fn subscribe(&mut self, conn: ConnId, instance: u64, fresh: bool) {
         let Some(c) = self.conns.get(&conn) else {
             return;
         };
@@ -299,7 +348,9 @@ impl Engine {
         }
         let key = (conn, instance);
         let message = if !self.config.postgres_changes {
-            Err("Realtime was unable to connect to the project database".to_owned())
+            Err(Refusal::Invalid(
+                "Realtime was unable to connect to the project database".to_owned(),
+            ))
         } else if let Some(tables) = &self.changes.publication {
             channel
                 .bindings
@@ -319,6 +370,18 @@ impl Engine {
             channel.room.sub.clone(),
         );
         let claims = channel.claims.clone();
+        if let Err(Refusal::Unpublished(_)) = &message {
+            if !fresh {
+                // Read the publication again before refusing: the table may be new.
+                if self.changes.refreshing.is_empty() {
+                    self.emit(Output::RefreshPublication);
+                }
+                if !self.changes.refreshing.contains(&key) {
+                    self.changes.refreshing.push(key);
+                }
+                return;
+            }
+        }
         let payload = match message {
             Ok(subscriptions) => {
                 let group = self.claims_group(&claims);
@@ -335,10 +398,10 @@ impl Engine {
                 );
                 system_payload("postgres_changes", "ok", "Subscribed to PostgreSQL", &sub)
             }
-            Err(message) => {
+            Err(refusal) => {
                 self.unsubscribe_changes(conn, instance);
                 self.stats.errors += 1;
-                system_payload("postgres_changes", "error", &message, &sub)
+                system_payload("postgres_changes", "error", &refusal.message(), &sub)
             }
         };
         let msg = protocol::encode_text(vsn, join_ref.as_deref(), None, &topic, "system", &payload);
@@ -355,6 +418,7 @@ impl Engine {
             }
         }
         self.changes.waiting.retain(|k| *k != (conn, instance));
+        self.changes.refreshing.retain(|k| *k != (conn, instance));
     }
 
     fn claims_group(&mut self, claims: &Claims) -> Arc<ClaimsGroup> {
@@ -378,8 +442,10 @@ impl Engine {
             .map(|t| ((t.schema.clone(), t.name.clone()), t))
             .collect();
         self.changes.publication = Some(tables);
-        for (conn, instance) in std::mem::take(&mut self.changes.waiting) {
-            self.subscribe_changes(conn, instance);
+        let waiting = std::mem::take(&mut self.changes.waiting);
+        let refreshing = std::mem::take(&mut self.changes.refreshing);
+        for (conn, instance) in waiting.into_iter().chain(refreshing) {
+            self.subscribe(conn, instance, true);
         }
         // Groups no channel uses any more are dropped here, off the hot path.
         let used: BTreeSet<&str> = self
@@ -400,7 +466,10 @@ impl Engine {
         }
     }
 
-    pub(crate) fn changes(&mut self, batch: ChangeBatch) {
+    pub(crate) fn changes(&mut self, mut batch: ChangeBatch) {
+        let accepted = self.changes.accepted_lsn;
+        batch.changes.retain(|change| change.lsn > accepted);
+        self.changes.accepted_lsn = accepted.max(batch.lsn);
         let tables = self.changes.publication.as_ref();
         let mut deliveries = Vec::with_capacity(batch.changes.len());
         // Per claims group, the changes whose visibility it needs.
@@ -447,34 +516,51 @@ impl Engine {
             verdicts: FxHashMap::default(),
             awaiting: BTreeSet::new(),
         };
+        // Each row checked is shared by every group that checks it.
+        let mut rows: FxHashMap<usize, Arc<Map<String, Value>>> = FxHashMap::default();
         let mut queries = Vec::with_capacity(asks.len());
         for (key, (group, indices)) in asks {
+            let mut xids: Vec<u32> = Vec::new();
             let checks: Vec<RowCheck> = indices
                 .iter()
                 .map(|&i| {
                     let change = &pending.batch.changes[i];
-                    let table =
-                        tables.and_then(|t| t.get(&(change.schema.clone(), change.table.clone())));
-                    row_check(change, table)
+                    if xids.last() != Some(&change.xid) {
+                        xids.push(change.xid);
+                    }
+                    let row = rows
+                        .entry(i)
+                        .or_insert_with(|| Arc::new(change.record.clone().unwrap_or_default()));
+                    RowCheck {
+                        schema: change.schema.clone(),
+                        table: change.table.clone(),
+                        row: row.clone(),
+                    }
                 })
                 .collect();
+            xids.sort_unstable();
+            xids.dedup();
             self.changes.next_query += 1;
-            self.changes.queries += 1;
             let id = self.changes.next_query;
             pending.awaiting.insert(id);
+            let query = VisibilityQuery {
+                id,
+                role: group.role.clone(),
+                claims: group.claims.clone(),
+                checks,
+                xids,
+            };
+            queries.push(query.clone());
             self.changes.questions.insert(
                 id,
                 Question {
                     group: key,
                     changes: indices,
+                    query,
+                    failures: 0,
+                    backing_off: false,
                 },
             );
-            queries.push(VisibilityQuery {
-                id,
-                role: group.role.clone(),
-                claims: group.claims.clone(),
-                checks,
-            });
         }
         for query in queries {
             self.emit(Output::Visibility(query));
@@ -484,6 +570,45 @@ impl Engine {
     }
 
     pub(crate) fn visibility(&mut self, id: u64, verdicts: Option<Vec<Verdict>>) {
+        #[cfg(feature = "planted-bugs")]
+        let verdicts = match verdicts {
+            None if self.planted(crate::PlantedBug::HideRowsOfFailedChecks) => Some(Vec::new()),
+            verdicts => verdicts,
+        };
+        let Some(verdicts) = verdicts else {
+            // Unanswered is not "not visible": ask again after a backoff.
+            let Some(question) = self.changes.questions.get_mut(&id) else {
+                return;
+            };
+            let delay = RETRY_FIRST_MS
+                .saturating_mul(1 << question.failures.min(16))
+                .min(RETRY_MAX_MS);
+            question.failures += 1;
+            if !question.backing_off {
+                question.backing_off = true;
+                self.changes.backing_off += 1;
+            }
+            self.stats.visibility_retries += 1;
+            let attempt = question.failures;
+            self.timers.set(
+                self.now.mono.plus_ms(delay),
+                Timer::VisibilityRetry { id, attempt },
+            );
+            return;
+        };
+        // An answer means the database is back: questions backing off are asked now.
+        if self.changes.backing_off > 0 {
+            let waiting: Vec<u64> = self
+                .changes
+                .questions
+                .iter()
+                .filter(|(_, q)| q.backing_off)
+                .map(|(id, _)| *id)
+                .collect();
+            for waiting in waiting {
+                self.ask_again(waiting);
+            }
+        }
         let Some(question) = self.changes.questions.remove(&id) else {
             return;
         };
@@ -497,16 +622,38 @@ impl Engine {
         };
         batch.awaiting.remove(&id);
         for (n, index) in question.changes.into_iter().enumerate() {
-            // A failed query shows nothing rather than something the policies may forbid.
-            let verdict = verdicts
-                .as_ref()
-                .and_then(|v| v.get(n).copied())
-                .unwrap_or(Verdict::Hidden);
+            // An answer too short for its question leaves the rest hidden: the runtime
+            // answers every check, so this only guards a runtime bug from leaking rows.
+            let verdict = verdicts.get(n).copied().unwrap_or(Verdict::Hidden);
             batch
                 .verdicts
                 .insert((question.group.clone(), index), verdict);
         }
         self.deliver_ready();
+    }
+
+    /// Asks a question again once its backoff for failure `attempt` has passed, unless it
+    /// was asked again since.
+    pub(crate) fn retry_visibility(&mut self, id: u64, attempt: u32) {
+        let current = self
+            .changes
+            .questions
+            .get(&id)
+            .is_some_and(|q| q.backing_off && q.failures == attempt);
+        if current {
+            self.ask_again(id);
+        }
+    }
+
+    fn ask_again(&mut self, id: u64) {
+        if let Some(question) = self.changes.questions.get_mut(&id) {
+            if question.backing_off {
+                question.backing_off = false;
+                self.changes.backing_off -= 1;
+            }
+            let query = question.query.clone();
+            self.emit(Output::Visibility(query));
+        }
     }
 
     /// Delivers complete batches from the head of the queue, in order.
@@ -601,34 +748,5 @@ impl Engine {
         for send in sends {
             self.emit(send);
         }
-    }
-}
-
-/// The primary key of a change's row, for a visibility check.
-fn row_check(change: &Change, table: Option<&Table>) -> RowCheck {
-    let row = change.record.as_ref();
-    let key = table
-        .map(|t| {
-            t.primary_key
-                .iter()
-                .map(|column| {
-                    let type_name = t
-                        .columns
-                        .iter()
-                        .find(|c| c.name == *column)
-                        .map_or_else(|| "text".to_owned(), |c| c.type_name.clone());
-                    let value = row
-                        .and_then(|r| r.get(column))
-                        .cloned()
-                        .unwrap_or(Value::Null);
-                    (column.clone(), type_name, value)
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    RowCheck {
-        schema: change.schema.clone(),
-        table: change.table.clone(),
-        key,
     }
 }

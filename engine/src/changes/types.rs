@@ -70,6 +70,12 @@ pub struct Change {
     /// The old row identity (update with an old tuple, delete): key columns, or every
     /// column with `REPLICA IDENTITY FULL`.
     pub old_record: Option<Map<String, Value>>,
+    /// The commit end LSN of its transaction: a change at or below what the engine already
+    /// handed out is a resend (a reconnected or failed-over stream) and is skipped.
+    pub lsn: u64,
+    /// Its transaction's id: a visibility check waits until the checker's snapshot sees the
+    /// transaction, so policies that read other rows of it judge what it committed.
+    pub xid: u32,
 }
 
 /// Changes of whole transactions in commit order, handed over together.
@@ -89,12 +95,15 @@ pub struct RowCheck {
     pub schema: String,
     /// Table name.
     pub table: String,
-    /// Primary key values: `(column, type name, value)`.
-    pub key: Vec<(String, String, Value)>,
+    /// The row the change wrote, as decoded from the WAL: policies are judged against these
+    /// values, not against the table as it is when the check runs, so a row updated or
+    /// deleted since is judged by what this change committed. Shared by every claims group
+    /// that checks the change.
+    pub row: Arc<Map<String, Value>>,
 }
 
-/// A visibility question for the database: which of these rows can this role, with these
-/// claims, select right now? One per batch and claims group.
+/// A visibility question for the database: which of these rows may this role, with these
+/// claims, select? One per batch and claims group.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VisibilityQuery {
     /// Echoed in [`crate::Input::Visibility`].
@@ -105,6 +114,9 @@ pub struct VisibilityQuery {
     pub claims: Arc<Map<String, Value>>,
     /// The rows to check.
     pub checks: Vec<RowCheck>,
+    /// The transactions that wrote them: the answer waits until they are visible to the
+    /// checker, so policies reading other tables see what those transactions committed.
+    pub xids: Vec<u32>,
 }
 
 /// The answer for one [`RowCheck`].

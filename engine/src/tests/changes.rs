@@ -56,6 +56,8 @@ fn change(table: &str, kind: ChangeKind, record: Value, old: Value) -> Change {
         columns: columns(),
         record: row(record),
         old_record: row(old),
+        lsn: 0,
+        xid: 7,
     }
 }
 
@@ -68,8 +70,16 @@ fn insert(table: &str, id: i64, owner: &str) -> Change {
     )
 }
 
+/// A batch of one transaction committed at `lsn`.
+fn stamped(lsn: u64, mut changes: Vec<Change>) -> ChangeBatch {
+    for change in &mut changes {
+        change.lsn = lsn;
+    }
+    ChangeBatch { changes, lsn }
+}
+
 fn batch(t: &mut TestEngine, lsn: u64, changes: Vec<Change>) {
-    t.handle(Input::Changes(ChangeBatch { changes, lsn }));
+    t.handle(Input::Changes(stamped(lsn, changes)));
 }
 
 /// Joins with `bindings`; returns the binding ids and checks the system message.
@@ -262,7 +272,18 @@ fn unpublished_tables_bad_filters_and_empty_params_get_upstream_errors() {
             json!({"config": {"postgres_changes": [binding]}}),
         );
         assert_eq!(reply["status"], "ok", "errors never fail the join");
-        let got = t.take(conn);
+        let mut got = t.take(conn);
+        if message.starts_with("Unable to subscribe") {
+            // The table or column may be new: the publication is read again first.
+            assert!(got.is_empty(), "{message}");
+            assert_eq!(t.refreshes, 1);
+            t.refreshes = 0;
+            t.handle(Input::Publication(vec![
+                table("todos", false),
+                table("secrets", true),
+            ]));
+            got = t.take(conn);
+        }
         assert_eq!(got[0].payload()["status"], "error");
         assert_eq!(got[0].payload()["message"], message);
     }
@@ -296,10 +317,10 @@ fn rls_is_one_query_per_claims_group_per_batch_and_hidden_rows_are_not_delivered
     }
     t.engine.handle(
         t.now,
-        Input::Changes(ChangeBatch {
-            changes: vec![insert("secrets", 1, "ann"), insert("secrets", 2, "bob")],
-            lsn: 99,
-        }),
+        Input::Changes(stamped(
+            99,
+            vec![insert("secrets", 1, "ann"), insert("secrets", 2, "bob")],
+        )),
     );
     let asked = queries(&mut t);
     assert_eq!(asked.len(), 2, "two claims groups, one query each");
@@ -318,7 +339,7 @@ fn rls_is_one_query_per_claims_group_per_batch_and_hidden_rows_are_not_delivered
             .checks
             .iter()
             .map(|c| {
-                if (c.key[0].2 == json!(1)) == (sub == "ann") {
+                if (c.row["id"] == json!(1)) == (sub == "ann") {
                     Verdict::Visible
                 } else {
                     Verdict::Hidden
@@ -354,18 +375,12 @@ fn batches_stay_in_commit_order_while_verdicts_are_pending_and_progress_follows_
     );
     t.engine.handle(
         t.now,
-        Input::Changes(ChangeBatch {
-            changes: vec![insert("secrets", 1, "ann")],
-            lsn: 10,
-        }),
+        Input::Changes(stamped(10, vec![insert("secrets", 1, "ann")])),
     );
     let asked = queries(&mut t);
     t.engine.handle(
         t.now,
-        Input::Changes(ChangeBatch {
-            changes: vec![insert("todos", 2, "ann")],
-            lsn: 20,
-        }),
+        Input::Changes(stamped(20, vec![insert("todos", 2, "ann")])),
     );
     let mut progress = Vec::new();
     while let Some(o) = t.engine.poll_output() {
@@ -427,8 +442,9 @@ fn service_role_bypasses_rls_and_deletes_are_never_checked_but_keep_only_the_key
     );
     t.engine.handle(
         t.now,
-        Input::Changes(ChangeBatch {
-            changes: vec![
+        Input::Changes(stamped(
+            3,
+            vec![
                 insert("secrets", 1, "ann"),
                 change(
                     "secrets",
@@ -437,8 +453,7 @@ fn service_role_bypasses_rls_and_deletes_are_never_checked_but_keep_only_the_key
                     json!({"id": 1, "owner": "ann", "title": "t"}),
                 ),
             ],
-            lsn: 3,
-        }),
+        )),
     );
     let mut sends = 0;
     while let Some(o) = t.engine.poll_output() {
@@ -473,10 +488,7 @@ fn unauthorized_verdict_sends_the_error_without_row_data() {
     );
     t.engine.handle(
         t.now,
-        Input::Changes(ChangeBatch {
-            changes: vec![insert("secrets", 1, "x")],
-            lsn: 1,
-        }),
+        Input::Changes(stamped(1, vec![insert("secrets", 1, "x")])),
     );
     let asked = queries(&mut t);
     t.handle(Input::Visibility {
@@ -517,6 +529,145 @@ fn refresh_resubscribes_and_publication_may_arrive_after_the_join() {
     t.take(conn);
     batch(&mut t, 1, vec![insert("todos", 1, "x")]);
     assert!(changes_for(&mut t, conn).is_empty(), "nothing after leave");
+}
+
+#[test]
+fn a_table_published_since_the_last_read_is_read_again_before_refusing() {
+    let mut t = engine();
+    let (a, b) = (t.connect(Vsn::V2), t.connect(Vsn::V2));
+    for (conn, sub) in [(a, "a"), (b, "b")] {
+        let binding = json!({"event": "*", "schema": "public", "table": "later"});
+        let reply = t.join_with(
+            conn,
+            sub,
+            json!({"config": {"postgres_changes": [binding]}}),
+        );
+        assert_eq!(reply["status"], "ok");
+        assert!(t.take(conn).is_empty(), "no verdict before the re-read");
+    }
+    assert_eq!(t.refreshes, 1, "one re-read for every channel waiting");
+    t.handle(Input::Publication(vec![
+        table("todos", false),
+        table("later", false),
+    ]));
+    for conn in [a, b] {
+        assert_eq!(
+            t.take(conn)[0].payload()["message"],
+            "Subscribed to PostgreSQL"
+        );
+    }
+    batch(&mut t, 1, vec![insert("later", 1, "x")]);
+    assert_eq!(changes_for(&mut t, a).len(), 1);
+}
+
+#[test]
+fn a_failed_visibility_check_is_asked_again_until_it_is_answered() {
+    let mut t = engine();
+    let conn = t.connect(Vsn::V2);
+    let token = t.token("authenticated", 3600);
+    subscribe(
+        &mut t,
+        conn,
+        "r",
+        json!([{"event": "*", "schema": "public", "table": "secrets"}]),
+        Some(token),
+    );
+    batch(&mut t, 5, vec![insert("secrets", 1, "ann")]);
+    let asked = queries(&mut t);
+    assert_eq!(asked[0].xids, [7], "the writing transaction, to wait for");
+    assert_eq!(asked[0].checks[0].row["owner"], "ann", "the row as written");
+    for failures in 0..4 {
+        t.handle(Input::Visibility {
+            id: asked[0].id,
+            verdicts: None,
+        });
+        assert!(
+            changes_for(&mut t, conn).is_empty(),
+            "a failure is no verdict"
+        );
+        assert!(t.progress.is_empty(), "nothing confirmed while unanswered");
+        t.advance((100 << failures) - 1);
+        assert!(queries(&mut t).is_empty(), "backing off");
+        t.advance(1);
+        let again = queries(&mut t);
+        assert_eq!(again, asked, "the same question, asked again");
+    }
+    t.handle(Input::Visibility {
+        id: asked[0].id,
+        verdicts: Some(vec![Verdict::Visible]),
+    });
+    assert_eq!(changes_for(&mut t, conn).len(), 1);
+    assert_eq!(t.progress, [5]);
+    assert_eq!(t.engine.stats().visibility_retries, 4);
+}
+
+#[test]
+fn an_answer_to_one_question_asks_the_ones_backing_off_again_at_once() {
+    let mut t = engine();
+    let (a, b) = (t.connect(Vsn::V2), t.connect(Vsn::V2));
+    for (conn, sub) in [(a, "ann"), (b, "bob")] {
+        let token = crate::auth::sign(
+            super::SECRET,
+            &json!({"role": "authenticated", "sub": sub, "exp": 4_000_000_000u64}),
+        );
+        subscribe(
+            &mut t,
+            conn,
+            sub,
+            json!([{"event": "*", "schema": "public", "table": "secrets"}]),
+            Some(token),
+        );
+    }
+    batch(&mut t, 5, vec![insert("secrets", 1, "ann")]);
+    let asked = queries(&mut t);
+    assert_eq!(asked.len(), 2);
+    for _ in 0..5 {
+        t.handle(Input::Visibility {
+            id: asked[0].id,
+            verdicts: None,
+        });
+        t.advance(5_000);
+        assert_eq!(queries(&mut t).len(), 1);
+    }
+    t.handle(Input::Visibility {
+        id: asked[0].id,
+        verdicts: None,
+    });
+    // The database answers the other question: the first is asked again now, not in 5 s.
+    t.handle(Input::Visibility {
+        id: asked[1].id,
+        verdicts: Some(vec![Verdict::Hidden]),
+    });
+    assert_eq!(queries(&mut t), [asked[0].clone()]);
+    // Its old backoff timer no longer asks it.
+    t.advance(5_000);
+    assert!(queries(&mut t).is_empty());
+}
+
+#[test]
+fn changes_a_reconnected_stream_resends_are_delivered_once() {
+    let mut t = engine();
+    let conn = t.connect(Vsn::V2);
+    subscribe(
+        &mut t,
+        conn,
+        "r",
+        json!([{"event": "*", "schema": "public", "table": "todos"}]),
+        None,
+    );
+    batch(&mut t, 10, vec![insert("todos", 1, "x")]);
+    let mut resent = stamped(10, vec![insert("todos", 1, "x")]);
+    resent
+        .changes
+        .extend(stamped(20, vec![insert("todos", 2, "x")]).changes);
+    resent.lsn = 20;
+    t.handle(Input::Changes(resent));
+    let ids: Vec<Value> = changes_for(&mut t, conn)
+        .iter()
+        .map(|c| c["data"]["record"]["id"].clone())
+        .collect();
+    assert_eq!(ids, [json!(1), json!(2)], "each change once");
+    assert_eq!(t.progress, [10, 20]);
 }
 
 mod index {

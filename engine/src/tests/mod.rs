@@ -68,6 +68,8 @@ pub(crate) struct TestEngine {
     pub(crate) visibility: Vec<crate::changes::VisibilityQuery>,
     /// WAL progress reported, in order.
     pub(crate) progress: Vec<u64>,
+    /// Publication re-reads asked for.
+    pub(crate) refreshes: usize,
     /// Messages for peer replicas, in order.
     pub(crate) to_peers: Vec<crate::PeerMsg>,
     /// Join refs of each connection's channels, by topic.
@@ -103,6 +105,7 @@ impl TestEngine {
             to_peers: Vec::new(),
             visibility: Vec::new(),
             progress: Vec::new(),
+            refreshes: 0,
             join_refs: BTreeMap::new(),
         }
     }
@@ -308,6 +311,7 @@ impl TestEngine {
                 Output::ToPeers(msg) => self.to_peers.push(msg),
                 Output::Visibility(query) => self.visibility.push(query),
                 Output::WalProgress { lsn } => self.progress.push(lsn),
+                Output::RefreshPublication => self.refreshes += 1,
                 Output::Accept { .. } => {}
             }
         }

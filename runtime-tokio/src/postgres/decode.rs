@@ -33,15 +33,18 @@ pub(crate) enum Old<'a> {
     Full(&'a TupleData),
 }
 
-/// Builds one change. `record` comes from `new` (insert, update), `old_record` from `old`
-/// (update with an old identity, delete). Unchanged TOAST values in `new` are taken from
-/// `old` when it has them, otherwise left out: the WAL does not carry them.
+/// Builds one change of transaction `xid`. `record` comes from `new` (insert, update),
+/// `old_record` from `old` (update with an old identity, delete). Unchanged TOAST values in
+/// `new` are taken from `old` when it has them, otherwise left out: the WAL does not carry
+/// them. Its `lsn` is the transaction's commit position, known only at the commit, which
+/// stamps it.
 pub(crate) fn change(
     relation: &Relation,
     kind: ChangeKind,
     new: Option<&TupleData>,
     old: Old<'_>,
     commit_timestamp: &str,
+    xid: u32,
 ) -> Change {
     let old_record = match old {
         Old::Absent => None,
@@ -57,6 +60,8 @@ pub(crate) fn change(
         columns: relation.columns.to_vec(),
         record,
         old_record,
+        lsn: 0,
+        xid,
     }
 }
 

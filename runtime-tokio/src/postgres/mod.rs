@@ -17,7 +17,7 @@ use std::time::Duration;
 use prometheus_client::metrics::counter::Counter;
 use switchboard_engine::Input;
 use switchboard_engine::Output;
-use tokio::sync::{mpsc, watch, Mutex};
+use tokio::sync::{mpsc, watch, Mutex, Notify};
 use tokio::task::JoinHandle;
 
 /// Where the subsystem's inputs go: the engine task in production, a channel in tests.
@@ -86,7 +86,8 @@ impl Drop for Postgres {
 
 /// Starts the WAL reader, the catalog reads and the visibility pool. `inputs` receives
 /// every [`Input`] for the engine, in order; `outputs` carries the engine's
-/// [`Output::Visibility`] and [`Output::WalProgress`] (others are ignored). The subsystem
+/// [`Output::Visibility`], [`Output::RefreshPublication`] and [`Output::WalProgress`]
+/// (others are ignored). The subsystem
 /// ends when `outputs` closes.
 pub fn start(
     config: PostgresConfig,
@@ -107,13 +108,21 @@ pub fn start(
             config.visibility_queries.clone(),
         )));
     }
-    tasks.push(tokio::spawn(wal::run(config, sink, progress_rx)));
+    let refresh = Arc::new(Notify::new());
+    tasks.push(tokio::spawn(wal::run(
+        config,
+        sink,
+        progress_rx,
+        refresh.clone(),
+    )));
     tasks.push(tokio::spawn(async move {
         while let Some(output) = outputs.recv().await {
             match output {
                 Output::Visibility(query) => {
                     let _ = questions.send(query);
                 }
+                // A permit is stored while the reader is between sessions.
+                Output::RefreshPublication => refresh.notify_one(),
                 Output::WalProgress { lsn } => {
                     progress.send_if_modified(|confirmed| {
                         let advanced = lsn > *confirmed;

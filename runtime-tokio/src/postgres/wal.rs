@@ -3,10 +3,11 @@
 //! the engine reports as handed out.
 //!
 //! Delivery is at least once. Postgres resends everything after the slot's confirmed
-//! position when the stream reconnects; within one process the reader skips transactions
-//! it already accepted, so only a restart of switchboard itself can repeat a change.
+//! position when the stream reconnects; the engine skips changes at or below the highest
+//! position it accepted, so only a restart of switchboard itself can repeat a change.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use pg_walstream::{
@@ -15,7 +16,7 @@ use pg_walstream::{
 };
 use switchboard_engine::changes::{Change, ChangeBatch, ChangeKind, Column, Table};
 use switchboard_engine::Input;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_postgres::Client;
 use tracing::{debug, error, info, warn};
@@ -47,7 +48,15 @@ enum WalError {
 
 /// Streams until the engine goes away (its progress channel closes), reconnecting with
 /// backoff whenever Postgres does.
-pub(crate) async fn run(config: PostgresConfig, sink: Sink, mut progress: watch::Receiver<u64>) {
+///
+/// `refresh` is notified when the engine asks for the publication to be read again; the
+/// reader then sends it whether or not it changed.
+pub(crate) async fn run(
+    config: PostgresConfig,
+    sink: Sink,
+    mut progress: watch::Receiver<u64>,
+    refresh: Arc<Notify>,
+) {
     let mut reader = Reader {
         replication_url: replication_url(&config.database_url),
         config,
@@ -58,12 +67,11 @@ pub(crate) async fn run(config: PostgresConfig, sink: Sink, mut progress: watch:
         transaction: None,
         pending: None,
         in_flight: VecDeque::new(),
-        accepted: 0,
         confirmed: 0,
     };
     let mut backoff = Backoff::new();
     loop {
-        match reader.session(&mut progress, &mut backoff).await {
+        match reader.session(&mut progress, &mut backoff, &refresh).await {
             Ok(()) => return,
             Err(error @ WalError::PublicationMissing(_)) => error!(%error, "WAL reader waiting"),
             Err(error) => warn!(%error, "WAL reader reconnecting"),
@@ -79,6 +87,7 @@ pub(crate) async fn run(config: PostgresConfig, sink: Sink, mut progress: watch:
 
 /// A transaction being decoded: its changes are handed out only once it commits.
 struct Transaction {
+    xid: u32,
     commit_timestamp: String,
     changes: Vec<Change>,
 }
@@ -105,9 +114,6 @@ struct Reader {
     pending: Option<Pending>,
     /// LSNs of batches handed to the engine and not confirmed yet, oldest first.
     in_flight: VecDeque<u64>,
-    /// Commit end LSN of the last transaction accepted (pending or handed out): anything at
-    /// or below it that Postgres resends after a reconnect is a duplicate.
-    accepted: u64,
     /// The highest LSN the engine reported as handed out.
     confirmed: u64,
 }
@@ -119,6 +125,7 @@ impl Reader {
         &mut self,
         progress: &mut watch::Receiver<u64>,
         backoff: &mut Backoff,
+        refresh_asked: &Notify,
     ) -> Result<(), WalError> {
         let client = catalog::connect(&self.config.database_url).await?;
         if !catalog::publication_exists(&client, &self.config.publication).await? {
@@ -126,7 +133,7 @@ impl Reader {
                 self.config.publication.clone(),
             ));
         }
-        self.refresh(&client).await?;
+        self.refresh(&client, false).await?;
         let stream_config =
             ReplicationStreamConfig::builder(&self.config.slot_name, &self.config.publication)
                 .with_protocol_version(1)
@@ -178,7 +185,8 @@ impl Reader {
                     self.confirm(lsn, &mut stream).await?;
                 }
                 () = sleep_until(flush_at), if flush_at.is_some() => self.flush(),
-                _ = refresh.tick() => self.refresh(&client).await?,
+                _ = refresh.tick() => self.refresh(&client, false).await?,
+                () = refresh_asked.notified() => self.refresh(&client, true).await?,
                 _ = idle.tick() => self.confirm_idle(&mut stream).await?,
                 // Dropping this read for another branch loses nothing: the connection
                 // keeps what it has received in its own buffer.
@@ -190,10 +198,11 @@ impl Reader {
         }
     }
 
-    /// Re-reads the publication and tells the engine if it changed.
-    async fn refresh(&mut self, client: &Client) -> Result<(), WalError> {
+    /// Re-reads the publication and tells the engine if it changed, or in any case when
+    /// `asked`.
+    async fn refresh(&mut self, client: &Client, asked: bool) -> Result<(), WalError> {
         let tables = catalog::tables(client, &self.config.publication).await?;
-        if self.published.as_ref() != Some(&tables) {
+        if asked || self.published.as_ref() != Some(&tables) {
             debug!(tables = tables.len(), "publication changed");
             (self.sink)(Input::Publication(tables.clone()));
             self.published = Some(tables);
@@ -207,8 +216,9 @@ impl Reader {
         client: &Client,
     ) -> Result<(), WalError> {
         match message {
-            LogicalReplicationMessage::Begin { timestamp, .. } => {
+            LogicalReplicationMessage::Begin { timestamp, xid, .. } => {
                 self.transaction = Some(Transaction {
+                    xid,
                     commit_timestamp: decode::commit_timestamp(timestamp),
                     changes: Vec::new(),
                 });
@@ -243,7 +253,7 @@ impl Reader {
                 self.relations.insert(relation_id, relation);
                 // The engine hears of a new or altered table before any of its changes.
                 if !known {
-                    self.refresh(client).await?;
+                    self.refresh(client, false).await?;
                 }
             }
             LogicalReplicationMessage::Insert { relation_id, tuple } => {
@@ -292,21 +302,23 @@ impl Reader {
             .get(&relation_id)
             .ok_or(WalError::UnknownRelation(relation_id))?;
         let transaction = self.transaction.as_mut().ok_or(WalError::NoTransaction)?;
-        let change = decode::change(relation, kind, new, old, &transaction.commit_timestamp);
+        let change = decode::change(
+            relation,
+            kind,
+            new,
+            old,
+            &transaction.commit_timestamp,
+            transaction.xid,
+        );
         transaction.changes.push(change);
         Ok(())
     }
 
     fn commit(&mut self, end_lsn: u64) -> Result<(), WalError> {
-        let transaction = self.transaction.take().ok_or(WalError::NoTransaction)?;
-        if end_lsn <= self.accepted {
-            debug!(
-                lsn = end_lsn,
-                "skipping a transaction resent after reconnecting"
-            );
-            return Ok(());
+        let mut transaction = self.transaction.take().ok_or(WalError::NoTransaction)?;
+        for change in &mut transaction.changes {
+            change.lsn = end_lsn;
         }
-        self.accepted = end_lsn;
         let pending = self.pending.get_or_insert_with(|| Pending {
             changes: Vec::new(),
             lsn: end_lsn,
