@@ -318,7 +318,7 @@ mod tests {
     fn unchanged_toast_comes_from_the_old_row_or_is_left_out() {
         let new = tuple(&[Some("1"), None]);
         let old = tuple(&[Some("1"), Some("xyz")]);
-        let update = |old| change(&relation(), ChangeKind::Update, Some(&new), old, "t");
+        let update = |old| change(&relation(), ChangeKind::Update, Some(&new), old, "t", 1);
         let full = update(Old::Full(&old));
         assert_eq!(
             full.record.map(Value::Object),
@@ -332,7 +332,14 @@ mod tests {
     #[test]
     fn a_key_only_old_tuple_keeps_only_the_key() {
         let old = tuple(&[Some("7"), Some("ignored")]);
-        let delete = change(&relation(), ChangeKind::Delete, None, Old::Key(&old), "t");
+        let delete = change(
+            &relation(),
+            ChangeKind::Delete,
+            None,
+            Old::Key(&old),
+            "t",
+            1,
+        );
         assert_eq!(delete.old_record.map(Value::Object), Some(json!({"id": 7})));
         assert_eq!(delete.record, None);
     }
