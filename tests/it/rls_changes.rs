@@ -473,3 +473,92 @@ async fn rls_judges_each_change_by_the_row_it_wrote() {
     assert_eq!(alice_sees.seen(), alice_wants);
     assert_eq!(bob_sees.seen(), bob_wants);
 }
+
+/// Sequential and index scans of `r` so far.
+async fn scans(db: &tokio_postgres::Client) -> (i64, i64) {
+    let row = db
+        .query_one(
+            "select seq_scan, coalesce(idx_scan, 0) from pg_stat_user_tables where relname = 'r'",
+            &[],
+        )
+        .await
+        .expect("reading the statistics");
+    (row.get(0), row.get(1))
+}
+
+/// The check never reads the table, so its cost does not grow with it: a table of a
+/// million rows is neither scanned nor probed for a change's verdict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rls_checks_never_read_the_table() {
+    let pg = TempPostgres::start();
+    pg.psql(SCHEMA);
+    let db = pg.client().await;
+    db.batch_execute(&format!(
+        "insert into r (owner, n) select '{}', g from generate_series(1, 1000000) g;
+         analyze r;",
+        USERS[1]
+    ))
+    .await
+    .expect("filling the table");
+    let server = Server::start(&["--database-url", &pg.url()]);
+    let (_addr_tx, addr) = watch::channel(server.addr.clone());
+    let alice = Subscriber::start(addr, "r", user_token(USERS[0])).await;
+    wait_streaming(&db).await;
+    // Statistics reach the view after the backend reports them: settle first.
+    db.batch_execute("select pg_stat_force_next_flush()")
+        .await
+        .expect("flushing statistics");
+    let before = scans(&db).await;
+    db.batch_execute(&format!(
+        "insert into r (id, owner, n) values (2000001, '{}', 0), (2000002, '{}', 0)",
+        USERS[0], USERS[1]
+    ))
+    .await
+    .expect("inserting");
+    for _ in 0..100 {
+        if !alice.seen().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(alice.seen(), [("INSERT".to_owned(), 2000001)]);
+    // A backend reports its statistics when it ends: end the server's (it reconnects).
+    db.batch_execute(
+        "select pg_terminate_backend(pid) from pg_stat_activity
+         where backend_type = 'client backend' and pid <> pg_backend_pid()",
+    )
+    .await
+    .expect("ending the server's connections");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(scans(&db).await, before, "the checker read the table");
+}
+
+/// A table added to the publication after the server read it can be subscribed to at once:
+/// the server reads the publication again before refusing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newly_published_table_can_be_subscribed_at_once() {
+    let pg = TempPostgres::start();
+    pg.psql(SCHEMA);
+    let server = Server::start(&["--database-url", &pg.url()]);
+    let db = pg.client().await;
+    wait_streaming(&db).await;
+    db.batch_execute(
+        "create table public.fresh (id bigserial primary key, n int8);
+         alter publication supabase_realtime add table public.fresh;",
+    )
+    .await
+    .expect("publishing a new table");
+    let (_addr_tx, addr) = watch::channel(server.addr.clone());
+    let watcher = Subscriber::start(addr, "fresh", user_token(USERS[0])).await;
+    db.batch_execute("insert into fresh (n) select generate_series(1, 30)")
+        .await
+        .expect("inserting");
+    for _ in 0..100 {
+        if watcher.seen().len() >= 30 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ids: Vec<i64> = watcher.seen().iter().map(|s| s.1).collect();
+    assert_eq!(ids, (1..=30).collect::<Vec<_>>());
+}
