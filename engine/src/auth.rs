@@ -45,6 +45,12 @@ pub enum TokenError {
     /// Not a compact JWS.
     #[error("The token provided is not a valid JWT")]
     Malformed,
+    /// `nbf` is later than now, beyond the clock-skew leeway.
+    #[error("Token is not valid yet")]
+    NotYetValid,
+    /// `iat` is present but not a number.
+    #[error("Token claim `iat` must be a number")]
+    InvalidIssuedAt,
     /// The signature does not match the secret.
     #[error("Failed to validate JWT signature")]
     BadSignature,
@@ -66,7 +72,10 @@ impl TokenError {
     pub fn join_reason(&self) -> String {
         let code = match self {
             TokenError::Missing | TokenError::Malformed => "MalformedJWT",
-            TokenError::Expired { .. } | TokenError::MissingClaims => "InvalidJWTToken",
+            TokenError::Expired { .. }
+            | TokenError::MissingClaims
+            | TokenError::NotYetValid
+            | TokenError::InvalidIssuedAt => "InvalidJWTToken",
             TokenError::BadSignature => "JwtSignatureError",
             TokenError::Signer => "JwtSignerError",
         };
@@ -77,6 +86,10 @@ impl TokenError {
         format!("{code}: {message}")
     }
 }
+
+/// How far in the future a token's `nbf` may be and still be accepted: the clock skew
+/// between the issuer and this server that is tolerated.
+pub const NBF_LEEWAY_SECS: u64 = 30;
 
 /// Verifies tokens with the project secret. Built once; verification allocates only the
 /// claims map.
@@ -135,6 +148,16 @@ impl Verifier {
             return Err(TokenError::Expired {
                 secs_ago: now_secs - exp,
             });
+        }
+        // As upstream: `iat` must be a number if present, and is not compared with the
+        // clock (issuers' clocks drift; `exp` bounds a token's life).
+        if claims.get("iat").is_some_and(|iat| !iat.is_number()) {
+            return Err(TokenError::InvalidIssuedAt);
+        }
+        // Not before: honoured, with a leeway for issuers whose clocks run ahead.
+        let nbf = claims.get("nbf").and_then(Value::as_f64);
+        if nbf.is_some_and(|nbf| nbf > (now_secs + NBF_LEEWAY_SECS) as f64) {
+            return Err(TokenError::NotYetValid);
         }
         Ok(Claims {
             role: role.to_owned(),
@@ -264,6 +287,43 @@ mod tests {
         assert_eq!(
             verify("").unwrap_err().connect_message(),
             "API key is missing"
+        );
+    }
+
+    #[test]
+    fn nbf_in_the_future_is_refused_beyond_the_leeway() {
+        let now = NOW_MS / 1000;
+        let at = |nbf: u64| {
+            sign(
+                "secret",
+                &json!({"role": "anon", "exp": 1_800_000_000u64, "nbf": nbf}),
+            )
+        };
+        assert!(verify(&at(now - 10)).is_ok());
+        assert!(
+            verify(&at(now + NBF_LEEWAY_SECS)).is_ok(),
+            "within the leeway"
+        );
+        let err = verify(&at(now + NBF_LEEWAY_SECS + 1)).unwrap_err();
+        assert_eq!(err, TokenError::NotYetValid);
+        assert_eq!(err.join_reason(), "InvalidJWTToken: Token is not valid yet");
+    }
+
+    #[test]
+    fn iat_must_be_a_number_but_is_not_compared_with_the_clock() {
+        let token = |iat: Value| {
+            sign(
+                "secret",
+                &json!({"role": "anon", "exp": 1_800_000_000u64, "iat": iat}),
+            )
+        };
+        assert!(
+            verify(&token(json!(1_900_000_000u64))).is_ok(),
+            "a future iat"
+        );
+        assert_eq!(
+            verify(&token(json!("yesterday"))).unwrap_err(),
+            TokenError::InvalidIssuedAt
         );
     }
 

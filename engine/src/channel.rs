@@ -152,6 +152,14 @@ impl Engine {
                 "TopicNameRequired: You must provide a topic name".to_owned(),
                 false,
             ))
+        } else if inbound.topic.len() > self.config.topic_bytes_max {
+            Some((
+                format!(
+                    "TopicNameTooLong: The topic must be at most {} bytes",
+                    self.config.topic_bytes_max
+                ),
+                false,
+            ))
         } else if self.shutting_down {
             Some((
                 "RealtimeRestarting: Realtime is restarting, please standby".to_owned(),

@@ -1,6 +1,10 @@
 //! Engine configuration. Every limit is a field, defaulting to self-hosted Supabase
 //! Realtime's value so an unconfigured switchboard behaves like upstream.
 
+/// Room for a message's envelope around its payload: topic, event, refs, JSON framing and
+/// a token refresh's JWT fit many times over.
+const ENVELOPE_BYTES_MAX: usize = 64 * 1024;
+
 /// What the engine enforces. Built and checked once by the binary; the engine trusts it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -31,6 +35,16 @@ pub struct Config {
     pub client_presence_window_ms: u64,
     /// Largest payload in kilobytes; the byte limit is `kb * 1000 + 500` as upstream.
     pub payload_kb_max: u64,
+    /// Bytes that unfinished WebSocket messages of all sockets together may hold: a client
+    /// that would go past it mid-message is closed (1013) rather than the server growing
+    /// without bound. Each socket alone is held to [`Config::message_bytes_max`].
+    pub unfinished_bytes_max: usize,
+    /// Largest `presence_state` of one room, in bytes: a track that would grow the room's
+    /// state past it is refused, since every joiner receives the whole state in one frame.
+    pub presence_state_bytes_max: usize,
+    /// Longest topic (`realtime:<sub>`) a channel may join, in bytes. Binary frames carry
+    /// the topic behind a one-byte length, so realtime-js cannot send to a longer one.
+    pub topic_bytes_max: usize,
     /// Rate limits average over this window: a token bucket holds `rate * window` tokens,
     /// so bursty but compliant clients are not cut off.
     pub rate_window_secs: u64,
@@ -76,6 +90,12 @@ impl Config {
     pub fn payload_bytes_max(&self) -> usize {
         (self.payload_kb_max * 1000 + 500) as usize
     }
+
+    /// The largest WebSocket message (and frame) a client may send: a payload at its limit
+    /// inside its envelope. A socket buffers at most this much of an unfinished message.
+    pub fn message_bytes_max(&self) -> usize {
+        self.payload_bytes_max() + ENVELOPE_BYTES_MAX
+    }
 }
 
 impl Default for Config {
@@ -94,6 +114,9 @@ impl Default for Config {
             client_presence_calls_max: 5,
             client_presence_window_ms: 30_000,
             payload_kb_max: 3_000,
+            topic_bytes_max: 255,
+            unfinished_bytes_max: 128 << 20,
+            presence_state_bytes_max: 4_000_000,
             rate_window_secs: 60,
             presence_broadcast_ms: 1_500,
             presence_enabled: false,

@@ -173,6 +173,13 @@ pub enum Input {
         /// The slow connection.
         conn: ConnId,
     },
+    /// The WebSocket layer refused what `conn` sent; nothing more is read from it.
+    FrameError {
+        /// The offending connection.
+        conn: ConnId,
+        /// What was wrong.
+        error: FrameError,
+    },
     /// An HTTP request for the REST API arrived.
     Rest {
         /// Where the [`Output::Reply`] goes.
@@ -209,6 +216,32 @@ pub enum Input {
     Shutdown,
     /// A timer set from [`Engine::poll_timeout`] fired (spurious ticks are harmless).
     Tick,
+}
+
+/// What the WebSocket layer refused, each closed with the code RFC 6455 gives it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameError {
+    /// A text message that is not UTF-8 (1007).
+    InvalidUtf8,
+    /// A frame or message over the size limit (1009).
+    TooLarge,
+    /// Unfinished messages of every socket together hold the memory set aside for them:
+    /// this one may come back later (1013).
+    Busy,
+    /// A frame that breaks the WebSocket protocol (1002).
+    Protocol,
+}
+
+impl FrameError {
+    /// The close code and reason sent for it.
+    pub fn close(self) -> (u16, &'static str) {
+        match self {
+            FrameError::InvalidUtf8 => (1007, "invalid UTF-8 in a text message"),
+            FrameError::TooLarge => (1009, "message too large"),
+            FrameError::Busy => (1013, "too much unfinished data on the server, try again"),
+            FrameError::Protocol => (1002, "WebSocket protocol error"),
+        }
+    }
 }
 
 /// Something the runtime must do, in the order given.
@@ -403,6 +436,11 @@ impl Engine {
             Input::Frame { conn, msg } => self.frame(conn, msg),
             Input::Closed { conn } => self.closed(conn),
             Input::Lagging { conn } => self.lagging(conn),
+            Input::FrameError { conn, error } => {
+                self.stats.malformed += 1;
+                let (code, reason) = error.close();
+                self.close(conn, code, reason);
+            }
             Input::Rest { req, request } => self.rest(req, request),
             Input::Peer { from, msg } => self.peer_message(from, msg),
             Input::PeerUp(node) => self.peer_up(node),

@@ -44,9 +44,30 @@ pub struct Meta {
     pub phx_ref_prev: Option<String>,
     /// The tracked payload.
     pub payload: Map<String, Value>,
+    /// Bytes this meta adds to a `presence_state` frame (its JSON and its key's share),
+    /// counted once when it is made: a room's state is bounded by the sum.
+    pub bytes: usize,
 }
 
 impl Meta {
+    /// A meta under presence key `key`, with its size counted.
+    pub fn new(
+        key: &str,
+        phx_ref: String,
+        phx_ref_prev: Option<String>,
+        payload: Map<String, Value>,
+    ) -> Meta {
+        let mut meta = Meta {
+            phx_ref,
+            phx_ref_prev,
+            payload,
+            bytes: 0,
+        };
+        // `"key":{"metas":[…]}` around it, at most.
+        meta.bytes = meta.to_json().to_string().len() + key.len() + 16;
+        meta
+    }
+
     /// The meta as clients see it: the payload with `phx_ref` (and `phx_ref_prev`).
     pub fn to_json(&self) -> Value {
         let mut object = self.payload.clone();
@@ -128,12 +149,20 @@ struct Part {
     entries: BTreeMap<u64, Entry>,
 }
 
+/// The entries of one room, and their total size.
+#[derive(Clone, Debug, Default)]
+struct RoomEntries {
+    ids: BTreeMap<EntryId, ()>,
+    /// Sum of the entries' [`Meta::bytes`].
+    bytes: usize,
+}
+
 /// One replica's view of the presence state.
 #[derive(Debug)]
 pub struct Replica {
     me: NodeId,
     parts: BTreeMap<NodeId, Part>,
-    by_room: FxHashMap<RoomKey, BTreeMap<EntryId, ()>>,
+    by_room: FxHashMap<RoomKey, RoomEntries>,
     /// Local instances changed since the last delta, and the clock that delta starts at.
     touched: BTreeMap<u64, ()>,
     delta_from: u64,
@@ -178,9 +207,15 @@ impl Replica {
         self.parts[&self.me].entries.get(&instance)
     }
 
+    /// The size of `room`'s `presence_state`: the sum of its metas' [`Meta::bytes`].
+    pub fn room_bytes(&self, room: &RoomKey) -> usize {
+        self.by_room.get(room).map_or(0, |r| r.bytes)
+    }
+
     /// Every entry in `room`, in a deterministic order.
     pub fn room(&self, room: &RoomKey) -> impl Iterator<Item = &Entry> + '_ {
-        self.by_room.get(room).into_iter().flat_map(move |ids| {
+        self.by_room.get(room).into_iter().flat_map(move |room| {
+            let ids = &room.ids;
             ids.keys()
                 .filter_map(move |id| self.parts.get(&id.owner)?.entries.get(&id.instance))
         })
@@ -219,12 +254,12 @@ impl Replica {
             return;
         };
         let orphan = instance | (1 << 63);
-        if let Some(ids) = self.by_room.get_mut(&entry.room) {
-            ids.remove(&EntryId {
+        if let Some(room) = self.by_room.get_mut(&entry.room) {
+            room.ids.remove(&EntryId {
                 owner: me,
                 instance,
             });
-            ids.insert(
+            room.ids.insert(
                 EntryId {
                     owner: me,
                     instance: orphan,
@@ -369,12 +404,11 @@ impl Replica {
         };
         let id = EntryId { owner, instance };
         if let Some(old) = old {
-            if entry.as_ref().is_none_or(|new| new.room != old.room) {
-                if let Some(ids) = self.by_room.get_mut(&old.room) {
-                    ids.remove(&id);
-                    if ids.is_empty() {
-                        self.by_room.remove(&old.room);
-                    }
+            if let Some(room) = self.by_room.get_mut(&old.room) {
+                room.bytes -= old.meta.bytes;
+                room.ids.remove(&id);
+                if room.ids.is_empty() {
+                    self.by_room.remove(&old.room);
                 }
             }
             changes.push(Change {
@@ -385,10 +419,9 @@ impl Replica {
             });
         }
         if let Some(new) = entry {
-            self.by_room
-                .entry(new.room.clone())
-                .or_default()
-                .insert(id, ());
+            let room = self.by_room.entry(new.room.clone()).or_default();
+            room.ids.insert(id, ());
+            room.bytes += new.meta.bytes;
             changes.push(Change {
                 room: new.room,
                 key: new.key,

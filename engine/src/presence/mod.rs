@@ -109,11 +109,24 @@ impl Engine {
         if previous.as_ref().is_none_or(|meta| meta.payload != payload) {
             let channel = &self.conns[&conn].channels[index];
             let (room, key) = (channel.room.clone(), channel.presence_key.clone());
-            let meta = Meta {
-                phx_ref: self.phx_ref(),
-                phx_ref_prev: previous.map(|meta| meta.phx_ref.clone()),
+            let phx_ref = self.phx_ref();
+            let replaced = previous.as_ref().map_or(0, |meta| meta.bytes);
+            let meta = Meta::new(
+                &key,
+                phx_ref,
+                previous.map(|meta| meta.phx_ref.clone()),
                 payload,
-            };
+            );
+            let state = self.presence.room_bytes(&room) - replaced + meta.bytes;
+            if state > self.config.presence_state_bytes_max {
+                // Every joiner gets the room's whole state in one frame: keep it sendable.
+                let reason = format!(
+                    r#"{{"reason":"PresenceStateTooLarge: The presence state of this channel would exceed {} bytes"}}"#,
+                    self.config.presence_state_bytes_max
+                );
+                self.reply(conn, vsn, reply_to, "error", &reason);
+                return;
+            }
             let changes = self.presence.put(
                 instance,
                 Entry {

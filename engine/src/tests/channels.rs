@@ -174,6 +174,24 @@ fn bindings_are_echoed_with_stable_integer_ids() {
 }
 
 #[test]
+fn topics_longer_than_binary_frames_carry_are_refused() {
+    let mut t = TestEngine::new();
+    let conn = t.connect(Vsn::V2);
+    // `realtime:` and 246 bytes: 255 in all, the most a binary frame's topic holds.
+    let longest = "x".repeat(246);
+    assert_eq!(t.join(conn, &longest, json!({}))["status"], "ok");
+    let reply = t.join_with(conn, &format!("{longest}y"), json!({"config": {}}));
+    assert_eq!(
+        reply,
+        json!({"status": "error", "response": {"reason": "TopicNameTooLong: The topic must be at most 255 bytes"}})
+    );
+    let huge = "é".repeat(50_000);
+    let reply = t.join_with(conn, &huge, json!({"config": {}}));
+    assert_eq!(reply["status"], "error");
+    assert_eq!(t.engine.stats().channels, 1, "only the one that fits");
+}
+
+#[test]
 fn empty_topic_and_foreign_topics_are_refused() {
     let mut t = TestEngine::new();
     let conn = t.connect(Vsn::V2);

@@ -242,6 +242,56 @@ fn non_object_track_payload_is_an_error_and_the_channel_stays() {
 }
 
 #[test]
+fn a_room_presence_state_stays_within_its_limit() {
+    let mut config = test_config();
+    config.presence_state_bytes_max = 3_000;
+    let mut t = TestEngine::with_config(config);
+    let conns: Vec<ConnId> = (0..3).map(|_| t.connect(Vsn::V2)).collect();
+    for (i, conn) in conns.iter().enumerate() {
+        t.join(*conn, "big", presence_config(&format!("k{i}")));
+    }
+    let blob = "x".repeat(1_200);
+    assert_eq!(
+        track(&mut t, conns[0], "big", json!({ "blob": blob }))["status"],
+        "ok"
+    );
+    assert_eq!(
+        track(&mut t, conns[1], "big", json!({ "blob": blob }))["status"],
+        "ok"
+    );
+    let refused = track(&mut t, conns[2], "big", json!({ "blob": blob }));
+    assert_eq!(
+        refused,
+        json!({"status": "error", "response": {"reason": "PresenceStateTooLarge: The presence state of this channel would exceed 3000 bytes"}})
+    );
+    // A small meta still fits, and so does replacing a big one with another.
+    assert_eq!(
+        track(&mut t, conns[2], "big", json!({ "n": 1 }))["status"],
+        "ok"
+    );
+    assert_eq!(
+        track(&mut t, conns[1], "big", json!({ "blob": blob, "v": 2 }))["status"],
+        "ok"
+    );
+    // Leaving frees its share.
+    untrack(&mut t, conns[0], "big");
+    assert_eq!(
+        track(&mut t, conns[2], "big", json!({ "blob": blob }))["status"],
+        "ok"
+    );
+    let joiner = t.connect(Vsn::V2);
+    t.join(joiner, "big", presence_config("j"));
+    let state = t
+        .take(joiner)
+        .into_iter()
+        .find(|r| r.event() == "presence_state")
+        .expect("presence_state");
+    assert!(state.payload().to_string().len() <= 3_000);
+    assert_eq!(metas(state.payload(), "k1").len(), 1);
+    assert_eq!(metas(state.payload(), "k2").len(), 1);
+}
+
+#[test]
 fn sixth_presence_push_in_thirty_seconds_closes_the_channel() {
     let mut t = TestEngine::new();
     let a = t.connect(Vsn::V2);

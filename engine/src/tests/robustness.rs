@@ -111,3 +111,25 @@ proptest! {
         prop_assert!(!t.closed.contains_key(&a) && !t.closed.contains_key(&b));
     }
 }
+
+#[test]
+fn frames_the_websocket_layer_refuses_close_with_their_rfc_codes() {
+    use crate::{FrameError, Input};
+    let cases = [
+        (FrameError::InvalidUtf8, 1007),
+        (FrameError::TooLarge, 1009),
+        (FrameError::Busy, 1013),
+        (FrameError::Protocol, 1002),
+    ];
+    for (error, code) in cases {
+        let mut t = TestEngine::new();
+        let (a, b) = (t.connect(Vsn::V2), t.connect(Vsn::V2));
+        t.join(a, "r", json!({}));
+        t.join(b, "r", json!({}));
+        t.handle(Input::FrameError { conn: a, error });
+        assert_eq!(t.closed[&a].0, code, "{error:?}");
+        assert_eq!(t.engine.stats().connections, 1, "the socket is forgotten");
+        t.broadcast(b, "r", "e", json!({}));
+        assert!(t.take(a).is_empty(), "nothing after the close");
+    }
+}

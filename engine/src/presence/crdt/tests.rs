@@ -17,11 +17,7 @@ fn entry(room: u8, value: u8, serial: u64) -> Entry {
             sub: Arc::from(format!("room{room}")),
         },
         key: Arc::from(format!("key{}", value % 2)),
-        meta: Arc::new(Meta {
-            phx_ref: format!("ref{serial}"),
-            phx_ref_prev: None,
-            payload,
-        }),
+        meta: Arc::new(Meta::new("key", format!("ref{serial}"), None, payload)),
     }
 }
 
