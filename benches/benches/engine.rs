@@ -159,11 +159,7 @@ fn entry(room: &RoomKey, i: u64) -> Entry {
     Entry {
         room: room.clone(),
         key: Arc::from(format!("key-{i}")),
-        meta: Arc::new(Meta {
-            phx_ref: format!("ref-{i}"),
-            phx_ref_prev: None,
-            payload,
-        }),
+        meta: Arc::new(Meta::new("key", format!("ref-{i}"), None, payload)),
     }
 }
 

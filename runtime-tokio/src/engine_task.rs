@@ -332,29 +332,34 @@ impl Driver {
                 return;
             }
             let table: Arc<[Message]> = std::mem::take(&mut self.table).into();
+            let table_bytes: usize = table.iter().map(Message::len).sum();
             for conn in std::mem::take(&mut self.dirty) {
                 let Some(socket) = self.sockets.get_mut(&conn) else {
                     continue;
                 };
                 // Picks are distinct and ascending: as many as the table means all of it.
-                let batch = if socket.pending.len() == table.len() {
+                let (batch, bytes) = if socket.pending.len() == table.len() {
                     if socket.pending.capacity() > 64 {
                         socket.pending = Vec::new();
                     } else {
                         socket.pending.clear();
                     }
-                    match &*table {
+                    let batch = match &*table {
                         [one] => Batch::One(one.clone()),
                         _ => Batch::Shared {
                             frames: table.clone(),
                             picks: Picks::All,
                         },
-                    }
+                    };
+                    (batch, table_bytes)
                 } else {
-                    Batch::Shared {
+                    let picks = std::mem::take(&mut socket.pending);
+                    let bytes = picks.iter().map(|&p| table[p as usize].len()).sum();
+                    let batch = Batch::Shared {
                         frames: table.clone(),
-                        picks: Picks::Some(std::mem::take(&mut socket.pending)),
-                    }
+                        picks: Picks::Some(picks),
+                    };
+                    (batch, bytes)
                 };
                 #[cfg(feature = "planted-bugs")]
                 if self.options.config.planted_bug
@@ -363,8 +368,11 @@ impl Driver {
                     socket.outbox.append_within(batch, self.options.send_queue);
                     continue;
                 }
-                let waiting = socket.outbox.append(batch);
-                if waiting > self.options.send_queue && !socket.lagging {
+                let waiting = socket.outbox.append(batch, bytes);
+                // A frame larger than the byte limit still goes out on its own.
+                let over = waiting.frames > self.options.send_queue
+                    || (waiting.bytes > self.options.send_queue_bytes && waiting.frames > 1);
+                if over && !socket.lagging {
                     socket.lagging = true;
                     self.lagging.push(conn);
                 }
@@ -389,7 +397,9 @@ impl Driver {
             .map(|&pick| self.table[pick as usize].clone())
             .collect();
         own.extend(close.map(|frame| Message::Close(Some(frame))));
-        socket.outbox.append(Batch::Own(own));
+        let own = Batch::Own(own);
+        let bytes = own.bytes();
+        socket.outbox.append(own, bytes);
         socket.outbox.finish();
         let _ = socket
             .deadline

@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -40,6 +41,10 @@ pub(crate) struct State {
     pub(crate) metrics: Arc<Metrics>,
     /// WebSocket tasks, so shutdown can wait for their close frames.
     pub(crate) sockets: TaskTracker,
+    /// The largest message a client may send.
+    pub(crate) message_bytes_max: usize,
+    /// What unfinished messages of every socket may hold together.
+    pub(crate) unfinished: Arc<ws::Budget>,
 }
 
 /// Accepts connections until `shutdown` completes; each is served on its own task.
@@ -49,17 +54,28 @@ pub(crate) async fn accept_loop<L: Listener>(
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let mut refusals = AcceptRefusals::default();
     loop {
         let (stream, peer) = tokio::select! {
             // Shutdown first, so a stream of new connections cannot delay it.
             biased;
             () = &mut shutdown => return,
             accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
+                Ok(accepted) => {
+                    refusals.backoff = None;
+                    accepted
+                }
                 Err(e) => {
-                    // Out of file descriptors, say: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    state.metrics.accept_errors.inc();
+                    if let Some(pause) = refusals.note(&e) {
+                        // Out of descriptors or memory: what is open keeps being served,
+                        // and accepting resumes once something closes.
+                        tokio::select! {
+                            biased;
+                            () = &mut shutdown => return,
+                            () = tokio::time::sleep(pause) => {}
+                        }
+                    }
                     continue;
                 }
             },
@@ -77,6 +93,51 @@ pub(crate) async fn accept_loop<L: Listener>(
                 debug!(%peer, error = %e, "http connection ended");
             }
         });
+    }
+}
+
+/// Accept failures: a backoff while the process is out of descriptors or memory, and a log
+/// line at most every [`AcceptRefusals::LOG_EVERY`] with how many there were.
+#[derive(Default)]
+struct AcceptRefusals {
+    /// The pause after the last failure, while failures continue.
+    backoff: Option<Duration>,
+    /// Failures since the last log line.
+    unlogged: u64,
+    logged_at: Option<Instant>,
+}
+
+impl AcceptRefusals {
+    const FIRST: Duration = Duration::from_millis(10);
+    const MAX: Duration = Duration::from_secs(1);
+    const LOG_EVERY: Duration = Duration::from_secs(10);
+
+    /// Counts a failure; returns how long to pause before accepting again, if at all.
+    fn note(&mut self, error: &std::io::Error) -> Option<Duration> {
+        // EMFILE, ENFILE, ENOBUFS, ENOMEM: accepting again at once would fail again.
+        let exhausted = matches!(error.raw_os_error(), Some(24 | 23 | 105 | 12));
+        self.unlogged += 1;
+        if self
+            .logged_at
+            .is_none_or(|at| at.elapsed() >= Self::LOG_EVERY)
+        {
+            warn!(
+                error = %error,
+                failures = self.unlogged,
+                "accept failed; open connections are still served (see README: raising the file descriptor limit)"
+            );
+            self.unlogged = 0;
+            self.logged_at = Some(Instant::now());
+        }
+        if !exhausted {
+            // A connection reset before it was accepted, say: nothing to wait for.
+            return None;
+        }
+        let pause = self
+            .backoff
+            .map_or(Self::FIRST, |last| (last * 2).min(Self::MAX));
+        self.backoff = Some(pause);
+        Some(pause)
     }
 }
 
@@ -249,15 +310,17 @@ async fn upgrade(mut request: Request<Incoming>, state: State, peer: SocketAddr)
         engine,
         metrics,
         sockets,
+        message_bytes_max,
+        unfinished,
     } = state;
     let socket = async move {
         match on_upgrade.await {
             Ok(upgraded) => {
                 debug!("socket open");
                 let stream = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
+                    ws::Metered::new(TokioIo::new(upgraded), unfinished),
                     Role::Server,
-                    Some(ws::config()),
+                    Some(ws::config(message_bytes_max)),
                 )
                 .await;
                 metrics.sockets.inc();

@@ -41,6 +41,9 @@ pub struct Options {
     pub seed: u64,
     /// Frames waiting for a socket's writer before it counts as a slow consumer.
     pub send_queue: usize,
+    /// Bytes waiting for a socket's writer before it counts as a slow consumer (a single
+    /// frame larger than this still goes out).
+    pub send_queue_bytes: usize,
     /// Where time comes from: real time in production, simulated time under turmoil.
     pub clock: Clock,
     /// The peer bus, when this replica has peers.
@@ -61,6 +64,7 @@ impl Options {
             node: NodeId(1),
             seed: 0,
             send_queue: 1024,
+            send_queue_bytes: 16 << 20,
             clock: Clock::system(),
             peers: None,
             database: None,
@@ -80,6 +84,8 @@ impl Server {
     pub fn start(options: Options) -> (Server, ServerTask) {
         let metrics = Arc::new(Metrics::new());
         let drain_timeout = options.drain_timeout;
+        let message_bytes_max = options.config.message_bytes_max();
+        let unfinished_bytes_max = options.config.unfinished_bytes_max;
         let (handle, task) = engine_task::spawn(options, metrics.clone());
         (
             Server {
@@ -91,6 +97,8 @@ impl Server {
                 task,
                 drain_timeout,
                 sockets: TaskTracker::new(),
+                message_bytes_max,
+                unfinished_bytes_max,
             },
         )
     }
@@ -112,6 +120,8 @@ pub struct ServerTask {
     task: tokio::task::JoinHandle<()>,
     drain_timeout: Duration,
     sockets: TaskTracker,
+    message_bytes_max: usize,
+    unfinished_bytes_max: usize,
 }
 
 impl ServerTask {
@@ -127,6 +137,8 @@ impl ServerTask {
             engine: self.handle.clone(),
             metrics,
             sockets: self.sockets.clone(),
+            message_bytes_max: self.message_bytes_max,
+            unfinished: ws::Budget::new(self.unfinished_bytes_max),
         };
         http::accept_loop(listener, state, shutdown).await;
         self.handle.shutdown();

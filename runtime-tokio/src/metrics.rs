@@ -26,12 +26,15 @@ pub struct Metrics {
     broadcasts: Counter,
     errors: Counter,
     malformed: Counter,
+    visibility_retries: Counter,
     /// Sockets closed because their send queue overflowed.
     pub slow_consumers: Counter,
     /// Time spent in one `Engine::handle` plus its drain.
     pub handle_seconds: Histogram,
     /// Visibility questions sent to the database, counted by the postgres subsystem.
     pub visibility_queries: Counter,
+    /// Connections the listener failed to accept (out of file descriptors, say).
+    pub accept_errors: Counter,
 }
 
 impl Metrics {
@@ -49,9 +52,11 @@ impl Metrics {
             broadcasts: Counter::default(),
             errors: Counter::default(),
             malformed: Counter::default(),
+            visibility_retries: Counter::default(),
             slow_consumers: Counter::default(),
             handle_seconds: Histogram::new(exponential_buckets(1e-6, 4.0, 12)),
             visibility_queries: Counter::default(),
+            accept_errors: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -115,6 +120,16 @@ impl Metrics {
             "Row Level Security visibility questions sent to the database",
             metrics.visibility_queries.clone(),
         );
+        registry.register(
+            "visibility_retries",
+            "Visibility questions the database failed to answer, each asked again",
+            metrics.visibility_retries.clone(),
+        );
+        registry.register(
+            "accept_errors",
+            "Connections the listener failed to accept, such as for want of file descriptors",
+            metrics.accept_errors.clone(),
+        );
         Metrics {
             registry,
             ..metrics
@@ -136,6 +151,8 @@ impl Metrics {
         self.errors.inc_by(delta(before.errors, now.errors));
         self.malformed
             .inc_by(delta(before.malformed, now.malformed));
+        self.visibility_retries
+            .inc_by(delta(before.visibility_retries, now.visibility_retries));
     }
 
     /// The Prometheus text exposition.

@@ -58,6 +58,23 @@ impl Batch {
         }
     }
 
+    /// Bytes of its frames' payloads, summed frame by frame: for the socket's own frames
+    /// and tests. The engine task sums a hand-over's table once instead.
+    pub(crate) fn bytes(&self) -> usize {
+        match self {
+            Batch::One(frame) => frame.len(),
+            Batch::Shared {
+                frames,
+                picks: Picks::All,
+            } => frames.iter().map(Message::len).sum(),
+            Batch::Shared {
+                frames,
+                picks: Picks::Some(picks),
+            } => picks.iter().map(|&p| frames[p as usize].len()).sum(),
+            Batch::Own(frames) => frames.iter().map(Message::len).sum(),
+        }
+    }
+
     /// The frames in order; shared ones as refcounted clones.
     pub(crate) fn into_frames(self) -> Frames {
         match self {
@@ -119,10 +136,19 @@ struct State {
     batches: SmallVec<[Batch; 1]>,
     /// Frames in `batches`.
     waiting: usize,
+    /// Their bytes.
+    waiting_bytes: usize,
     /// No frame will follow what is in `batches`.
     finished: bool,
     /// The writer, parked until there is something to take.
     writer: Option<Waker>,
+}
+
+/// Frames and bytes waiting in an outbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Waiting {
+    pub(crate) frames: usize,
+    pub(crate) bytes: usize,
 }
 
 /// What the writer takes: batches in order, and whether the engine is done with the socket.
@@ -144,15 +170,20 @@ impl Outbox {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Appends `batch` and wakes the writer. Returns how many frames now wait.
-    pub(crate) fn append(&self, batch: Batch) -> usize {
+    /// Appends `batch`, of `bytes` in all, and wakes the writer. Returns what now waits.
+    pub(crate) fn append(&self, batch: Batch, bytes: usize) -> Waiting {
         let (waiting, writer) = {
             let mut state = self.lock();
             if batch.len() > 0 {
                 state.waiting += batch.len();
+                state.waiting_bytes += bytes;
                 state.batches.push(batch);
             }
-            (state.waiting, state.writer.take())
+            let waiting = Waiting {
+                frames: state.waiting,
+                bytes: state.waiting_bytes,
+            };
+            (waiting, state.writer.take())
         };
         if let Some(writer) = writer {
             writer.wake();
@@ -165,7 +196,9 @@ impl Outbox {
     #[cfg(feature = "planted-bugs")]
     pub(crate) fn append_within(&self, batch: Batch, limit: usize) {
         let room = limit.saturating_sub(self.lock().waiting);
-        self.append(batch.truncate(room));
+        let batch = batch.truncate(room);
+        let bytes = batch.bytes();
+        self.append(batch, bytes);
     }
 
     /// Says no frame follows what was appended, and wakes the writer.
@@ -192,6 +225,7 @@ impl Outbox {
             return Poll::Pending;
         }
         state.waiting = 0;
+        state.waiting_bytes = 0;
         Poll::Ready(Taken {
             batches: std::mem::take(&mut state.batches),
             finished: state.finished,
@@ -221,14 +255,42 @@ mod tests {
             frames: table.clone(),
             picks: Picks::Some(vec![2, 0]),
         };
-        assert_eq!(outbox.append(picked), 2);
+        let append = |batch: Batch| {
+            let bytes = batch.bytes();
+            outbox.append(batch, bytes)
+        };
+        assert_eq!(
+            append(picked),
+            Waiting {
+                frames: 2,
+                bytes: 2
+            }
+        );
         let all = Batch::Shared {
             frames: table,
             picks: Picks::All,
         };
-        assert_eq!(outbox.append(all), 5);
-        assert_eq!(outbox.append(Batch::One(text("d"))), 6);
-        assert_eq!(outbox.append(Batch::Own(vec![text("e")])), 7);
+        assert_eq!(
+            append(all),
+            Waiting {
+                frames: 5,
+                bytes: 5
+            }
+        );
+        assert_eq!(
+            append(Batch::One(text("dd"))),
+            Waiting {
+                frames: 6,
+                bytes: 7
+            }
+        );
+        assert_eq!(
+            append(Batch::Own(vec![text("e")])),
+            Waiting {
+                frames: 7,
+                bytes: 8
+            }
+        );
         outbox.finish();
         let taken = outbox.take().await;
         let frames: Vec<Message> = taken
@@ -236,7 +298,7 @@ mod tests {
             .into_iter()
             .flat_map(Batch::into_frames)
             .collect();
-        let expected = ["c", "a", "a", "b", "c", "d", "e"].map(text);
+        let expected = ["c", "a", "a", "b", "c", "dd", "e"].map(text);
         assert_eq!(frames, expected);
         assert!(taken.finished);
     }
@@ -249,7 +311,7 @@ mod tests {
             async move { outbox.take().await.batches }
         });
         tokio::task::yield_now().await;
-        outbox.append(Batch::One(text("x")));
+        outbox.append(Batch::One(text("x")), 1);
         assert_eq!(
             writer.await.expect("writer").into_vec(),
             vec![Batch::One(text("x"))]

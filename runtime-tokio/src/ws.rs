@@ -14,17 +14,18 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::{Sink, Stream};
 use smallvec::SmallVec;
-use switchboard_engine::{ConnId, Input, WsMessage};
+use switchboard_engine::{ConnId, FrameError, Input, WsMessage};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 use tokio::time::Sleep;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 use tracing::debug;
 
@@ -32,26 +33,143 @@ use crate::engine_task::{EngineHandle, Handed, SocketEnd};
 use crate::metrics::Metrics;
 use crate::outbox::{Batch, Frames, Outbox, Taken};
 
-/// Largest frame and message accepted (upstream's limit, PROTOCOL.md §1.1).
-const FRAME_BYTES_MAX: usize = 5_000_000;
-
-/// Buffers sized for many mostly idle sockets. Writes leave the buffer once it passes
-/// `write_buffer_size` or on the writer's explicit flush, whichever comes first.
-pub(crate) fn config() -> WebSocketConfig {
+/// Buffers sized for many mostly idle sockets, and the largest message a client may send
+/// (`message_bytes_max`: a payload at its limit in its envelope), so one socket never
+/// buffers more of an unfinished message. Writes leave the buffer once it passes
+/// `write_buffer_size` or on the writer's explicit flush, whichever comes first; what may
+/// wait to be written is bounded by the outbox, so the write buffer itself is not.
+pub(crate) fn config(message_bytes_max: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         // Realtime frames are small; a larger one grows the buffer as it arrives. 1 KiB instead
         // of 4 KiB took idle joined sockets from 12.4 KB to 9.5 KB of RSS each.
         .read_buffer_size(1024)
         .write_buffer_size(8 * 1024)
-        .max_write_buffer_size(FRAME_BYTES_MAX * 2)
-        .max_message_size(Some(FRAME_BYTES_MAX))
-        .max_frame_size(Some(FRAME_BYTES_MAX))
+        .max_message_size(Some(message_bytes_max))
+        .max_frame_size(Some(message_bytes_max))
+}
+
+/// Bytes of unfinished messages held by all sockets together, and their limit.
+#[derive(Debug)]
+pub(crate) struct Budget {
+    used: AtomicUsize,
+    max: usize,
+}
+
+impl Budget {
+    pub(crate) fn new(max: usize) -> Arc<Budget> {
+        Arc::new(Budget {
+            used: AtomicUsize::new(0),
+            max,
+        })
+    }
+}
+
+/// Why a socket's read was refused: its unfinished message would take the shared budget
+/// past its limit.
+#[derive(Debug, thiserror::Error)]
+#[error("unfinished messages of all sockets are over their memory budget")]
+struct OverBudget;
+
+/// A socket's byte stream, counting what it read since its last whole message against the
+/// shared [`Budget`]. A socket mid-message (some bytes read, no message out yet) may read
+/// more only while the budget has room; a socket between messages always may, so small
+/// messages keep flowing when large unfinished ones fill the budget.
+pub(crate) struct Metered<S> {
+    inner: S,
+    budget: Arc<Budget>,
+    /// Bytes read since the last whole message.
+    partial: usize,
+}
+
+impl<S> Metered<S> {
+    pub(crate) fn new(inner: S, budget: Arc<Budget>) -> Self {
+        Metered {
+            inner,
+            budget,
+            partial: 0,
+        }
+    }
+
+    /// A whole message came out of what was read: it no longer counts.
+    fn message_done(&mut self) {
+        self.budget.used.fetch_sub(self.partial, Ordering::Relaxed);
+        self.partial = 0;
+    }
+}
+
+impl<S> Drop for Metered<S> {
+    fn drop(&mut self) {
+        self.message_done();
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.partial > 0 && this.budget.used.load(Ordering::Relaxed) > this.budget.max {
+            return Poll::Ready(Err(std::io::Error::other(OverBudget)));
+        }
+        let before = buf.filled().len();
+        std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        let read = buf.filled().len() - before;
+        this.partial += read;
+        this.budget.used.fetch_add(read, Ordering::Relaxed);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// What the WebSocket layer refused, as the engine names it; `None` when the socket simply
+/// broke or closed.
+fn refused(error: &WsError) -> Option<FrameError> {
+    match error {
+        WsError::Utf8(_) => Some(FrameError::InvalidUtf8),
+        WsError::Capacity(_) => Some(FrameError::TooLarge),
+        WsError::Protocol(_) => Some(FrameError::Protocol),
+        WsError::Io(e) if e.get_ref().is_some_and(|inner| inner.is::<OverBudget>()) => {
+            Some(FrameError::Busy)
+        }
+        _ => None,
+    }
 }
 
 /// Runs a connection until both sides are done with it or the engine's deadline for it
 /// passes; the engine always hears `Closed`, after the last frame read.
 pub(crate) async fn run<S>(
-    stream: WebSocketStream<S>,
+    stream: WebSocketStream<Metered<S>>,
     conn: ConnId,
     end: SocketEnd,
     engine: EngineHandle,
@@ -101,7 +219,7 @@ enum Ended {
 /// room in the engine's queue never holds up writes, and a writer stuck on a client that does
 /// not read never stops reads.
 struct Connection<S> {
-    ws: WebSocketStream<S>,
+    ws: WebSocketStream<Metered<S>>,
     conn: ConnId,
     engine: EngineHandle,
     metrics: Arc<Metrics>,
@@ -227,13 +345,28 @@ where
             if self.poll_forward(cx).is_pending() || !self.reading {
                 return;
             }
-            let msg = match Pin::new(&mut self.ws).poll_next(cx) {
+            let next = Pin::new(&mut self.ws).poll_next(cx);
+            if let Poll::Ready(Some(Ok(_))) = &next {
+                self.ws.get_mut().message_done();
+            }
+            let msg = match next {
                 Poll::Pending => return,
                 Poll::Ready(Some(Ok(Message::Text(text)))) => WsMessage::Text(text.into()),
                 Poll::Ready(Some(Ok(Message::Binary(data)))) => WsMessage::Binary(data),
                 // Pings are answered and pongs noted by tungstenite.
                 Poll::Ready(Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)))) => {
                     continue
+                }
+                Poll::Ready(Some(Err(error))) if refused(&error).is_some() => {
+                    // The engine closes the socket with the code for it; the close frame is
+                    // written like any other, and nothing more is read.
+                    let error = refused(&error).expect("checked");
+                    self.reading = false;
+                    self.submit(Input::FrameError {
+                        conn: self.conn,
+                        error,
+                    });
+                    return;
                 }
                 Poll::Ready(Some(Ok(Message::Close(_)) | Err(_)) | None) => {
                     self.tell_closed();

@@ -1,6 +1,7 @@
 //! Integration tests: the real `switchboard` binary on real sockets, driven by plain
 //! WebSocket clients and by the real supabase-js client under node.
 
+mod bad_input;
 mod pg;
 mod rls;
 mod rls_changes;

@@ -2,6 +2,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -22,17 +23,38 @@ pub struct Server {
     pub addr: String,
     /// The arguments after the defaults, for a restart.
     extra: Vec<String>,
+    /// The file descriptor limit it runs with, if not the test's own.
+    fd_limit: Option<u32>,
+    /// Every line it logged so far (also echoed to the test's stderr).
+    logs: Arc<Mutex<Vec<String>>>,
 }
 
 impl Server {
     /// Starts the binary with test-friendly limits plus `extra` arguments. It logs at `warn`
     /// unless `SWITCHBOARD_TEST_LOG` gives another filter (`debug`, say, to follow a failure).
     pub fn start(extra: &[&str]) -> Server {
-        Server::spawn("127.0.0.1:0", extra)
+        Server::spawn("127.0.0.1:0", extra, None)
     }
 
-    fn spawn(bind: &str, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+    /// Like [`Server::start`], with at most `fds` open file descriptors (`prlimit`).
+    pub fn start_with_fd_limit(fds: u32, extra: &[&str]) -> Server {
+        Server::spawn("127.0.0.1:0", extra, Some(fds))
+    }
+
+    fn spawn(bind: &str, extra: &[&str], fd_limit: Option<u32>) -> Server {
+        let binary = env!("CARGO_BIN_EXE_switchboard");
+        let mut command = match fd_limit {
+            Some(fds) => {
+                let mut command = Command::new("prlimit");
+                command
+                    .arg(format!("--nofile={fds}:{fds}"))
+                    .arg("--")
+                    .arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        let mut child = command
             .args(["serve", "--bind", bind, "--jwt-secret", SECRET])
             .args([
                 "--join-error-backoff-ms",
@@ -50,9 +72,18 @@ impl Server {
             .arg(std::env::var("SWITCHBOARD_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .args(extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("the switchboard binary starts");
+        let logs: Arc<Mutex<Vec<String>>> = Arc::default();
+        let stderr = child.stderr.take().expect("piped stderr");
+        let kept = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                kept.lock().unwrap().push(line);
+            }
+        });
         let stdout = child.stdout.take().expect("piped stdout");
         let mut lines = BufReader::new(stdout).lines();
         let addr = loop {
@@ -70,7 +101,31 @@ impl Server {
             child: Some(child),
             addr,
             extra: extra.iter().map(|a| a.to_string()).collect(),
+            fd_limit,
+            logs,
         }
+    }
+
+    /// The lines it logged so far that contain `text`.
+    pub fn logged(&self, text: &str) -> usize {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(text))
+            .count()
+    }
+
+    /// Its resident memory, from `/proc`.
+    pub fn rss_bytes(&self) -> u64 {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS");
+        kb * 1024
     }
 
     /// Kills the process with SIGKILL, as a crash would, and starts it again on the same
@@ -81,7 +136,7 @@ impl Server {
         let _ = child.wait();
         std::thread::sleep(down);
         let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
-        *self = Server::spawn(&self.addr.clone(), &extra);
+        *self = Server::spawn(&self.addr.clone(), &extra, self.fd_limit);
     }
 
     /// Sends SIGTERM and waits for the process; returns whether it exited successfully.
