@@ -262,7 +262,12 @@ async fn run(fault: Fault) {
     // Changes committed before the slot exists are never streamed.
     wait_streaming(&pg.client().await).await;
     let started = Instant::now();
-    let until = started + Duration::from_secs(secs);
+    // Writes go on for `secs` of a running database: an outage lengthens the run.
+    let outage = match fault {
+        Fault::PostgresDown => down,
+        _ => Duration::ZERO,
+    };
+    let until = started + Duration::from_secs(secs) + outage;
     let writer = tokio::spawn(write(url.clone(), rate, until));
     tokio::time::sleep(Duration::from_secs(secs) / 3).await;
     let mut fault_at = None;

@@ -433,3 +433,43 @@ async fn a_quiet_publication_does_not_hold_back_wal() {
     }
     panic!("the slot never moved past WAL with nothing for the engine");
 }
+
+/// After a crash Postgres resends from the slot's persisted position, which lags what was
+/// confirmed: the reader skips what the engine already confirmed, its flight of batches
+/// never jams on resends, and streaming carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_crash_resends_nothing_confirmed_and_streaming_resumes() {
+    let pg = TempPostgres::start();
+    pg.psql(
+        "create table public.items (id int8 primary key);
+         alter publication supabase_realtime add table public.items;",
+    );
+    let mut config = PostgresConfig::new(pg.url());
+    config.batches_in_flight_max = 2;
+    config.batch_changes_max = 5;
+    let mut engine = Engine::start(config);
+    let client = pg.client().await;
+    wait_streaming(&client).await;
+    client
+        .batch_execute(
+            "do $$ begin for i in 1..60 loop insert into public.items values (i); commit; end loop; end $$",
+        )
+        .await
+        .expect("inserting");
+    let before = engine.changes(60).await;
+    assert_eq!(ids(&before), (1..=60).collect::<Vec<_>>());
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.stop("immediate");
+        pg.start_again();
+        pg
+    })
+    .await
+    .expect("crashing postgres");
+    let client = pg.client().await;
+    client
+        .batch_execute("insert into public.items select generate_series(61, 80)")
+        .await
+        .expect("inserting after the crash");
+    let after = engine.changes(20).await;
+    assert_eq!(ids(&after), (61..=80).collect::<Vec<_>>());
+}

@@ -316,6 +316,12 @@ impl Reader {
 
     fn commit(&mut self, end_lsn: u64) -> Result<(), WalError> {
         let mut transaction = self.transaction.take().ok_or(WalError::NoTransaction)?;
+        if end_lsn <= self.confirmed {
+            // Postgres resends from the slot's persisted position, which after a crash may
+            // lag what was confirmed: the engine handed these out already.
+            debug!(lsn = end_lsn, "skipping a transaction confirmed before");
+            return Ok(());
+        }
         for change in &mut transaction.changes {
             change.lsn = end_lsn;
         }
@@ -332,6 +338,12 @@ impl Reader {
     /// Hands the pending batch to the engine.
     fn flush(&mut self) {
         if let Some(pending) = self.pending.take() {
+            debug!(
+                lsn = pending.lsn,
+                changes = pending.changes.len(),
+                in_flight = self.in_flight.len(),
+                "handing a batch to the engine"
+            );
             self.in_flight.push_back(pending.lsn);
             (self.sink)(Input::Changes(ChangeBatch {
                 changes: pending.changes,
@@ -362,13 +374,15 @@ impl Reader {
     /// Records the engine's progress: batches up to `lsn` are no longer in flight. False if
     /// it is not news.
     fn progress(&mut self, lsn: u64) -> bool {
+        // Batches resent after a reconnect may end below what was confirmed before: they
+        // leave the flight all the same.
+        while self.in_flight.front().is_some_and(|&handed| handed <= lsn) {
+            self.in_flight.pop_front();
+        }
         if lsn <= self.confirmed {
             return false;
         }
         self.confirmed = lsn;
-        while self.in_flight.front().is_some_and(|&handed| handed <= lsn) {
-            self.in_flight.pop_front();
-        }
         true
     }
 
