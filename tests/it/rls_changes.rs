@@ -270,7 +270,8 @@ async fn run(fault: Fault) {
     let until = started + Duration::from_secs(secs) + outage;
     let writer = tokio::spawn(write(url.clone(), rate, until));
     tokio::time::sleep(Duration::from_secs(secs) / 3).await;
-    let mut fault_at = None;
+    // For a server crash: when it began, and when the server was back.
+    let mut fault_at: Option<(Instant, Instant)> = None;
     match fault {
         Fault::None => {}
         Fault::PostgresCrash | Fault::PostgresDown => {
@@ -288,7 +289,7 @@ async fn run(fault: Fault) {
             .expect("restarting postgres");
         }
         Fault::ServerKill => {
-            fault_at = Some(Instant::now());
+            fault_at = Some((Instant::now(), Instant::now()));
             let restarting = server.clone();
             tokio::task::spawn_blocking(move || {
                 restarting
@@ -298,6 +299,7 @@ async fn run(fault: Fault) {
             })
             .await
             .expect("restarting the server");
+            fault_at = fault_at.map(|at| (at.0, Instant::now()));
             addr_tx.send_replace(server.lock().unwrap().addr.clone());
         }
     }
@@ -325,11 +327,13 @@ async fn run(fault: Fault) {
     let owed = |row: &Row, lives: &[Life]| match fault {
         // Subscribers never lost their connection: everything is owed.
         Fault::None | Fault::PostgresCrash | Fault::PostgresDown => true,
-        // Owed only if committed while this subscriber was joined, and not in the moment
-        // before the crash: a change handed to a socket that died with the process is gone.
+        // Owed only if committed while this subscriber was joined, and not from the moment
+        // before the crash until the server was back: a change handed to a socket that
+        // died with the process is gone, and one committed while the server was down
+        // reaches whoever has joined again when it is streamed.
         Fault::ServerKill => row.committed.is_some_and(|at| {
-            let crash = fault_at.expect("the crash time");
-            !(crash - Duration::from_millis(300)..crash).contains(&at)
+            let (crash, back) = fault_at.expect("the crash time");
+            !(crash - Duration::from_millis(300)..back).contains(&at)
                 && lives
                     .iter()
                     .any(|l| l.joined < at && l.ended.is_none_or(|end| at < end))
@@ -404,8 +408,10 @@ async fn run(fault: Fault) {
                 missing.len()
             ));
         }
+        // A change handed out but not confirmed before a server crash is streamed again.
+        let again = delivered - got.len();
         report.push(format!(
-            "{name}: {} committed, {owed_count} owed, {delivered} delivered over {} connections, {} missing",
+            "{name}: {} committed, {owed_count} owed, {delivered} delivered over {} connections, {} missing, {again} again after a restart",
             mine.len(),
             lives.len(),
             missing.len()
