@@ -278,10 +278,10 @@ fn filters(c: &mut Criterion) {
             lsn += 1;
             engine.handle(
                 NOW,
-                Input::Changes(ChangeBatch {
+                Input::Changes(std::sync::Arc::new(ChangeBatch {
                     changes: vec![change(lsn)],
                     lsn,
-                }),
+                })),
             );
             black_box(deliveries(&mut engine))
         })

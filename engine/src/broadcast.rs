@@ -142,7 +142,7 @@ impl Engine {
                 return;
             }
         };
-        if !self.events.take(self.now.mono, 1) {
+        if !self.limits.events.take(self.now.mono, 1) {
             // Over the project's event rate: the sender's channel and every receiving
             // channel are shut down, as upstream channels do.
             let topic = reply_to.topic.to_owned();

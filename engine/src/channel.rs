@@ -170,12 +170,12 @@ impl Engine {
                 "PrivateOnly: This project only allows private channels".to_owned(),
                 false,
             ))
-        } else if !c.counted && self.users >= self.config.concurrent_users_max {
+        } else if c.channels.is_empty() && self.limits.users() >= self.config.concurrent_users_max {
             Some((
                 "ConnectionRateLimitReached: Too many connected users".to_owned(),
                 false,
             ))
-        } else if !self.joins.take(now, 1) {
+        } else if !self.limits.joins.take(now, 1) {
             Some((
                 "ClientJoinRateLimitReached: Too many joins per second".to_owned(),
                 true,
@@ -240,6 +240,14 @@ impl Engine {
         own_token: Option<Arc<str>>,
         config: JoinConfig,
     ) {
+        // Counted and checked in one step: another shard may have taken the last place
+        // since the check above.
+        let first = self.conns[&conn].channels.is_empty();
+        if first && !self.limits.add_user(self.config.concurrent_users_max) {
+            let reason = "ConnectionRateLimitReached: Too many connected users";
+            self.refuse_join(conn, vsn, reply_to, reason, false);
+            return;
+        }
         let presence_key = match config.presence_key {
             Some(key) => Arc::from(key),
             None => Arc::from(self.uuid()),
@@ -287,10 +295,6 @@ impl Engine {
             .expect("join runs on a live connection");
         c.channels.push(channel);
         c.empty_since = None;
-        if !c.counted {
-            c.counted = true;
-            self.users += 1;
-        }
         self.rooms
             .entry(room.clone())
             .or_insert_with(|| Room::new(topic.clone()))
@@ -353,10 +357,7 @@ impl Engine {
         let channel = c.channels.swap_remove(index);
         if c.channels.is_empty() {
             c.empty_since = Some(now);
-            if c.counted {
-                c.counted = false;
-                self.users -= 1;
-            }
+            self.limits.remove_user();
             self.timers.set(
                 now.plus_ms(self.config.no_channel_timeout_ms),
                 Timer::NoChannel(conn),

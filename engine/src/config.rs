@@ -35,6 +35,8 @@ pub struct Config {
     pub client_presence_window_ms: u64,
     /// Largest payload in kilobytes; the byte limit is `kb * 1000 + 500` as upstream.
     pub payload_kb_max: u64,
+    /// Largest REST request body, in bytes: larger ones are answered 413 unread.
+    pub rest_body_bytes_max: usize,
     /// Bytes that unfinished WebSocket messages of all sockets together may hold: a client
     /// that would go past it mid-message is closed (1013) rather than the server growing
     /// without bound. Each socket alone is held to [`Config::message_bytes_max`].
@@ -83,6 +85,9 @@ pub enum PlantedBug {
     DropFramesOfSlowConsumers,
     /// Silent sockets are never timed out, so a vanished client's presence stays.
     IgnoreHeartbeatTimeout,
+    /// The replication slot is confirmed up to the most advanced shard's progress instead
+    /// of the least (planted in [`crate::changes::Progress`]).
+    ConfirmMaxProgress,
 }
 
 impl Config {
@@ -116,6 +121,7 @@ impl Default for Config {
             payload_kb_max: 3_000,
             topic_bytes_max: 255,
             unfinished_bytes_max: 128 << 20,
+            rest_body_bytes_max: 5_000_000,
             presence_state_bytes_max: 4_000_000,
             rate_window_secs: 60,
             presence_broadcast_ms: 1_500,

@@ -21,9 +21,8 @@ pub(crate) struct Conn {
     pub(crate) last_seen: Instant,
     /// Since when the connection has had no channel, if it has none.
     pub(crate) empty_since: Option<Instant>,
+    /// Its channels; a socket with any counts as a concurrent user.
     pub(crate) channels: Vec<Channel>,
-    /// Whether this socket counts as a concurrent user (it has had a channel).
-    pub(crate) counted: bool,
 }
 
 impl Conn {
@@ -75,9 +74,9 @@ impl Engine {
         .and_then(|verified| {
             if self.shutting_down {
                 Err((503, "Realtime is restarting, please standby".to_owned()))
-            } else if self.users >= self.config.concurrent_users_max {
+            } else if self.limits.users() >= self.config.concurrent_users_max {
                 Err((429, "Too many connected users".to_owned()))
-            } else if self.joins.tripped(self.now.mono) {
+            } else if self.limits.joins.tripped(self.now.mono) {
                 Err((429, "Too many joins per second".to_owned()))
             } else {
                 Ok(verified)
@@ -95,7 +94,6 @@ impl Engine {
                         last_seen: now,
                         empty_since: Some(now),
                         channels: Vec::new(),
-                        counted: false,
                     },
                 );
                 self.timers.set(
@@ -169,7 +167,7 @@ impl Engine {
             "access_token" => self.refresh(conn, index, &inbound),
             "presence" => self.presence_push(conn, vsn, index, &inbound),
             // Unknown events count toward the event rate and get no reply.
-            _ => self.events.charge(self.now.mono, 1),
+            _ => self.limits.events.charge(self.now.mono, 1),
         }
     }
 

@@ -39,6 +39,7 @@ pub mod changes;
 mod channel;
 mod config;
 mod connection;
+pub mod http;
 pub mod limits;
 pub mod peer;
 pub mod presence;
@@ -68,7 +69,7 @@ pub use rest::RestRequest;
 pub use room::RoomKey;
 
 use connection::Conn;
-use limits::TokenBucket;
+pub use limits::SharedLimits;
 use room::Room;
 use timers::Timers;
 
@@ -201,12 +202,13 @@ pub enum Input {
     /// The publication's tables, read from the catalogs: at start and whenever the runtime
     /// sees them change. Replaces the previous list.
     Publication(Vec<changes::Table>),
-    /// Decoded WAL changes, whole transactions in commit order.
-    Changes(changes::ChangeBatch),
+    /// Decoded WAL changes, whole transactions in commit order; every shard of a process
+    /// gets the same batch.
+    Changes(Arc<changes::ChangeBatch>),
     /// The database's answer to an [`Output::Visibility`] query, one verdict per check.
     Visibility {
-        /// The query's id.
-        id: u64,
+        /// The query's id; answers for another shard are ignored.
+        id: changes::QueryId,
         /// One verdict per [`changes::RowCheck`], in order; `None` when the database could
         /// not answer (connection lost, timeout, database down). A failure is never a
         /// verdict: the engine asks again after a backoff.
@@ -288,16 +290,27 @@ pub enum Output {
     },
     /// Send a message to every peer replica.
     ToPeers(PeerMsg),
+    /// Send a message to one peer replica: snapshots and repairs go only to who needs them,
+    /// so a new replica costs one snapshot from each peer, not one from each to each.
+    ToPeer {
+        /// The addressee.
+        to: NodeId,
+        /// The message.
+        msg: PeerMsg,
+    },
     /// Ask the database which rows a claims group may see; answer with
     /// [`Input::Visibility`].
     Visibility(changes::VisibilityQuery),
     /// Read the publication's tables again and answer with [`Input::Publication`], even if
     /// nothing changed: a channel named a table or column the last read lacked.
     RefreshPublication,
-    /// Every change up to this WAL position has been handed out: the runtime may confirm
-    /// it to Postgres.
+    /// Every change up to this WAL position has been handed out by this shard: the runtime
+    /// may confirm to Postgres the lowest position every shard reported
+    /// ([`changes::Progress`]).
     WalProgress {
-        /// The confirmed position.
+        /// The reporting shard.
+        shard: ShardId,
+        /// The position it handed out.
         lsn: u64,
     },
 }
@@ -365,11 +378,10 @@ pub struct Engine {
     rooms: FxHashMap<RoomKey, Room>,
     timers: Timers,
     peers: BTreeSet<NodeId>,
-    /// Sockets with at least one channel: upstream's "concurrent users".
-    users: usize,
-    joins: TokenBucket,
-    events: TokenBucket,
-    presence_rate: TokenBucket,
+    /// Concurrent users and rates, shared with the process's other shards.
+    limits: Arc<SharedLimits>,
+    /// This engine's index among its process's shards: tags its database questions.
+    shard: ShardId,
     presence: presence::crdt::Replica,
     /// Presence changes of this step, sent as one `presence_diff` per room at its end.
     pending_diffs: std::collections::BTreeMap<RoomKey, Vec<presence::crdt::Change>>,
@@ -385,20 +397,70 @@ pub struct Engine {
     tokens: auth::Tokens,
 }
 
+/// Where an engine sits: its replica id, its index among its process's shards, and the
+/// project-wide limits it shares with them.
+#[derive(Clone, Debug)]
+pub struct Replica {
+    /// Unique among every replica, shards and nodes alike.
+    pub node: NodeId,
+    /// Its index in its process.
+    pub shard: ShardId,
+    /// Shared by every shard of the process ([`SharedLimits::new`]).
+    pub limits: Arc<SharedLimits>,
+}
+
+/// An engine's index among its process's shards.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+pub struct ShardId(pub u16);
+
+impl NodeId {
+    /// The replica id of shard `shard` of process `process`: unique as long as process ids
+    /// are (they fit 48 bits).
+    pub fn replica(process: u64, shard: ShardId) -> NodeId {
+        NodeId(process << 16 | u64::from(shard.0))
+    }
+}
+
 impl Engine {
-    /// Builds an engine. Every random choice (presence keys and refs) comes from `seed`.
+    /// Builds an engine alone in its process. Every random choice (presence keys and refs)
+    /// comes from `seed`.
     pub fn new(config: Config, node: NodeId, seed: u64) -> Self {
+        let limits = SharedLimits::new(&config);
+        let replica = Replica {
+            node,
+            shard: ShardId(0),
+            limits,
+        };
+        Engine::with_replica(config, replica, seed)
+    }
+
+    /// Builds one shard of a process, sharing its limits with the others.
+    pub fn with_replica(config: Config, replica: Replica, seed: u64) -> Self {
+        let Replica {
+            node,
+            shard,
+            limits,
+        } = replica;
         let tokens = auth::Tokens::new(&config.jwt_secret);
-        let joins = TokenBucket::new(config.joins_per_sec_max, config.rate_window_secs);
-        let events = TokenBucket::new(config.events_per_sec_max, config.rate_window_secs);
-        let presence_rate =
-            TokenBucket::new(config.presence_events_per_sec_max, config.rate_window_secs);
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let phx_ref_counter = u64::from(rand_core::RngCore::next_u32(&mut rng)) << 8;
         Engine {
             node,
             rng,
-            presence_rate,
+            limits,
+            shard,
             presence: presence::crdt::Replica::new(node),
             pending_diffs: std::collections::BTreeMap::new(),
             phx_ref_counter,
@@ -409,9 +471,6 @@ impl Engine {
             rooms: FxHashMap::default(),
             timers: Timers::default(),
             peers: BTreeSet::new(),
-            users: 0,
-            joins,
-            events,
             next_instance: 0,
             shutting_down: false,
             #[cfg(feature = "planted-bugs")]

@@ -4,6 +4,9 @@
 //! tokens gives the same "sustained average over about a minute" behaviour (PROTOCOL.md
 //! §6.3) in O(1) per event with no background ticking.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
 use crate::Instant;
 
 /// A token bucket refilled at `rate` tokens per second up to `rate × window` tokens.
@@ -81,6 +84,95 @@ impl TokenBucket {
         self.refill(now);
         let cost = (n as i64).saturating_mul(1000);
         self.balance = self.balance.saturating_sub(cost).max(-self.capacity);
+    }
+}
+
+/// The limits upstream applies per project, shared by every shard of a process, so that N
+/// shards admit the project's limit once, not N times.
+///
+/// One engine alone owns its copy; a sharded process gives every shard the same one. Each
+/// bucket sits behind its own lock, taken once per event (a broadcast, not each delivery),
+/// so shards rarely meet there. Shards' clocks share an origin, and a bucket never refills
+/// backwards, so the small skew between their `now`s is harmless.
+#[derive(Debug)]
+pub struct SharedLimits {
+    /// Sockets with at least one channel: upstream's concurrent users.
+    users: AtomicUsize,
+    /// Joins per second.
+    pub joins: SharedBucket,
+    /// Events per second (pushes and deliveries).
+    pub events: SharedBucket,
+    /// Presence events per second.
+    pub presence: SharedBucket,
+}
+
+impl SharedLimits {
+    /// Fresh limits for `config`'s rates, full.
+    pub fn new(config: &crate::Config) -> Arc<SharedLimits> {
+        let bucket = |rate| SharedBucket::new(TokenBucket::new(rate, config.rate_window_secs));
+        Arc::new(SharedLimits {
+            users: AtomicUsize::new(0),
+            joins: bucket(config.joins_per_sec_max),
+            events: bucket(config.events_per_sec_max),
+            presence: bucket(config.presence_events_per_sec_max),
+        })
+    }
+
+    /// Concurrent users now.
+    pub fn users(&self) -> usize {
+        self.users.load(Ordering::Relaxed)
+    }
+
+    /// Counts a socket that got its first channel, if there is room under `max`: the check
+    /// and the count are one step, so two shards cannot both take the last place.
+    pub(crate) fn add_user(&self, max: usize) -> bool {
+        self.users
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// A counted socket lost its last channel.
+    pub(crate) fn remove_user(&self) {
+        self.users.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A [`TokenBucket`] several shards charge.
+#[derive(Debug)]
+pub struct SharedBucket(Mutex<TokenBucket>);
+
+impl SharedBucket {
+    fn new(bucket: TokenBucket) -> Self {
+        SharedBucket(Mutex::new(bucket))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, TokenBucket> {
+        // Every critical section is one arithmetic update: a panic cannot leave it torn.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// [`TokenBucket::tripped`].
+    pub fn tripped(&self, now: Instant) -> bool {
+        self.lock().tripped(now)
+    }
+
+    /// [`TokenBucket::take`].
+    pub fn take(&self, now: Instant, n: u64) -> bool {
+        self.lock().take(now, n)
+    }
+
+    /// [`TokenBucket::has`].
+    pub fn has(&self, now: Instant, n: u64) -> bool {
+        self.lock().has(now, n)
+    }
+
+    /// [`TokenBucket::charge`].
+    pub fn charge(&self, now: Instant, n: u64) {
+        self.lock().charge(now, n)
     }
 }
 

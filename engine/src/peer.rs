@@ -22,7 +22,8 @@ pub enum PeerMsg {
     },
     /// An owner's presence changes since its previous delta.
     PresenceDelta(Delta),
-    /// An owner's whole presence state: on peer up, and on request after a gap.
+    /// An owner's whole presence state: to a replica that came up, and to one that asked
+    /// after a gap.
     PresenceSnapshot(Snapshot),
     /// Periodic: the owner's presence clock, so peers notice missed deltas.
     PresenceHeartbeat {
@@ -31,7 +32,7 @@ pub enum PeerMsg {
         /// Its presence clock.
         clock: u64,
     },
-    /// Asks `owner` for a snapshot after a gap.
+    /// Asks `owner` (its addressee) for a snapshot after a gap.
     PresenceRequest {
         /// Whose snapshot is needed.
         owner: NodeId,

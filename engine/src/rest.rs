@@ -135,7 +135,7 @@ impl Engine {
             if room.private && !claims.is_service_role() {
                 continue;
             }
-            self.events.charge(self.now.mono, 1);
+            self.limits.events.charge(self.now.mono, 1);
             self.route(&room, &body, None);
         }
         Ok(())
@@ -178,13 +178,13 @@ impl Engine {
         if body.len() > self.config.payload_bytes_max() {
             return Err(payload_error("Payload size exceeds tenant limit"));
         }
-        if self.events.tripped(self.now.mono) {
+        if self.limits.events.tripped(self.now.mono) {
             return Err(message(429, "You have exceeded your rate limit"));
         }
         if private && !claims.is_service_role() {
             return Err(message(403, "Unauthorized"));
         }
-        self.events.charge(self.now.mono, 1);
+        self.limits.events.charge(self.now.mono, 1);
         let room = RoomKey {
             private,
             sub: topic.into(),
@@ -202,10 +202,10 @@ impl Engine {
     }
 
     fn rest_rate(&mut self, count: u64) -> Result<(), Answer> {
-        if self.events.tripped(self.now.mono) {
+        if self.limits.events.tripped(self.now.mono) {
             return Err(message(429, "You have exceeded your rate limit"));
         }
-        if !self.events.has(self.now.mono, count) {
+        if !self.limits.events.has(self.now.mono, count) {
             return Err(message(
                 429,
                 "Too many messages to broadcast, please reduce the batch size",

@@ -94,7 +94,7 @@ impl Engine {
         if recipients == 0 {
             return;
         }
-        if self.events.tripped(self.now.mono) {
+        if self.limits.events.tripped(self.now.mono) {
             let topic = room.topic.clone();
             let mut victims: Vec<ConnId> = room
                 .members
@@ -108,7 +108,7 @@ impl Engine {
             }
             return;
         }
-        self.events.charge(self.now.mono, recipients as u64);
+        self.limits.events.charge(self.now.mono, recipients as u64);
         let topic = room.topic.clone();
         for vsn in Vsn::ALL {
             let Some(room) = self.rooms.get_mut(key) else {

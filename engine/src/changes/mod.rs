@@ -16,6 +16,7 @@
 
 mod filter;
 mod index;
+mod progress;
 mod types;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -24,8 +25,9 @@ use std::sync::Arc;
 use rustc_hash::FxHashMap;
 use serde_json::{json, Map, Value};
 
+pub use progress::Progress;
 pub use types::{
-    Change, ChangeBatch, ChangeKind, Column, RowCheck, Table, Verdict, VisibilityQuery,
+    Change, ChangeBatch, ChangeKind, Column, QueryId, RowCheck, Table, Verdict, VisibilityQuery,
 };
 
 use crate::auth::Claims;
@@ -104,7 +106,8 @@ struct Delivery {
 
 #[derive(Debug)]
 struct PendingBatch {
-    batch: ChangeBatch,
+    /// Shared with the process's other shards, which get the same batch.
+    batch: Arc<ChangeBatch>,
     deliveries: Vec<Vec<Delivery>>,
     /// Verdicts by claims group key and change index.
     verdicts: FxHashMap<(String, usize), Verdict>,
@@ -466,15 +469,19 @@ impl Engine {
         }
     }
 
-    pub(crate) fn changes(&mut self, mut batch: ChangeBatch) {
+    pub(crate) fn changes(&mut self, batch: Arc<ChangeBatch>) {
         let accepted = self.changes.accepted_lsn;
-        batch.changes.retain(|change| change.lsn > accepted);
         self.changes.accepted_lsn = accepted.max(batch.lsn);
         let tables = self.changes.publication.as_ref();
         let mut deliveries = Vec::with_capacity(batch.changes.len());
         // Per claims group, the changes whose visibility it needs.
         let mut asks: BTreeMap<String, (Arc<ClaimsGroup>, Vec<usize>)> = BTreeMap::new();
         for (index, change) in batch.changes.iter().enumerate() {
+            if change.lsn <= accepted {
+                // A resend: handed out already.
+                deliveries.push(Vec::new());
+                continue;
+            }
             let table = tables.and_then(|t| t.get(&(change.schema.clone(), change.table.clone())));
             let needs_verdict = table.is_some_and(|t| t.rls && !t.primary_key.is_empty())
                 && change.kind != ChangeKind::Delete;
@@ -544,7 +551,10 @@ impl Engine {
             let id = self.changes.next_query;
             pending.awaiting.insert(id);
             let query = VisibilityQuery {
-                id,
+                id: QueryId {
+                    shard: self.shard,
+                    n: id,
+                },
                 role: group.role.clone(),
                 claims: group.claims.clone(),
                 checks,
@@ -569,7 +579,11 @@ impl Engine {
         self.deliver_ready();
     }
 
-    pub(crate) fn visibility(&mut self, id: u64, verdicts: Option<Vec<Verdict>>) {
+    pub(crate) fn visibility(&mut self, id: QueryId, verdicts: Option<Vec<Verdict>>) {
+        if id.shard != self.shard {
+            return;
+        }
+        let id = id.n;
         #[cfg(feature = "planted-bugs")]
         let verdicts = match verdicts {
             None if self.planted(crate::PlantedBug::HideRowsOfFailedChecks) => Some(Vec::new()),
@@ -669,6 +683,7 @@ impl Engine {
                 self.deliver_change(&pending, index, change);
             }
             self.emit(Output::WalProgress {
+                shard: self.shard,
                 lsn: pending.batch.lsn,
             });
         }

@@ -102,12 +102,22 @@ pub struct RowCheck {
     pub row: Arc<Map<String, Value>>,
 }
 
+/// A visibility question's id: the shard that asked, so one checker pool serves every
+/// shard of a process and routes each answer back, and its number there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct QueryId {
+    /// The asking shard.
+    pub shard: crate::ShardId,
+    /// The question's number on that shard.
+    pub n: u64,
+}
+
 /// A visibility question for the database: which of these rows may this role, with these
 /// claims, select? One per batch and claims group.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VisibilityQuery {
     /// Echoed in [`crate::Input::Visibility`].
-    pub id: u64,
+    pub id: QueryId,
     /// The Postgres role to `set role` to.
     pub role: String,
     /// Every claim, for `request.jwt.claims`.

@@ -100,7 +100,7 @@ impl Engine {
             self.shutdown_channel(conn, &topic, "Track message size exceeded");
             return;
         }
-        if self.presence_rate.tripped(self.now.mono) {
+        if self.limits.presence.tripped(self.now.mono) {
             self.shutdown_channel(conn, &topic, "Too many presence messages per second");
             return;
         }
@@ -149,7 +149,7 @@ impl Engine {
         topic: &str,
         room: &RoomKey,
     ) {
-        if self.presence_rate.tripped(self.now.mono) {
+        if self.limits.presence.tripped(self.now.mono) {
             self.shutdown_channel(conn, topic, "Too many presence messages per second");
             return;
         }
@@ -227,16 +227,17 @@ impl Engine {
     }
 
     fn presence_events_charge(&mut self, n: u64) {
-        self.presence_rate.charge(self.now.mono, n);
+        self.limits.presence.charge(self.now.mono, n);
     }
 
-    /// A fresh `phx_ref`: unique across replicas (node id) and within one (a counter from a
-    /// seeded random start, so a restarted replica does not repeat refs clients hold).
+    /// A fresh `phx_ref`: unique across replicas (the whole replica id, shard included) and
+    /// within one (a counter from a seeded random start, so a restarted replica does not
+    /// repeat refs clients hold). The counter's fixed width keeps the two apart.
     fn phx_ref(&mut self) -> String {
         self.phx_ref_counter += 1;
         format!(
-            "{:04x}{:012x}",
-            self.node.0 & 0xffff,
+            "{:x}{:012x}",
+            self.node.0,
             self.phx_ref_counter & 0xffff_ffff_ffff
         )
     }
@@ -250,9 +251,10 @@ impl Engine {
             self.timers
                 .set(self.now.mono.plus_ms(period), Timer::PeerHeartbeat);
         }
-        self.emit(Output::ToPeers(PeerMsg::PresenceSnapshot(
-            self.presence.snapshot(),
-        )));
+        self.emit(Output::ToPeer {
+            to: node,
+            msg: PeerMsg::PresenceSnapshot(self.presence.snapshot()),
+        });
     }
 
     pub(crate) fn peer_down(&mut self, node: NodeId) {
@@ -287,9 +289,10 @@ impl Engine {
         match msg {
             PeerMsg::PresenceDelta(delta) => match self.presence.apply_delta(&delta) {
                 Ok(changes) => self.queue_diff(changes),
-                Err(gap) => self.emit(Output::ToPeers(PeerMsg::PresenceRequest {
-                    owner: gap.owner,
-                })),
+                Err(gap) => self.emit(Output::ToPeer {
+                    to: gap.owner,
+                    msg: PeerMsg::PresenceRequest { owner: gap.owner },
+                }),
             },
             PeerMsg::PresenceSnapshot(snapshot) => {
                 let changes = self.presence.apply_snapshot(&snapshot);
@@ -297,14 +300,18 @@ impl Engine {
             }
             PeerMsg::PresenceHeartbeat { owner, clock } => {
                 if self.presence.behind(owner, clock) {
-                    self.emit(Output::ToPeers(PeerMsg::PresenceRequest { owner }));
+                    self.emit(Output::ToPeer {
+                        to: owner,
+                        msg: PeerMsg::PresenceRequest { owner },
+                    });
                 }
             }
             PeerMsg::PresenceRequest { owner } => {
                 if owner == self.node {
-                    self.emit(Output::ToPeers(PeerMsg::PresenceSnapshot(
-                        self.presence.snapshot(),
-                    )));
+                    self.emit(Output::ToPeer {
+                        to: from,
+                        msg: PeerMsg::PresenceSnapshot(self.presence.snapshot()),
+                    });
                 }
             }
             PeerMsg::Broadcast { .. } => {}

@@ -79,7 +79,7 @@ fn stamped(lsn: u64, mut changes: Vec<Change>) -> ChangeBatch {
 }
 
 fn batch(t: &mut TestEngine, lsn: u64, changes: Vec<Change>) {
-    t.handle(Input::Changes(stamped(lsn, changes)));
+    t.handle(Input::Changes(std::sync::Arc::new(stamped(lsn, changes))));
 }
 
 /// Joins with `bindings`; returns the binding ids and checks the system message.
@@ -317,10 +317,10 @@ fn rls_is_one_query_per_claims_group_per_batch_and_hidden_rows_are_not_delivered
     }
     t.engine.handle(
         t.now,
-        Input::Changes(stamped(
+        Input::Changes(std::sync::Arc::new(stamped(
             99,
             vec![insert("secrets", 1, "ann"), insert("secrets", 2, "bob")],
-        )),
+        ))),
     );
     let asked = queries(&mut t);
     assert_eq!(asked.len(), 2, "two claims groups, one query each");
@@ -375,12 +375,18 @@ fn batches_stay_in_commit_order_while_verdicts_are_pending_and_progress_follows_
     );
     t.engine.handle(
         t.now,
-        Input::Changes(stamped(10, vec![insert("secrets", 1, "ann")])),
+        Input::Changes(std::sync::Arc::new(stamped(
+            10,
+            vec![insert("secrets", 1, "ann")],
+        ))),
     );
     let asked = queries(&mut t);
     t.engine.handle(
         t.now,
-        Input::Changes(stamped(20, vec![insert("todos", 2, "ann")])),
+        Input::Changes(std::sync::Arc::new(stamped(
+            20,
+            vec![insert("todos", 2, "ann")],
+        ))),
     );
     let mut progress = Vec::new();
     while let Some(o) = t.engine.poll_output() {
@@ -388,7 +394,7 @@ fn batches_stay_in_commit_order_while_verdicts_are_pending_and_progress_follows_
             !matches!(o, Output::Send { .. }),
             "the second batch waits behind the first"
         );
-        if let Output::WalProgress { lsn } = o {
+        if let Output::WalProgress { lsn, .. } = o {
             progress.push(lsn);
         }
     }
@@ -410,7 +416,7 @@ fn batches_stay_in_commit_order_while_verdicts_are_pending_and_progress_follows_
                 };
                 order.push(format!("change {}", payload["data"]["record"]["id"]));
             }
-            Output::WalProgress { lsn } => order.push(format!("progress {lsn}")),
+            Output::WalProgress { lsn, .. } => order.push(format!("progress {lsn}")),
             _ => {}
         }
     }
@@ -442,7 +448,7 @@ fn service_role_bypasses_rls_and_deletes_are_never_checked_but_keep_only_the_key
     );
     t.engine.handle(
         t.now,
-        Input::Changes(stamped(
+        Input::Changes(std::sync::Arc::new(stamped(
             3,
             vec![
                 insert("secrets", 1, "ann"),
@@ -453,7 +459,7 @@ fn service_role_bypasses_rls_and_deletes_are_never_checked_but_keep_only_the_key
                     json!({"id": 1, "owner": "ann", "title": "t"}),
                 ),
             ],
-        )),
+        ))),
     );
     let mut sends = 0;
     while let Some(o) = t.engine.poll_output() {
@@ -488,7 +494,10 @@ fn unauthorized_verdict_sends_the_error_without_row_data() {
     );
     t.engine.handle(
         t.now,
-        Input::Changes(stamped(1, vec![insert("secrets", 1, "x")])),
+        Input::Changes(std::sync::Arc::new(stamped(
+            1,
+            vec![insert("secrets", 1, "x")],
+        ))),
     );
     let asked = queries(&mut t);
     t.handle(Input::Visibility {
@@ -661,7 +670,7 @@ fn changes_a_reconnected_stream_resends_are_delivered_once() {
         .changes
         .extend(stamped(20, vec![insert("todos", 2, "x")]).changes);
     resent.lsn = 20;
-    t.handle(Input::Changes(resent));
+    t.handle(Input::Changes(std::sync::Arc::new(resent)));
     let ids: Vec<Value> = changes_for(&mut t, conn)
         .iter()
         .map(|c| c["data"]["record"]["id"].clone())

@@ -157,3 +157,54 @@ fn rest_is_refused_with_429_while_the_event_rate_is_tripped() {
         )
     );
 }
+
+#[test]
+fn shards_share_the_project_limits_instead_of_multiplying_them() {
+    use crate::{Engine, NodeId, Replica, ShardId, SharedLimits};
+    let mut config = test_config();
+    config.concurrent_users_max = 3;
+    config.joins_per_sec_max = 2;
+    config.rate_window_secs = 2;
+    let limits = SharedLimits::new(&config);
+    let shards: Vec<TestEngine> = (0..2)
+        .map(|i| {
+            let mut t = TestEngine::node(config.clone(), NodeId(i + 1));
+            let replica = Replica {
+                node: NodeId(i + 1),
+                shard: ShardId(i as u16),
+                limits: limits.clone(),
+            };
+            t.engine = Engine::with_replica(config.clone(), replica, 1);
+            t
+        })
+        .collect();
+    let [mut a, mut b] = <[TestEngine; 2]>::try_from(shards).ok().unwrap();
+    // Four joins fill the shared burst of 2/s × 2 s, whichever shard takes them.
+    let (a1, a2, b1, b2) = (
+        a.connect(Vsn::V2),
+        a.connect(Vsn::V2),
+        b.connect(Vsn::V2),
+        b.connect(Vsn::V2),
+    );
+    a.join(a1, "r", json!({}));
+    b.join(b1, "r", json!({}));
+    a.join(a2, "r", json!({}));
+    // Three users in all: the fourth, on either shard, is one too many.
+    let reply = b.join_with(b2, "r", json!({"config": {}}));
+    assert_eq!(
+        reply["response"]["reason"],
+        "ConnectionRateLimitReached: Too many connected users"
+    );
+    assert_eq!(limits.users(), 3);
+    // The refused join took no token; this one takes the last, whichever shard asks.
+    a.join(a1, "second", json!({}));
+    let reply = b.join_with(b1, "third", json!({"config": {}}));
+    assert_eq!(
+        reply["response"]["reason"],
+        "ClientJoinRateLimitReached: Too many joins per second"
+    );
+    // Leaving on one shard frees a user for the other (b1's socket was closed for the
+    // join rate, which freed its place too).
+    a.push(a2, "r", "phx_leave", json!({}));
+    assert_eq!(limits.users(), 1);
+}

@@ -71,7 +71,7 @@ pub(crate) struct TestEngine {
     /// Publication re-reads asked for.
     pub(crate) refreshes: usize,
     /// Messages for peer replicas, in order.
-    pub(crate) to_peers: Vec<crate::PeerMsg>,
+    pub(crate) to_peers: Vec<(Option<NodeId>, crate::PeerMsg)>,
     /// Join refs of each connection's channels, by topic.
     join_refs: BTreeMap<(ConnId, String), String>,
 }
@@ -308,9 +308,10 @@ impl TestEngine {
                 Output::Reply { req, status, body } => {
                     self.replies.insert(req, (status, body));
                 }
-                Output::ToPeers(msg) => self.to_peers.push(msg),
+                Output::ToPeers(msg) => self.to_peers.push((None, msg)),
+                Output::ToPeer { to, msg } => self.to_peers.push((Some(to), msg)),
                 Output::Visibility(query) => self.visibility.push(query),
-                Output::WalProgress { lsn } => self.progress.push(lsn),
+                Output::WalProgress { lsn, .. } => self.progress.push(lsn),
                 Output::RefreshPublication => self.refreshes += 1,
                 Output::Accept { .. } => {}
             }

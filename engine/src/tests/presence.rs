@@ -343,10 +343,13 @@ fn phx_refs_are_unique_in_a_room() {
     assert_eq!(refs.len(), 40);
 }
 
-/// Moves every peer message from `from` to `to`.
+/// Moves every peer message from `from` meant for `to` to it.
 fn relay(from: &mut TestEngine, to: &mut TestEngine, sender: NodeId) {
-    for msg in std::mem::take(&mut from.to_peers) {
-        to.handle(Input::Peer { from: sender, msg });
+    let me = to.engine.node();
+    for (addressee, msg) in std::mem::take(&mut from.to_peers) {
+        if addressee.is_none_or(|a| a == me) {
+            to.handle(Input::Peer { from: sender, msg });
+        }
     }
 }
 
@@ -398,4 +401,59 @@ fn presence_replicates_between_replicas_and_a_downed_replica_leaves() {
     track(&mut one, a, "r", json!({"v": 3}));
     relay(&mut one, &mut two, n1);
     assert!(diffs(&mut two, b).is_empty());
+}
+
+#[test]
+fn snapshots_go_only_to_the_replica_that_needs_one() {
+    let nodes = [NodeId(1), NodeId(2), NodeId(3)];
+    let mut one = TestEngine::node(test_config(), nodes[0]);
+    let conn = one.connect(Vsn::V2);
+    one.join(conn, "r", presence_config("k"));
+    track(&mut one, conn, "r", json!({}));
+    one.to_peers.clear();
+    one.handle(Input::PeerUp(nodes[1]));
+    one.handle(Input::PeerUp(nodes[2]));
+    let snapshots: Vec<Option<NodeId>> = one
+        .to_peers
+        .iter()
+        .filter(|(_, m)| matches!(m, crate::PeerMsg::PresenceSnapshot(_)))
+        .map(|(to, _)| *to)
+        .collect();
+    assert_eq!(
+        snapshots,
+        [Some(nodes[1]), Some(nodes[2])],
+        "one each, addressed"
+    );
+    // A replica that asks after a gap is answered alone.
+    one.to_peers.clear();
+    one.handle(Input::Peer {
+        from: nodes[2],
+        msg: crate::PeerMsg::PresenceRequest { owner: nodes[0] },
+    });
+    assert!(matches!(
+        &one.to_peers[..],
+        [(Some(to), crate::PeerMsg::PresenceSnapshot(_))] if *to == nodes[2]
+    ));
+}
+
+#[test]
+fn phx_refs_carry_the_whole_replica_id() {
+    // Two shards of one process: ids that differ only above the low 16 bits, the same seed.
+    let (a, b) = (
+        NodeId::replica(7, crate::ShardId(0)),
+        NodeId::replica(7, crate::ShardId(1)),
+    );
+    let (x, y) = (NodeId(a.0 << 8), NodeId(b.0 << 8));
+    let mut refs = BTreeSet::new();
+    for node in [a, b, x, y] {
+        let mut t = TestEngine::node(test_config(), node);
+        // The same seed for every engine: only the replica id tells them apart.
+        t.engine = crate::Engine::new(test_config(), node, 1);
+        let conn = t.connect(Vsn::V2);
+        t.join(conn, "r", presence_config("k"));
+        track(&mut t, conn, "r", json!({}));
+        let diff = diffs(&mut t, conn).pop().expect("a diff");
+        let phx_ref = metas(&diff["joins"], "k")[0]["phx_ref"].clone();
+        assert!(refs.insert(phx_ref.to_string()), "{node:?} repeated a ref");
+    }
 }
