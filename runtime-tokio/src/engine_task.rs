@@ -71,10 +71,20 @@ pub enum PeerEvent {
     Message(NodeId, PeerMsg),
 }
 
-/// The engine's end of a peer bus: what it sends to every peer, and what peers report.
+/// A message for the peer bus: to one replica, or to every one when `to` is `None`.
+#[derive(Clone, Debug)]
+pub struct PeerOut {
+    /// The addressee, if only one.
+    pub to: Option<NodeId>,
+    /// The message.
+    pub msg: PeerMsg,
+}
+
+/// The engine's end of a peer bus: what it sends to peers, and what peers report.
 pub struct PeerLink {
-    /// Messages for every peer.
-    pub outgoing: mpsc::UnboundedSender<PeerMsg>,
+    /// Hands a message to the bus, which must not block: in-process shards queue it for
+    /// the addressees at once, the simulated bus holds it across partitions.
+    pub outgoing: Box<dyn Fn(PeerOut) + Send + Sync>,
     /// Membership changes and messages from peers.
     pub incoming: mpsc::UnboundedReceiver<PeerEvent>,
 }
@@ -202,7 +212,11 @@ pub(crate) fn spawn(
 ) -> (EngineHandle, tokio::task::JoinHandle<()>) {
     let (events, event_receiver) = mpsc::unbounded_channel();
     let (frames, frame_receiver) = mpsc::channel(FRAMES_QUEUED_MAX);
-    let engine = Engine::new(options.config.clone(), options.node, options.seed);
+    let engine = Engine::with_replica(
+        options.config.clone(),
+        options.replica.clone(),
+        options.seed,
+    );
     let handle = EngineHandle {
         events,
         frames,
@@ -491,7 +505,12 @@ impl Driver {
             }
             Output::ToPeers(msg) => {
                 if let Some(peers) = peers {
-                    let _ = peers.outgoing.send(msg);
+                    (peers.outgoing)(PeerOut { to: None, msg });
+                }
+            }
+            Output::ToPeer { to, msg } => {
+                if let Some(peers) = peers {
+                    (peers.outgoing)(PeerOut { to: Some(to), msg });
                 }
             }
             output @ (Output::Visibility(_)

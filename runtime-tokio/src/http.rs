@@ -1,5 +1,6 @@
-//! HTTP: the accept loop, routing, the WebSocket upgrade, the REST API, health and
-//! metrics. Requests are translated into engine inputs; the engine decides every answer.
+//! HTTP: the accept loop, the WebSocket upgrade and reading REST bodies. Which route a
+//! request takes and every answer come from the engine ([`switchboard_engine::http`]);
+//! this module only parses and writes HTTP with hyper.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -13,10 +14,10 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use percent_encoding::percent_decode_str;
-use switchboard_engine::rest::{RestAuth, RestRequest};
+use switchboard_engine::http::{self as engine_http, Response as Answer, RestTarget, Route};
+use switchboard_engine::rest::RestAuth;
 use switchboard_engine::ConnectParams;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
@@ -28,9 +29,6 @@ use crate::engine_task::EngineHandle;
 use crate::listener::Listener;
 use crate::metrics::Metrics;
 use crate::ws;
-
-/// REST bodies above this are refused before reaching the engine.
-const BODY_BYTES_MAX: usize = 5_000_000;
 
 type Body = Full<Bytes>;
 
@@ -45,6 +43,8 @@ pub(crate) struct State {
     pub(crate) message_bytes_max: usize,
     /// What unfinished messages of every socket may hold together.
     pub(crate) unfinished: Arc<ws::Budget>,
+    /// REST bodies above this are refused unread.
+    pub(crate) rest_body_bytes_max: usize,
 }
 
 /// Accepts connections until `shutdown` completes; each is served on its own task.
@@ -141,21 +141,21 @@ impl AcceptRefusals {
     }
 }
 
-fn respond(status: u16, content_type: Option<&'static str>, body: Bytes) -> Response<Body> {
-    let mut response = Response::new(Full::new(body));
+/// Writes the engine's answer.
+fn respond(answer: Answer) -> Response<Body> {
+    let mut response = Response::new(Full::new(answer.body));
     *response.status_mut() =
-        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    if let Some(content_type) = content_type {
-        response
-            .headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = response.headers_mut();
+    if let Some(content_type) = answer.content_type {
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    }
+    if answer.cors {
+        for (name, value) in engine_http::CORS {
+            headers.insert(name, HeaderValue::from_static(value));
+        }
     }
     response
-}
-
-fn json(status: u16, body: Bytes) -> Response<Body> {
-    let content_type = (!body.is_empty()).then_some("application/json");
-    respond(status, content_type, body)
 }
 
 async fn route(
@@ -163,72 +163,15 @@ async fn route(
     state: State,
     peer: SocketAddr,
 ) -> Result<Response<Body>, Infallible> {
-    let path = request.uri().path().trim_end_matches('/').to_owned();
-    let method = request.method().clone();
-    let response = match (&method, path.as_str()) {
-        (&Method::GET, "/realtime/v1/websocket" | "/socket/websocket") => {
-            upgrade(request, state, peer).await
-        }
-        (&Method::GET, "/healthz" | "/api/health" | "/realtime/v1/api/health") => {
-            json(200, Bytes::from_static(br#"{"status":"ok"}"#))
-        }
-        (&Method::GET, "/metrics") => respond(
-            200,
-            Some("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-            Bytes::from(state.metrics.render()),
-        ),
-        (&Method::OPTIONS, _) if rest_path(&path).is_some() => {
-            cors(respond(204, None, Bytes::new()))
-        }
-        (&Method::POST, _) => match rest_path(&path) {
-            Some(target) => cors(rest(request, target, state).await),
-            None => json(404, Bytes::from_static(br#"{"message":"Not found"}"#)),
-        },
-        _ => json(404, Bytes::from_static(br#"{"message":"Not found"}"#)),
+    let answer = match engine_http::route(request.method().as_str(), request.uri().path()) {
+        Route::WebSocket => return Ok(upgrade(request, state, peer).await),
+        Route::Health => Answer::health(),
+        Route::Metrics => Answer::metrics(state.metrics.render()),
+        Route::Preflight => Answer::preflight(),
+        Route::Rest(target) => rest(request, target, state).await,
+        Route::NotFound => Answer::not_found(),
     };
-    Ok(response)
-}
-
-/// What a REST path addresses.
-enum RestTarget {
-    Batch,
-    Single { topic: String, event: String },
-}
-
-fn rest_path(path: &str) -> Option<RestTarget> {
-    let rest = path
-        .strip_prefix("/realtime/v1")
-        .unwrap_or(path)
-        .strip_prefix("/api/broadcast")?;
-    if rest.is_empty() {
-        return Some(RestTarget::Batch);
-    }
-    let segments: Vec<&str> = rest.strip_prefix('/')?.split('/').collect();
-    let decode = |s: &str| percent_decode_str(s).decode_utf8_lossy().into_owned();
-    match segments.as_slice() {
-        [topic, "events", event] => Some(RestTarget::Single {
-            topic: decode(topic),
-            event: decode(event),
-        }),
-        _ => None,
-    }
-}
-
-fn cors(mut response: Response<Body>) -> Response<Body> {
-    let headers = response.headers_mut();
-    headers.insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
-    headers.insert(
-        header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("POST, OPTIONS"),
-    );
-    headers.insert(
-        header::ACCESS_CONTROL_ALLOW_HEADERS,
-        HeaderValue::from_static("apikey, authorization, content-type, x-client-info"),
-    );
-    response
+    Ok(respond(answer))
 }
 
 fn header(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -245,38 +188,23 @@ fn query(request: &Request<Incoming>, name: &str) -> Option<String> {
         .map(|(_, value)| value.into_owned())
 }
 
-async fn rest(request: Request<Incoming>, target: RestTarget, state: State) -> Response<Body> {
+async fn rest(request: Request<Incoming>, target: RestTarget, state: State) -> Answer {
     let auth = RestAuth {
         authorization: header(request.headers(), "authorization"),
         apikey: header(request.headers(), "apikey"),
     };
     let content_type = header(request.headers(), "content-type");
     let private = query(&request, "private").is_some_and(|p| p == "true");
-    let body = match Limited::new(request.into_body(), BODY_BYTES_MAX)
+    let body = match Limited::new(request.into_body(), state.rest_body_bytes_max)
         .collect()
         .await
     {
         Ok(collected) => collected.to_bytes(),
-        Err(_) => {
-            return json(
-                413,
-                Bytes::from_static(br#"{"message":"Payload too large"}"#),
-            )
-        }
+        Err(_) => return Answer::too_large(),
     };
-    let request = match target {
-        RestTarget::Batch => RestRequest::Broadcast { auth, body },
-        RestTarget::Single { topic, event } => RestRequest::BroadcastEvent {
-            auth,
-            topic,
-            event,
-            private,
-            content_type,
-            body,
-        },
-    };
+    let request = target.request(auth, content_type, private, body);
     let (status, body) = state.engine.rest(request).await;
-    json(status, body)
+    Answer::json(status, body).with_cors()
 }
 
 async fn upgrade(mut request: Request<Incoming>, state: State, peer: SocketAddr) -> Response<Body> {
@@ -290,10 +218,7 @@ async fn upgrade(mut request: Request<Incoming>, state: State, peer: SocketAddr)
         .filter(|_| is_upgrade)
         .cloned()
     else {
-        return json(
-            400,
-            Bytes::from_static(br#"{"error":"expected a WebSocket upgrade"}"#),
-        );
+        return respond(Answer::not_an_upgrade());
     };
     let params = ConnectParams {
         vsn: query(&request, "vsn"),
@@ -303,7 +228,7 @@ async fn upgrade(mut request: Request<Incoming>, state: State, peer: SocketAddr)
     let conn = state.engine.next_conn();
     let end = match state.engine.connect(conn, params).await {
         Ok(end) => end,
-        Err((status, body)) => return json(status, body),
+        Err((status, body)) => return respond(Answer::json(status, body)),
     };
     let on_upgrade = hyper::upgrade::on(&mut request);
     let State {
@@ -312,6 +237,7 @@ async fn upgrade(mut request: Request<Incoming>, state: State, peer: SocketAddr)
         sockets,
         message_bytes_max,
         unfinished,
+        ..
     } = state;
     let socket = async move {
         match on_upgrade.await {
@@ -334,7 +260,7 @@ async fn upgrade(mut request: Request<Incoming>, state: State, peer: SocketAddr)
         }
     };
     sockets.spawn(socket.instrument(debug_span!("socket", conn = conn.0, %peer)));
-    let mut response = respond(101, None, Bytes::new());
+    let mut response = respond(Answer::json(101, Bytes::new()));
     let headers = response.headers_mut();
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));

@@ -15,18 +15,20 @@ mod listener;
 mod metrics;
 mod outbox;
 pub mod postgres;
+mod shards;
 mod ws;
 
 pub use clock::{Clock, WallClock};
-pub use engine_task::{EngineHandle, PeerEvent, PeerLink};
+pub use engine_task::{EngineHandle, PeerEvent, PeerLink, PeerOut};
 pub use listener::Listener;
 pub use metrics::Metrics;
+pub use shards::{shard_links, to_shards};
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchboard_engine::{Config, NodeId, Output};
+use switchboard_engine::{Config, NodeId, Output, Replica, ShardId, SharedLimits};
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 use tracing::info;
@@ -35,8 +37,11 @@ use tracing::info;
 pub struct Options {
     /// The engine configuration, built and checked by the binary.
     pub config: Config,
-    /// This replica's id.
-    pub node: NodeId,
+    /// This replica's id, its shard index and the limits its process's shards share.
+    pub replica: Replica,
+    /// What the process's shards share in the runtime: metrics and the memory budget of
+    /// unfinished messages.
+    pub shared: Shared,
     /// Seed of the engine's RNG (presence keys and refs).
     pub seed: u64,
     /// Frames waiting for a socket's writer before it counts as a slow consumer.
@@ -56,12 +61,36 @@ pub struct Options {
     pub drain_timeout: Duration,
 }
 
+/// What every shard of a process shares in the runtime, so that N shards export one set of
+/// metrics and hold unfinished messages to one budget, not N.
+#[derive(Clone)]
+pub struct Shared {
+    /// Summed over the shards: each adds what its engine counted.
+    pub metrics: Arc<Metrics>,
+    unfinished: Arc<ws::Budget>,
+}
+
+impl Shared {
+    /// Fresh metrics and a budget of [`Config::unfinished_bytes_max`].
+    pub fn new(config: &Config) -> Shared {
+        Shared {
+            metrics: Arc::new(Metrics::new()),
+            unfinished: ws::Budget::new(config.unfinished_bytes_max),
+        }
+    }
+}
+
 impl Options {
-    /// Production defaults around `config`.
+    /// Production defaults around `config`: a process of one shard.
     pub fn new(config: Config) -> Self {
         Options {
+            replica: Replica {
+                node: NodeId(1),
+                shard: ShardId(0),
+                limits: SharedLimits::new(&config),
+            },
+            shared: Shared::new(&config),
             config,
-            node: NodeId(1),
             seed: 0,
             send_queue: 1024,
             send_queue_bytes: 16 << 20,
@@ -82,10 +111,11 @@ pub struct Server {
 impl Server {
     /// Starts the engine task. Call [`Server::run`] to serve sockets.
     pub fn start(options: Options) -> (Server, ServerTask) {
-        let metrics = Arc::new(Metrics::new());
+        let metrics = options.shared.metrics.clone();
+        let unfinished = options.shared.unfinished.clone();
         let drain_timeout = options.drain_timeout;
         let message_bytes_max = options.config.message_bytes_max();
-        let unfinished_bytes_max = options.config.unfinished_bytes_max;
+        let rest_body_bytes_max = options.config.rest_body_bytes_max;
         let (handle, task) = engine_task::spawn(options, metrics.clone());
         (
             Server {
@@ -98,7 +128,8 @@ impl Server {
                 drain_timeout,
                 sockets: TaskTracker::new(),
                 message_bytes_max,
-                unfinished_bytes_max,
+                unfinished,
+                rest_body_bytes_max,
             },
         )
     }
@@ -121,7 +152,8 @@ pub struct ServerTask {
     drain_timeout: Duration,
     sockets: TaskTracker,
     message_bytes_max: usize,
-    unfinished_bytes_max: usize,
+    unfinished: Arc<ws::Budget>,
+    rest_body_bytes_max: usize,
 }
 
 impl ServerTask {
@@ -138,7 +170,8 @@ impl ServerTask {
             metrics,
             sockets: self.sockets.clone(),
             message_bytes_max: self.message_bytes_max,
-            unfinished: ws::Budget::new(self.unfinished_bytes_max),
+            unfinished: self.unfinished,
+            rest_body_bytes_max: self.rest_body_bytes_max,
         };
         http::accept_loop(listener, state, shutdown).await;
         self.handle.shutdown();

@@ -1,5 +1,8 @@
-//! Prometheus metrics: engine counters copied after every step, plus what only the
-//! runtime sees (bytes written, slow consumers, engine step latency).
+//! Prometheus metrics: the engine's figures, added after every step by each shard, plus
+//! what only the runtime sees (bytes written, slow consumers, engine step latency).
+//!
+//! One [`Metrics`] serves every shard of a process: each shard adds the *change* in its
+//! engine's [`Stats`], so counters and gauges alike are sums over the shards.
 
 use std::sync::atomic::AtomicU64;
 
@@ -10,23 +13,78 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use switchboard_engine::Stats;
 
+/// How an engine figure is exported.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// A level that goes up and down (open connections).
+    Gauge,
+    /// A running total.
+    Counter,
+}
+
+/// One engine figure: name, help, kind and where [`Stats`] keeps it.
+type Row = (&'static str, &'static str, Kind, fn(&Stats) -> u64);
+
+/// The engine's figures.
+const ENGINE: [Row; 9] = [
+    (
+        "connections",
+        "Open WebSocket connections",
+        Kind::Gauge,
+        |s| s.connections,
+    ),
+    ("channels", "Joined channels", Kind::Gauge, |s| s.channels),
+    (
+        "messages_in",
+        "Frames received from clients",
+        Kind::Counter,
+        |s| s.frames_in,
+    ),
+    (
+        "messages_out",
+        "Frames queued to clients, per recipient",
+        Kind::Counter,
+        |s| s.messages_out,
+    ),
+    (
+        "bytes_in",
+        "Bytes received from clients",
+        Kind::Counter,
+        |s| s.bytes_in,
+    ),
+    ("broadcasts", "Broadcasts routed", Kind::Counter, |s| {
+        s.broadcasts
+    }),
+    (
+        "errors",
+        "Error replies, system errors and refused upgrades",
+        Kind::Counter,
+        |s| s.errors,
+    ),
+    (
+        "malformed_frames",
+        "Frames that could not be decoded",
+        Kind::Counter,
+        |s| s.malformed,
+    ),
+    (
+        "visibility_retries",
+        "Visibility questions the database failed to answer, each asked again",
+        Kind::Counter,
+        |s| s.visibility_retries,
+    ),
+];
+
 /// Every metric `/metrics` exports.
 pub struct Metrics {
     registry: Registry,
-    connections: Gauge,
+    /// One per row of [`ENGINE`], in order: (a gauge, a counter), the one unused left at 0.
+    engine: Vec<(Gauge, Counter)>,
     /// WebSocket tasks the runtime holds, closing ones included: above `connections` while
     /// sockets the engine closed still flush.
     pub(crate) sockets: Gauge,
-    channels: Gauge,
-    messages_in: Counter,
-    messages_out: Counter,
-    bytes_in: Counter,
     /// Bytes written to sockets, counted by the writers.
     pub bytes_out: Counter<u64, AtomicU64>,
-    broadcasts: Counter,
-    errors: Counter,
-    malformed: Counter,
-    visibility_retries: Counter,
     /// Sockets closed because their send queue overflowed.
     pub slow_consumers: Counter,
     /// Time spent in one `Engine::handle` plus its drain.
@@ -41,69 +99,36 @@ impl Metrics {
     /// Registers every metric.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("switchboard");
+        let engine: Vec<(Gauge, Counter)> = ENGINE
+            .iter()
+            .map(|&(name, help, kind, _)| {
+                let pair = (Gauge::default(), Counter::default());
+                match kind {
+                    Kind::Gauge => registry.register(name, help, pair.0.clone()),
+                    Kind::Counter => registry.register(name, help, pair.1.clone()),
+                }
+                pair
+            })
+            .collect();
         let metrics = Metrics {
-            connections: Gauge::default(),
+            registry: Registry::default(),
+            engine,
             sockets: Gauge::default(),
-            channels: Gauge::default(),
-            messages_in: Counter::default(),
-            messages_out: Counter::default(),
-            bytes_in: Counter::default(),
             bytes_out: Counter::default(),
-            broadcasts: Counter::default(),
-            errors: Counter::default(),
-            malformed: Counter::default(),
-            visibility_retries: Counter::default(),
             slow_consumers: Counter::default(),
             handle_seconds: Histogram::new(exponential_buckets(1e-6, 4.0, 12)),
             visibility_queries: Counter::default(),
             accept_errors: Counter::default(),
-            registry: Registry::default(),
         };
-        registry.register(
-            "connections",
-            "Open WebSocket connections",
-            metrics.connections.clone(),
-        );
         registry.register(
             "sockets",
             "WebSocket sockets held by the runtime, closing ones included",
             metrics.sockets.clone(),
         );
-        registry.register("channels", "Joined channels", metrics.channels.clone());
-        registry.register(
-            "messages_in",
-            "Frames received from clients",
-            metrics.messages_in.clone(),
-        );
-        registry.register(
-            "messages_out",
-            "Frames queued to clients, per recipient",
-            metrics.messages_out.clone(),
-        );
-        registry.register(
-            "bytes_in",
-            "Bytes received from clients",
-            metrics.bytes_in.clone(),
-        );
         registry.register(
             "bytes_out",
             "Bytes written to clients",
             metrics.bytes_out.clone(),
-        );
-        registry.register(
-            "broadcasts",
-            "Broadcasts routed",
-            metrics.broadcasts.clone(),
-        );
-        registry.register(
-            "errors",
-            "Error replies, system errors and refused upgrades",
-            metrics.errors.clone(),
-        );
-        registry.register(
-            "malformed_frames",
-            "Frames that could not be decoded",
-            metrics.malformed.clone(),
         );
         registry.register(
             "slow_consumers",
@@ -121,11 +146,6 @@ impl Metrics {
             metrics.visibility_queries.clone(),
         );
         registry.register(
-            "visibility_retries",
-            "Visibility questions the database failed to answer, each asked again",
-            metrics.visibility_retries.clone(),
-        );
-        registry.register(
             "accept_errors",
             "Connections the listener failed to accept, such as for want of file descriptors",
             metrics.accept_errors.clone(),
@@ -136,23 +156,20 @@ impl Metrics {
         }
     }
 
-    /// Copies the engine's counters: gauges set, counters advanced by the difference.
+    /// Adds what one shard's engine counted since `before`: gauges move by the difference,
+    /// counters advance by it, so several shards sum.
     pub fn update(&self, before: &Stats, now: &Stats) {
-        self.connections.set(now.connections as i64);
-        self.channels.set(now.channels as i64);
-        let delta = |a: u64, b: u64| b.saturating_sub(a);
-        self.messages_in
-            .inc_by(delta(before.frames_in, now.frames_in));
-        self.messages_out
-            .inc_by(delta(before.messages_out, now.messages_out));
-        self.bytes_in.inc_by(delta(before.bytes_in, now.bytes_in));
-        self.broadcasts
-            .inc_by(delta(before.broadcasts, now.broadcasts));
-        self.errors.inc_by(delta(before.errors, now.errors));
-        self.malformed
-            .inc_by(delta(before.malformed, now.malformed));
-        self.visibility_retries
-            .inc_by(delta(before.visibility_retries, now.visibility_retries));
+        for ((_, _, kind, read), (gauge, counter)) in ENGINE.iter().zip(&self.engine) {
+            let (was, is) = (read(before), read(now));
+            match kind {
+                Kind::Gauge => {
+                    gauge.inc_by(is as i64 - was as i64);
+                }
+                Kind::Counter => {
+                    counter.inc_by(is.saturating_sub(was));
+                }
+            }
+        }
     }
 
     /// The Prometheus text exposition.
@@ -166,5 +183,39 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line<'a>(text: &'a str, name: &str) -> &'a str {
+        text.lines()
+            .find(|l| l.starts_with(name) && l.as_bytes().get(name.len()) == Some(&b' '))
+            .unwrap_or_else(|| panic!("{name} in {text}"))
+    }
+
+    #[test]
+    fn shards_sum_gauges_and_counters() {
+        let metrics = Metrics::new();
+        let zero = Stats::default();
+        let shard = |connections, frames_in| Stats {
+            connections,
+            frames_in,
+            ..Stats::default()
+        };
+        metrics.update(&zero, &shard(3, 10));
+        metrics.update(&zero, &shard(2, 5));
+        metrics.update(&shard(3, 10), &shard(1, 12));
+        let text = metrics.render();
+        assert_eq!(
+            line(&text, "switchboard_connections"),
+            "switchboard_connections 3"
+        );
+        assert_eq!(
+            line(&text, "switchboard_messages_in_total"),
+            "switchboard_messages_in_total 17"
+        );
     }
 }

@@ -1,12 +1,13 @@
-//! The simulated peer bus between nodes: the same [`PeerLink`] seam that shards and NATS
-//! use, with partitions (messages held until healed) and node crashes (the node's
-//! presence is declared down everywhere) under the simulation's control.
+//! The simulated peer bus between replicas: the same [`PeerLink`] seam that shards and
+//! NATS use, with partitions between hosts (messages held until healed) and host crashes
+//! (every shard of the host is declared down everywhere) under the simulation's control.
+//! The shards of one host are peers on it too, never partitioned from each other.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use switchboard_engine::{NodeId, PeerMsg};
-use switchboard_tokio::{PeerEvent, PeerLink};
+use switchboard_tokio::{PeerEvent, PeerLink, PeerOut};
 use tokio::sync::mpsc;
 
 struct Node {
@@ -14,14 +15,17 @@ struct Node {
     inbox: mpsc::UnboundedSender<PeerEvent>,
 }
 
+/// A replica's place: its host index and its shard there.
+type Member = (usize, u16);
+
 #[derive(Default)]
 struct State {
-    /// Live nodes by host index.
-    nodes: BTreeMap<usize, Node>,
+    /// Live replicas.
+    nodes: BTreeMap<Member, Node>,
     /// Host index pairs (low, high) whose traffic is held.
     held: BTreeSet<(usize, usize)>,
     /// Held messages in send order: from, to, message.
-    queued: Vec<(usize, usize, NodeId, PeerMsg)>,
+    queued: Vec<(Member, Member, NodeId, PeerMsg)>,
     incarnations: u64,
 }
 
@@ -36,18 +40,11 @@ fn pair(a: usize, b: usize) -> (usize, usize) {
 }
 
 impl Bus {
-    /// Registers a (re)started node at host index `host`: a fresh replica id, a link for
-    /// its engine, and a pump task that must run on the node's host.
-    pub fn join(
-        &self,
-        host: usize,
-    ) -> (
-        NodeId,
-        PeerLink,
-        impl std::future::Future<Output = ()> + Send,
-    ) {
+    /// Registers a (re)started shard `shard` of the node at host index `host`: a fresh
+    /// replica id and a link for its engine.
+    pub fn join(&self, host: usize, shard: u16) -> (NodeId, PeerLink) {
         let (to_engine, incoming) = mpsc::unbounded_channel();
-        let (outgoing, mut from_engine) = mpsc::unbounded_channel::<PeerMsg>();
+        let me = (host, shard);
         let id = {
             let mut state = self.state.lock().expect("bus lock");
             state.incarnations += 1;
@@ -58,7 +55,7 @@ impl Bus {
                 let _ = to_engine.send(PeerEvent::Up(node.id));
             }
             state.nodes.insert(
-                host,
+                me,
                 Node {
                     id,
                     inbox: to_engine,
@@ -67,22 +64,30 @@ impl Bus {
             id
         };
         let bus = self.clone();
-        let pump = async move {
-            while let Some(msg) = from_engine.recv().await {
-                bus.send(host, id, msg);
-            }
-        };
-        (id, PeerLink { outgoing, incoming }, pump)
+        let outgoing = move |out: PeerOut| bus.send(me, id, out);
+        (
+            id,
+            PeerLink {
+                outgoing: Box::new(outgoing),
+                incoming,
+            },
+        )
     }
 
-    fn send(&self, from: usize, id: NodeId, msg: PeerMsg) {
+    fn send(&self, from: Member, id: NodeId, out: PeerOut) {
         let mut state = self.state.lock().expect("bus lock");
         if state.nodes.get(&from).is_none_or(|n| n.id != id) {
             return; // a crashed incarnation's late message
         }
-        let targets: Vec<usize> = state.nodes.keys().copied().filter(|h| *h != from).collect();
+        let PeerOut { to: addressee, msg } = out;
+        let targets: Vec<Member> = state
+            .nodes
+            .iter()
+            .filter(|(m, n)| **m != from && addressee.is_none_or(|a| a == n.id))
+            .map(|(m, _)| *m)
+            .collect();
         for to in targets {
-            if state.held.contains(&pair(from, to)) {
+            if state.held.contains(&pair(from.0, to.0)) {
                 state.queued.push((from, to, id, msg.clone()));
             } else if let Some(node) = state.nodes.get(&to) {
                 let _ = node.inbox.send(PeerEvent::Message(id, msg.clone()));
@@ -101,7 +106,7 @@ impl Bus {
         state.held.remove(&pair(a, b));
         let queued = std::mem::take(&mut state.queued);
         for (from, to, id, msg) in queued {
-            if pair(from, to) == pair(a, b) {
+            if pair(from.0, to.0) == pair(a, b) {
                 if let Some(node) = state.nodes.get(&to) {
                     let _ = node.inbox.send(PeerEvent::Message(id, msg));
                 }
@@ -126,14 +131,21 @@ impl Bus {
         }
     }
 
-    /// A node crashed: peers declare its replica down; messages to it are lost.
+    /// A node crashed: peers declare each of its shards down; messages to them are lost.
     pub fn crash(&self, host: usize) {
         let mut state = self.state.lock().expect("bus lock");
-        if let Some(node) = state.nodes.remove(&host) {
-            for other in state.nodes.values() {
-                let _ = other.inbox.send(PeerEvent::Down(node.id));
+        let gone: Vec<Member> = state
+            .nodes
+            .range((host, 0)..=(host, u16::MAX))
+            .map(|(m, _)| *m)
+            .collect();
+        for member in gone {
+            if let Some(node) = state.nodes.remove(&member) {
+                for other in state.nodes.values() {
+                    let _ = other.inbox.send(PeerEvent::Down(node.id));
+                }
             }
         }
-        state.queued.retain(|(_, to, _, _)| *to != host);
+        state.queued.retain(|(_, to, _, _)| to.0 != host);
     }
 }

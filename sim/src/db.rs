@@ -1,5 +1,6 @@
 //! A simulated database: a commit log standing in for the WAL, a replication slot per
-//! node that advances only as far as the node confirms, and a simple RLS model answering
+//! node that advances only as far as the node confirms (the lowest position its shards
+//! report), and a simple RLS model answering
 //! visibility queries: a role sees a row when the row's `owner` is its `sub`.
 //!
 //! The database misbehaves as the seed says: visibility answers are delayed, some fail,
@@ -13,9 +14,11 @@ use std::time::Duration;
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 use serde_json::{json, Value};
-use switchboard_engine::changes::{Change, ChangeBatch, ChangeKind, Column, Table, Verdict};
-use switchboard_engine::{Input, Output};
-use switchboard_tokio::EngineHandle;
+use switchboard_engine::changes::{
+    Change, ChangeBatch, ChangeKind, Column, Progress, Table, Verdict,
+};
+use switchboard_engine::{Input, Output, PlantedBug};
+use switchboard_tokio::{to_shards, EngineHandle};
 use tokio::sync::mpsc;
 
 use crate::oracle::Ms;
@@ -77,6 +80,8 @@ struct State {
     slots: BTreeMap<usize, u64>,
     /// The database is down: nothing is answered or streamed.
     down: bool,
+    /// Slots confirmed past a change some shard had not handed out.
+    violations: Vec<String>,
 }
 
 /// Shared by the writer and every node.
@@ -85,15 +90,19 @@ pub struct Db {
     state: Arc<Mutex<State>>,
     faults: DbFaults,
     seed: u64,
+    /// A bug planted in the node side of replication ([`Progress::planted`]).
+    planted: Option<PlantedBug>,
 }
 
 impl Db {
-    /// A database that misbehaves as `faults` say, its choices drawn from `seed`.
-    pub fn new(faults: DbFaults, seed: u64) -> Db {
+    /// A database that misbehaves as `faults` say, its choices drawn from `seed`, fed by
+    /// nodes that confirm with `planted` in them.
+    pub fn new(faults: DbFaults, seed: u64, planted: Option<PlantedBug>) -> Db {
         Db {
             state: Arc::default(),
             faults,
             seed,
+            planted,
         }
     }
 
@@ -115,6 +124,12 @@ impl Db {
         });
     }
 
+    /// Where the node side broke the slot's contract: each a confirmation past a change
+    /// one of the node's shards had not yet handed out, which a crash would lose.
+    pub fn violations(&self) -> Vec<String> {
+        self.state.lock().expect("db lock").violations.clone()
+    }
+
     /// Everything committed.
     pub fn log(&self) -> Vec<Commit> {
         self.state.lock().expect("db lock").log.clone()
@@ -127,10 +142,14 @@ impl Db {
     pub async fn replicate(
         self,
         host: usize,
-        engine: EngineHandle,
+        shards: Vec<EngineHandle>,
         mut outputs: mpsc::UnboundedReceiver<Output>,
     ) {
-        engine.input(Input::Publication(vec![table()]));
+        let engine = |input| to_shards(&shards, input);
+        let mut progress = Progress::new(shards.len()).planted(self.planted);
+        // Each shard's own report, to check what the slot is confirmed to against.
+        let mut handed_out = vec![0u64; shards.len()];
+        engine(Input::Publication(vec![table()]));
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ (host as u64) << 32);
         let mut cursor = self
             .state
@@ -156,7 +175,7 @@ impl Db {
                     if let Some(last) = batch.last() {
                         cursor = last.lsn;
                         let changes = batch.iter().map(change).collect();
-                        engine.input(Input::Changes(ChangeBatch { changes, lsn: cursor }));
+                        engine(Input::Changes(Arc::new(ChangeBatch { changes, lsn: cursor })));
                     }
                 }
                 output = outputs.recv() => match output {
@@ -178,17 +197,28 @@ impl Db {
                             0 => 0,
                             max => rng.next_u64() % max,
                         };
-                        let engine = engine.clone();
+                        let asker = shards[usize::from(query.id.shard.0)].clone();
                         tokio::spawn(async move {
                             tokio::time::sleep(Duration::from_millis(delay)).await;
-                            engine.input(Input::Visibility { id: query.id, verdicts });
+                            asker.input(Input::Visibility { id: query.id, verdicts });
                         });
                     }
-                    Some(Output::RefreshPublication) => engine.input(Input::Publication(vec![table()])),
-                    Some(Output::WalProgress { lsn }) => {
-                        let mut state = self.state.lock().expect("db lock");
-                        let slot = state.slots.entry(host).or_default();
-                        *slot = (*slot).max(lsn);
+                    Some(Output::RefreshPublication) => engine(Input::Publication(vec![table()])),
+                    Some(Output::WalProgress { shard, lsn }) => {
+                        let shard = usize::from(shard.0);
+                        handed_out[shard] = handed_out[shard].max(lsn);
+                        if let Some(confirmed) = progress.report(shard, lsn) {
+                            let mut state = self.state.lock().expect("db lock");
+                            let lowest = handed_out.iter().copied().min().unwrap_or(0);
+                            if confirmed > lowest {
+                                let shards = handed_out.clone();
+                                state.violations.push(format!(
+                                    "invariant 6: node{host}'s slot confirmed to {confirmed}, past changes its shards had not all handed out ({shards:?}); a crash would lose them"
+                                ));
+                            }
+                            let slot = state.slots.entry(host).or_default();
+                            *slot = (*slot).max(confirmed);
+                        }
                     }
                     Some(_) => {}
                     None => return,

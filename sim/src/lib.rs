@@ -78,6 +78,42 @@ impl Listener for SimListener {
     }
 }
 
+/// The shards of one host share its one simulated listener: connections go to them in
+/// turn, as the kernel's SO_REUSEPORT spreads them over shards' listeners in production.
+struct ShardListener(tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Accepted>>);
+
+type Accepted = std::io::Result<(turmoil::net::TcpStream, std::net::SocketAddr)>;
+
+impl Listener for ShardListener {
+    type Stream = turmoil::net::TcpStream;
+
+    async fn accept(&self) -> Accepted {
+        match self.0.lock().await.recv().await {
+            Some(accepted) => accepted,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// Spreads `listener`'s connections over `shards` listeners, round robin.
+fn split(listener: SimListener, shards: usize) -> Vec<ShardListener> {
+    let (senders, listeners): (Vec<_>, Vec<_>) = (0..shards)
+        .map(|_| {
+            let (send, receive) = tokio::sync::mpsc::channel(64);
+            (send, ShardListener(tokio::sync::Mutex::new(receive)))
+        })
+        .unzip();
+    tokio::spawn(async move {
+        for next in (0..senders.len()).cycle() {
+            let accepted = listener.accept().await;
+            if senders[next].send(accepted).await.is_err() {
+                return;
+            }
+        }
+    });
+    listeners
+}
+
 /// Fault rates, themselves drawn from the seed.
 #[derive(Clone, Debug)]
 pub struct Faults {
@@ -109,6 +145,8 @@ pub struct Scenario {
     pub seed: u64,
     /// Nodes, 1–3.
     pub nodes: usize,
+    /// Shards per node, 1–4: peers of each other and of every other node's shards.
+    pub shards: u16,
     /// Clients, 5–50.
     pub clients: usize,
     /// Fault rates.
@@ -178,9 +216,12 @@ impl Scenario {
                 }
             },
         };
+        // A stream of its own, so the draws above stay what they were.
+        let shards = 1 + (ChaCha8Rng::seed_from_u64(seed ^ 0x5aa2d).next_u64() % 4) as u16;
         Scenario {
             seed,
             nodes,
+            shards,
             clients,
             faults,
             chaos: Duration::from_secs(20),
@@ -209,35 +250,54 @@ impl Scenario {
             .enable_random_order()
             .build();
         let bus = Bus::default();
-        let db = Db::new(self.faults.db, self.seed);
+        let db = Db::new(self.faults.db, self.seed, self.planted_bug);
         let oracle = Oracle::default();
         let metrics: Arc<Mutex<Vec<Arc<Metrics>>>> = Arc::default();
         for host in 0..self.nodes {
             let (bus, db, config, seed) = (bus.clone(), db.clone(), self.config(), self.seed);
             let metrics = metrics.clone();
+            let shards = self.shards;
             sim.host(format!("node{host}"), move || {
                 let (bus, db, config) = (bus.clone(), db.clone(), config.clone());
                 let metrics = metrics.clone();
                 async move {
                     let listener =
                         SimListener(turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?);
-                    let (node, link, pump) = bus.join(host);
-                    tokio::spawn(pump);
-                    let mut options = Options::new(config);
-                    options.node = node;
-                    options.seed = seed ^ node.0;
-                    options.peers = Some(link);
-                    options.send_queue = SEND_QUEUE;
-                    options.clock = Clock::with_wall(Arc::new(|| {
+                    let mut base = Options::new(config);
+                    base.send_queue = SEND_QUEUE;
+                    base.clock = Clock::with_wall(Arc::new(|| {
                         turmoil::since_epoch().map_or(0, |d| d.as_millis() as u64)
                     }));
                     let (database, outputs) = tokio::sync::mpsc::unbounded_channel();
-                    options.database = Some(database);
-                    let (server, task) = Server::start(options);
-                    metrics.lock().expect("metrics lock").push(server.metrics());
-                    tokio::spawn(db.replicate(host, server.handle(), outputs));
-                    task.run(listener, server.metrics(), std::future::pending())
-                        .await;
+                    base.database = Some(database);
+                    metrics
+                        .lock()
+                        .expect("metrics lock")
+                        .push(base.shared.metrics.clone());
+                    // The shards' ids and links come from the bus, which knows every host.
+                    let mut handles = Vec::new();
+                    let mut tasks = Vec::new();
+                    for (shard, mut options) in base.shards(0, shards).into_iter().enumerate() {
+                        let (node, link) = bus.join(host, shard as u16);
+                        options.replica.node = node;
+                        options.seed = seed ^ node.0;
+                        options.peers = Some(link);
+                        let (server, task) = Server::start(options);
+                        handles.push(server.handle());
+                        tasks.push((task, server.metrics()));
+                    }
+                    tokio::spawn(db.replicate(host, handles, outputs));
+                    let listeners = split(listener, tasks.len());
+                    let serving =
+                        tasks
+                            .into_iter()
+                            .zip(listeners)
+                            .map(|((task, metrics), listener)| {
+                                tokio::spawn(task.run(listener, metrics, std::future::pending()))
+                            });
+                    for serving in serving.collect::<Vec<_>>() {
+                        let _ = serving.await;
+                    }
                     Ok(())
                 }
             });
@@ -389,6 +449,7 @@ impl Scenario {
         }
         let events = oracle.events();
         violations.extend(oracle::check(&events, &db.log()));
+        violations.extend(db.violations());
         if let Ok(path) = std::env::var("SIM_TRACE") {
             // The whole event log, one event a line, for reading a replayed failure.
             let trace: String = events.iter().map(|e| format!("{e:?}\n")).collect();

@@ -68,3 +68,12 @@ fn hiding_rows_whose_check_failed_is_caught() {
         "rows withheld after a failed check went unnoticed for 20 seeds"
     );
 }
+
+#[test]
+fn confirming_the_most_advanced_shard_is_caught() {
+    let seed = first_catch(PlantedBug::ConfirmMaxProgress, "invariant 6", 20);
+    assert!(
+        seed.is_some(),
+        "a slot confirmed past a slow shard went unnoticed for 20 seeds"
+    );
+}

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
-use switchboard_engine::Input;
-use switchboard_engine::Output;
+use switchboard_engine::changes::Progress;
+use switchboard_engine::{Input, Output};
 use tokio::sync::{mpsc, watch, Mutex, Notify};
 use tokio::task::JoinHandle;
 
@@ -51,6 +51,9 @@ pub struct PostgresConfig {
     pub catalog_refresh: Duration,
     /// Counts visibility questions sent to the database (`/metrics`).
     pub visibility_queries: Counter,
+    /// Shards fed by this reader: the slot is confirmed up to the lowest position all of
+    /// them reported.
+    pub shards: usize,
 }
 
 impl PostgresConfig {
@@ -66,6 +69,7 @@ impl PostgresConfig {
             batch_delay: Duration::from_millis(10),
             catalog_refresh: Duration::from_secs(10),
             visibility_queries: Counter::default(),
+            shards: 1,
         }
     }
 }
@@ -85,10 +89,10 @@ impl Drop for Postgres {
 }
 
 /// Starts the WAL reader, the catalog reads and the visibility pool. `inputs` receives
-/// every [`Input`] for the engine, in order; `outputs` carries the engine's
-/// [`Output::Visibility`], [`Output::RefreshPublication`] and [`Output::WalProgress`]
-/// (others are ignored). The subsystem
-/// ends when `outputs` closes.
+/// every [`Input`] for the engines, in order ([`crate::to_shards`] spreads them over a
+/// process's shards); `outputs` carries every shard's [`Output::Visibility`],
+/// [`Output::RefreshPublication`] and [`Output::WalProgress`] (others are ignored). The
+/// subsystem ends when `outputs` closes.
 pub fn start(
     config: PostgresConfig,
     inputs: impl Fn(Input) + Send + Sync + 'static,
@@ -96,6 +100,7 @@ pub fn start(
 ) -> Postgres {
     let sink: Sink = Arc::new(inputs);
     let (progress, progress_rx) = watch::channel(0u64);
+    let mut shards = Progress::new(config.shards);
     let (questions, questions_rx) = mpsc::unbounded_channel();
     let questions_rx = Arc::new(Mutex::new(questions_rx));
     let url: Arc<str> = config.database_url.as_str().into();
@@ -123,12 +128,10 @@ pub fn start(
                 }
                 // A permit is stored while the reader is between sessions.
                 Output::RefreshPublication => refresh.notify_one(),
-                Output::WalProgress { lsn } => {
-                    progress.send_if_modified(|confirmed| {
-                        let advanced = lsn > *confirmed;
-                        *confirmed = (*confirmed).max(lsn);
-                        advanced
-                    });
+                Output::WalProgress { shard, lsn } => {
+                    if let Some(lsn) = shards.report(usize::from(shard.0), lsn) {
+                        progress.send_replace(lsn);
+                    }
                 }
                 _ => {}
             }

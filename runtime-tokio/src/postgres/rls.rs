@@ -83,12 +83,12 @@ pub(crate) async fn worker(
                 match tokio::time::timeout(ANSWER_TIMEOUT, connection.answer(&query)).await {
                     Ok(Ok(verdicts)) => Some(verdicts),
                     Ok(Err(error)) => {
-                        warn!(%error, id = query.id, "visibility query failed; asking again");
+                        warn!(%error, id = ?query.id, "visibility query failed; asking again");
                         checker = None;
                         None
                     }
                     Err(_) => {
-                        warn!(id = query.id, "visibility query timed out; asking again");
+                        warn!(id = ?query.id, "visibility query timed out; asking again");
                         checker = None;
                         None
                     }

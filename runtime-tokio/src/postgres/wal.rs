@@ -345,10 +345,10 @@ impl Reader {
                 "handing a batch to the engine"
             );
             self.in_flight.push_back(pending.lsn);
-            (self.sink)(Input::Changes(ChangeBatch {
+            (self.sink)(Input::Changes(Arc::new(ChangeBatch {
                 changes: pending.changes,
                 lsn: pending.lsn,
-            }));
+            })));
         }
     }
 

@@ -1,0 +1,150 @@
+//! The shards of one process as peers: in-process links between their engines, and the
+//! routing of database inputs to them. The same [`PeerLink`] seam carries the simulator's
+//! bus and, later, a cluster broker: to an engine a shard and a node are both peers.
+
+use switchboard_engine::{Input, NodeId, Replica, ShardId};
+use tokio::sync::mpsc;
+
+use crate::engine_task::{EngineHandle, PeerEvent, PeerLink, PeerOut};
+use crate::Options;
+
+impl Options {
+    /// The options of each of `shards` shards of process `process` (48 bits, unique among
+    /// the processes that will ever be peers): replica ids from both, seeds apart, the
+    /// same limits, metrics and budget, and links making every shard a peer of the others.
+    /// `self.peers` must be unset: a process of several shards links them itself.
+    pub fn shards(self, process: u64, shards: u16) -> Vec<Options> {
+        assert!(self.peers.is_none(), "shards bring their own peer links");
+        let nodes: Vec<NodeId> = (0..shards.max(1))
+            .map(|shard| NodeId::replica(process, ShardId(shard)))
+            .collect();
+        let mut links = if nodes.len() > 1 {
+            shard_links(&nodes)
+        } else {
+            Vec::new()
+        }
+        .into_iter();
+        nodes
+            .iter()
+            .enumerate()
+            .map(|(shard, &node)| Options {
+                config: self.config.clone(),
+                replica: Replica {
+                    node,
+                    shard: ShardId(shard as u16),
+                    limits: self.replica.limits.clone(),
+                },
+                shared: self.shared.clone(),
+                seed: self.seed ^ node.0,
+                send_queue: self.send_queue,
+                send_queue_bytes: self.send_queue_bytes,
+                clock: self.clock.clone(),
+                peers: links.next(),
+                database: self.database.clone(),
+                drain_timeout: self.drain_timeout,
+            })
+            .collect()
+    }
+}
+
+/// One link per replica in `nodes`, each peer of all the others: a message goes straight
+/// into its addressees' queues, with no task in between. Every link starts with the others
+/// reported up; shards of one process never go down alone.
+pub fn shard_links(nodes: &[NodeId]) -> Vec<PeerLink> {
+    let (inboxes, incomings): (Vec<_>, Vec<_>) =
+        nodes.iter().map(|_| mpsc::unbounded_channel()).unzip();
+    for (inbox, me) in inboxes.iter().zip(nodes) {
+        for node in nodes.iter().filter(|n| *n != me) {
+            let _ = inbox.send(PeerEvent::Up(*node));
+        }
+    }
+    incomings
+        .into_iter()
+        .zip(nodes)
+        .map(|(incoming, &me)| {
+            let others: Vec<(NodeId, mpsc::UnboundedSender<PeerEvent>)> = nodes
+                .iter()
+                .copied()
+                .zip(inboxes.iter().cloned())
+                .filter(|(node, _)| *node != me)
+                .collect();
+            let outgoing = move |out: PeerOut| {
+                for (node, inbox) in &others {
+                    if out.to.is_none_or(|to| to == *node) {
+                        let _ = inbox.send(PeerEvent::Message(me, out.msg.clone()));
+                    }
+                }
+            };
+            PeerLink {
+                outgoing: Box::new(outgoing),
+                incoming,
+            }
+        })
+        .collect()
+}
+
+/// Hands a database input to the shards it concerns: a visibility answer to the shard
+/// that asked, anything else (change batches, the publication) to every shard. `shards`
+/// is indexed by shard id.
+pub fn to_shards(shards: &[EngineHandle], input: Input) {
+    match input {
+        Input::Visibility { id, .. } => {
+            if let Some(shard) = shards.get(usize::from(id.shard.0)) {
+                shard.input(input);
+            }
+        }
+        Input::Changes(batch) => {
+            for shard in shards {
+                shard.input(Input::Changes(batch.clone()));
+            }
+        }
+        Input::Publication(tables) => {
+            for shard in shards {
+                shard.input(Input::Publication(tables.clone()));
+            }
+        }
+        other => {
+            if let [only] = shards {
+                only.input(other);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchboard_engine::PeerMsg;
+
+    fn drain(link: &mut PeerLink) -> Vec<String> {
+        std::iter::from_fn(|| link.incoming.try_recv().ok())
+            .map(|event| format!("{event:?}"))
+            .collect()
+    }
+
+    #[test]
+    fn shards_see_each_other_up_and_messages_reach_their_addressees() {
+        let nodes = [NodeId(10), NodeId(11), NodeId(12)];
+        let mut links = shard_links(&nodes);
+        for (link, me) in links.iter_mut().zip(nodes) {
+            let ups = drain(link);
+            assert_eq!(ups.len(), 2);
+            assert!(!ups.iter().any(|u| u.contains(&format!("({})", me.0))));
+        }
+        let heartbeat = PeerMsg::PresenceHeartbeat {
+            owner: nodes[0],
+            clock: 1,
+        };
+        (links[0].outgoing)(PeerOut {
+            to: None,
+            msg: heartbeat.clone(),
+        });
+        (links[0].outgoing)(PeerOut {
+            to: Some(nodes[2]),
+            msg: heartbeat,
+        });
+        assert_eq!(drain(&mut links[0]).len(), 0, "never to itself");
+        assert_eq!(drain(&mut links[1]).len(), 1, "only the message to all");
+        assert_eq!(drain(&mut links[2]).len(), 2);
+    }
+}
