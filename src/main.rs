@@ -11,7 +11,7 @@ use clap::builder::RangedU64ValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use switchboard_engine::{auth, Config};
 use switchboard_tokio::postgres::{self, PostgresConfig};
-use switchboard_tokio::{Options, Server};
+use switchboard_tokio::{to_shards, Options, Server};
 use tracing::info;
 
 /// jemalloc, with its background threads returning freed memory to the system within
@@ -38,12 +38,15 @@ enum Command {
     Serve(Serve),
 }
 
-/// Which runtime drives the engine. Only tokio exists so far; the thread-per-core glommio
-/// runtime arrives with its own issue, as a second variant here.
+/// Which runtime drives the engines.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Runtime {
-    /// A work-stealing thread pool driving one engine.
+    /// One thread per shard, each with its own single-threaded tokio runtime, engine and
+    /// SO_REUSEPORT listener.
     Tokio,
+    /// One engine on a work-stealing pool of every core: its sockets' reads and writes
+    /// run beside it on the other cores. `--shards` must be 1.
+    TokioMultiThread,
 }
 
 #[derive(Args)]
@@ -75,9 +78,17 @@ struct Serve {
     /// Database connections answering Row Level Security visibility checks.
     #[arg(long, env = "SWITCHBOARD_VISIBILITY_CONNECTIONS", default_value_t = 2)]
     visibility_connections: usize,
-    /// Runtime that drives the engine.
+    /// Runtime that drives the engines.
     #[arg(long, env = "SWITCHBOARD_RUNTIME", value_enum, default_value = "tokio")]
     runtime: Runtime,
+    /// Engines in this process, each a peer of the others, each with its own listener on
+    /// the same address; default: the cores this process may use.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_SHARDS",
+        value_parser = RangedU64ValueParser::<u16>::new().range(1..=1024)
+    )]
+    shards: Option<u16>,
     /// Log filter, RUST_LOG syntax; pg_walstream logs every WAL confirmation at info.
     #[arg(
         long,
@@ -216,13 +227,7 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match serve.runtime {
-        Runtime::Tokio => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .context("starting the tokio runtime")?
-            .block_on(run(serve)),
-    }
+    run(serve)
 }
 
 /// A development secret: 40 characters, 240 bits from the OS's random source.
@@ -244,6 +249,8 @@ fn random_secret() -> anyhow::Result<String> {
 /// overflows that, and each dropped SYN is only retried after a second.
 const LISTEN_BACKLOG: u32 = 4096;
 
+/// A listener on `addr`, registered with the runtime entered. SO_REUSEPORT lets every
+/// shard bind the same address; the kernel spreads new connections over them.
 fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
@@ -251,13 +258,53 @@ fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
         tokio::net::TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
 }
 
-async fn run(serve: Serve) -> anyhow::Result<()> {
-    let listener = listen(serve.bind).with_context(|| format!("binding {}", serve.bind))?;
-    let addr = listener.local_addr().context("reading the bound address")?;
+/// A shard's runtime and listener, bound before any shard starts serving.
+struct Shard {
+    runtime: tokio::runtime::Runtime,
+    listener: tokio::net::TcpListener,
+}
+
+/// One runtime and listener per shard, all on the address the first one bound (port 0
+/// picks one free port for all).
+fn bind_shards(serve: &Serve) -> anyhow::Result<Vec<Shard>> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let shards = serve
+        .shards
+        .unwrap_or_else(|| u16::try_from(cores).unwrap_or(u16::MAX));
+    if serve.runtime == Runtime::TokioMultiThread && shards != 1 {
+        anyhow::bail!("--runtime tokio-multi-thread runs one engine: pass --shards 1");
+    }
+    let mut addr = serve.bind;
+    (0..shards)
+        .map(|_| {
+            let runtime = match serve.runtime {
+                Runtime::Tokio => tokio::runtime::Builder::new_current_thread(),
+                Runtime::TokioMultiThread => tokio::runtime::Builder::new_multi_thread(),
+            }
+            .enable_all()
+            .build()
+            .context("starting a tokio runtime")?;
+            let listener = {
+                let _entered = runtime.enter();
+                listen(addr).with_context(|| format!("binding {addr}"))?
+            };
+            addr = listener.local_addr().context("reading the bound address")?;
+            Ok(Shard { runtime, listener })
+        })
+        .collect()
+}
+
+fn run(serve: Serve) -> anyhow::Result<()> {
+    let shards = bind_shards(&serve)?;
+    let addr = shards[0]
+        .listener
+        .local_addr()
+        .context("reading the bound address")?;
     let (jwt_secret, generated) = match serve.jwt_secret {
         Some(secret) => (secret, false),
         None => (random_secret()?, true),
@@ -308,40 +355,77 @@ async fn run(serve: Serve) -> anyhow::Result<()> {
     let mut options = Options::new(config);
     options.send_queue = serve.send_queue;
     options.send_queue_bytes = serve.send_queue_bytes;
-    // Presence keys and refs come from the engine's RNG: a fresh seed per start, so a
-    // restarted server never hands out refs that reconnecting clients still hold.
+    // Presence keys and refs come from the engines' RNGs, and replica ids from the process
+    // id: fresh per start, so a restarted server never hands out refs that reconnecting
+    // clients still hold, nor comes back as a replica its peers knew.
     let mut seed = [0u8; 8];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed))
         .context("reading /dev/urandom")?;
     options.seed = u64::from_le_bytes(seed);
+    let process = options.seed >> 16;
     let database = serve.database_url.map(|url| {
         let (outputs, receiver) = tokio::sync::mpsc::unbounded_channel();
         options.database = Some(outputs);
         (url, receiver)
     });
-    let (server, task) = Server::start(options);
+    let metrics = options.shared.metrics.clone();
+    let count = shards.len();
+    let shard_options = options.shards(process, count as u16);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut handles = Vec::with_capacity(count);
+    let mut threads = Vec::with_capacity(count);
+    for (index, (shard, options)) in shards.into_iter().zip(shard_options).enumerate() {
+        let Shard { runtime, listener } = shard;
+        let (server, task) = {
+            let _entered = runtime.enter();
+            Server::start(options)
+        };
+        handles.push(server.handle());
+        let metrics = server.metrics();
+        let mut stopped = stopped.clone();
+        let shutdown = async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        };
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("shard-{index}"))
+                .spawn(move || runtime.block_on(task.run(listener, metrics, shutdown)))
+                .context("starting a shard thread")?,
+        );
+    }
+    // The database side and the signals run on this thread, beside the shards.
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the control runtime")?;
     // Runs until the server stops; dropping it closes the database connections.
     let _postgres = database.map(|(url, outputs)| {
+        let _entered = control.enter();
         let mut config = PostgresConfig::new(url);
         config.publication = serve.publication;
         config.slot_name = serve.slot_name;
         config.visibility_connections = serve.visibility_connections;
-        config.visibility_queries = server.metrics().visibility_queries.clone();
-        let engine = server.handle();
+        config.visibility_queries = metrics.visibility_queries.clone();
+        config.shards = count;
         info!(
             publication = %config.publication,
             slot = %config.slot_name,
             "postgres_changes enabled"
         );
-        postgres::start(config, move |input| engine.input(input), outputs)
+        postgres::start(config, move |input| to_shards(&handles, input), outputs)
     });
     // Tests and scripts wait for this line; stdout may be a pipe, so flush it now.
     println!("switchboard listening on http://{addr}");
     std::io::stdout().flush().context("writing to stdout")?;
-    info!(%addr, runtime = ?serve.runtime, "listening");
-    task.run(listener, server.metrics(), shutdown_signal())
-        .await;
+    info!(%addr, runtime = ?serve.runtime, shards = count, "listening");
+    control.block_on(shutdown_signal());
+    let _ = stop.send(true);
+    for thread in threads {
+        if thread.join().is_err() {
+            anyhow::bail!("a shard panicked");
+        }
+    }
     info!("stopped");
     Ok(())
 }

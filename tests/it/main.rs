@@ -6,6 +6,7 @@ mod pg;
 mod rls;
 mod rls_changes;
 mod server;
+mod shards;
 mod supabase_js;
 mod support;
 mod wal;

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use switchboard_engine::changes::{RowCheck, Verdict, VisibilityQuery};
-use switchboard_engine::{Input, Output};
+use switchboard_engine::changes::{QueryId, RowCheck, Verdict, VisibilityQuery};
+use switchboard_engine::{Input, Output, ShardId};
 use switchboard_tokio::postgres::PostgresConfig;
 
 use crate::pg::TempPostgres;
@@ -24,10 +24,13 @@ fn check(table: &str, row: Value) -> RowCheck {
     }
 }
 
-fn query(id: u64, role: &str, sub: &str, checks: Vec<RowCheck>, xids: Vec<u32>) -> VisibilityQuery {
+fn query(n: u64, role: &str, sub: &str, checks: Vec<RowCheck>, xids: Vec<u32>) -> VisibilityQuery {
     let claims = json!({"role": role, "sub": sub});
     VisibilityQuery {
-        id,
+        id: QueryId {
+            shard: ShardId(0),
+            n,
+        },
         role: role.into(),
         claims: Arc::new(claims.as_object().expect("an object").clone()),
         checks,

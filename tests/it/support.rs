@@ -32,6 +32,8 @@ pub struct Server {
 impl Server {
     /// Starts the binary with test-friendly limits plus `extra` arguments. It logs at `warn`
     /// unless `SWITCHBOARD_TEST_LOG` gives another filter (`debug`, say, to follow a failure).
+    /// It runs `SWITCHBOARD_TEST_SHARDS` shards (default 1) unless `extra` says `--shards`:
+    /// `scripts/test` runs the whole suite once per shard count.
     pub fn start(extra: &[&str]) -> Server {
         Server::spawn("127.0.0.1:0", extra, None)
     }
@@ -70,6 +72,15 @@ impl Server {
             ])
             .args(["--max-events-per-second", "0", "--log-level"])
             .arg(std::env::var("SWITCHBOARD_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .args(
+                if extra.contains(&"--shards") {
+                    None
+                } else {
+                    Some(["--shards".to_owned(), shards()])
+                }
+                .into_iter()
+                .flatten(),
+            )
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -171,6 +182,11 @@ impl Drop for Server {
             let _ = child.wait();
         }
     }
+}
+
+/// The shard count the suite runs with: `SWITCHBOARD_TEST_SHARDS`, default 1.
+pub fn shards() -> String {
+    std::env::var("SWITCHBOARD_TEST_SHARDS").unwrap_or_else(|_| "1".into())
 }
 
 /// A token for `role` expiring `secs` from now.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use switchboard_engine::changes::{Change, ChangeBatch, ChangeKind, Column, Table};
-use switchboard_engine::{Input, Output};
+use switchboard_engine::{Input, Output, ShardId};
 use switchboard_tokio::postgres::{self, Postgres, PostgresConfig};
 use tokio::sync::mpsc;
 
@@ -54,7 +54,7 @@ impl Engine {
     async fn batch(&mut self) -> ChangeBatch {
         loop {
             if let Input::Changes(batch) = self.next().await {
-                return batch;
+                return (*batch).clone();
             }
         }
     }
@@ -65,7 +65,10 @@ impl Engine {
         let mut changes = Vec::new();
         while changes.len() < count {
             let batch = self.batch().await;
-            self.send(Output::WalProgress { lsn: batch.lsn });
+            self.send(Output::WalProgress {
+                shard: ShardId(0),
+                lsn: batch.lsn,
+            });
             changes.extend(batch.changes);
         }
         changes
@@ -319,7 +322,10 @@ async fn a_restarted_reader_resends_exactly_the_unconfirmed_changes() {
         seen.extend(ids(&batch.changes));
         let last = *seen.last().expect("a change");
         if last <= 5 {
-            engine.send(Output::WalProgress { lsn: batch.lsn });
+            engine.send(Output::WalProgress {
+                shard: ShardId(0),
+                lsn: batch.lsn,
+            });
             confirmed = Some((batch.lsn, last));
         }
     }
