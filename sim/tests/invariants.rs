@@ -47,10 +47,19 @@ fn invariants_hold_on_every_seed() {
         }
     }
     let reconnects: usize = reports.iter().map(|r| r.reconnects).sum();
+    // Replicas per run: nodes × shards per node.
+    let mut topologies: BTreeMap<(usize, u16), usize> = BTreeMap::new();
+    for &seed in &seeds {
+        let scenario = Scenario::from_seed(seed);
+        *topologies
+            .entry((scenario.nodes, scenario.shards))
+            .or_default() += 1;
+    }
     let slow_consumers: u64 = reports.iter().map(|r| r.slow_consumers).sum();
     eprintln!(
         "{} seeds in {secs:.1} s ({:.2} seeds/s): {reconnects} reconnects, \
-         {slow_consumers} slow consumers closed, endings {endings:?}",
+         {slow_consumers} slow consumers closed, endings {endings:?}, \
+         runs by (nodes, shards) {topologies:?}",
         seeds.len(),
         seeds.len() as f64 / secs
     );
@@ -63,6 +72,12 @@ fn invariants_hold_on_every_seed() {
     // A sweep that stopped exercising a fault would pass for the wrong reason.
     if seeds.len() >= 100 {
         assert!(reconnects > 0 && slow_consumers > 0, "faults not exercised");
+        assert!(
+            topologies
+                .keys()
+                .any(|&(nodes, shards)| nodes > 1 && shards > 1),
+            "no run had several nodes of several shards"
+        );
         for why in ["Killed", "HeartbeatTimeout", "ServerClosed(1008)", "Broken"] {
             assert!(endings.contains_key(why), "no connection ended {why}");
         }
