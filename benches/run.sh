@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # Runs the standard load scenarios against one switchboard runtime and the raw fan-out
-# floor, on loopback, and writes benches/results/<runtime>.md, a JSON-lines log and a PNG
-# plot. Usage: benches/run.sh [runtime] [seconds per scenario] [repetitions]
-#   runtime: a value of `switchboard serve --runtime` (tokio today); a new runtime joins
-#            the table without changes here.
+# floor, on loopback, and writes benches/results/<result>.md, a JSON-lines log and a PNG
+# plot. Usage: [SWITCHBOARD_SHARDS=N] benches/run.sh [runtime] [seconds per scenario] [repetitions]
+#   runtime: a value of `switchboard serve --runtime` (tokio, tokio-multi-thread); a new
+#            runtime joins the table without changes here.
+#   SWITCHBOARD_SHARDS: the server's shard count (default: one per core); <result> is the
+#            runtime, with `-N-shards` when it is set.
 #   repetitions: each scenario runs this often, alternating server and floor, and the table
 #            shows medians: with the load generator on the same cores, one run's latency
 #            moves by a factor of two.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runtime="${1:-tokio}"
+result="$runtime${SWITCHBOARD_SHARDS:+-$SWITCHBOARD_SHARDS-shards}"
 secs="${2:-10}"
 reps="${3:-3}"
 out=benches/results
 mkdir -p "$out"
-log="$out/$runtime.jsonl"
+log="$out/$result.jsonl"
 : > "$log"
 
 cargo build --release -q -p switchboard -p switchboard-benches
@@ -113,7 +116,7 @@ if [ -x "$pgbin/initdb" ]; then
   echo "rls  $rls_line"
 fi
 
-python3 - "$log" "$out/$runtime.md" "$runtime" "$rls_line" <<'EOF'
+python3 - "$log" "$out/$result.md" "$result" "$rls_line" <<'EOF'
 import json, sys
 import statistics
 runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
@@ -177,15 +180,15 @@ if ! command -v gnuplot >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
 fi
 gnuplot <<EOF
 set terminal pngcairo size 900,450
-set output "$out/$runtime.png"
-set title "Delivered messages/s: switchboard ($runtime) vs raw fan-out floor"
+set output "$out/$result.png"
+set title "Delivered messages/s: switchboard ($result) vs raw fan-out floor"
 set style data histograms
 set style histogram clustered gap 1
 set style fill solid 0.8 border -1
 set ylabel "messages/s"
 set xtics rotate by -15
 set grid ytics
-plot "$out/$runtime.md.dat" using 2:xtic(1) title "switchboard", '' using 3 title "floor"
+plot "$out/$result.md.dat" using 2:xtic(1) title "switchboard", '' using 3 title "floor"
 EOF
-rm -f "$out/.server.out" "$out/$runtime.md.dat"
-echo "wrote $out/$runtime.md and $out/$runtime.png"
+rm -f "$out/.server.out" "$out/$result.md.dat"
+echo "wrote $out/$result.md and $out/$result.png"

@@ -66,7 +66,12 @@ pub fn push_v2(engine: &mut Engine, conn: ConnId, frame: &Value) {
 /// An engine with `members` v2 and v1 connections (alternating) joined to `realtime:room`,
 /// plus the id of the first (the sender).
 pub fn room(members: u64) -> (Engine, ConnId) {
-    let mut engine = Engine::new(config(), NodeId(1), 1);
+    join_room(Engine::new(config(), NodeId(1), 1), members)
+}
+
+/// `engine` with `members` v2 and v1 connections (alternating) joined to `realtime:room`,
+/// plus the id of the first (the sender).
+pub fn join_room(mut engine: Engine, members: u64) -> (Engine, ConnId) {
     let key = token("anon", "bench");
     for id in 1..=members {
         let vsn = if id % 2 == 0 { "1.0.0" } else { "2.0.0" };
