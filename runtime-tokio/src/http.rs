@@ -19,16 +19,14 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use switchboard_engine::http::{self as engine_http, Response as Answer, RestTarget, Route};
 use switchboard_engine::rest::RestAuth;
 use switchboard_engine::ConnectParams;
+use switchboard_serve::{Budget, EngineHandle, Metrics};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::WebSocketStream;
+use tokio_util::compat::TokioAsyncReadCompatExt;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, debug_span, warn, Instrument};
 
-use crate::engine_task::EngineHandle;
 use crate::listener::Listener;
-use crate::metrics::Metrics;
-use crate::ws;
+use crate::Tokio;
 
 type Body = Full<Bytes>;
 
@@ -42,7 +40,7 @@ pub(crate) struct State {
     /// The largest message a client may send.
     pub(crate) message_bytes_max: usize,
     /// What unfinished messages of every socket may hold together.
-    pub(crate) unfinished: Arc<ws::Budget>,
+    pub(crate) unfinished: Arc<Budget>,
     /// REST bodies above this are refused unread.
     pub(crate) rest_body_bytes_max: usize,
 }
@@ -243,15 +241,18 @@ async fn upgrade(mut request: Request<Incoming>, state: State, peer: SocketAddr)
         match on_upgrade.await {
             Ok(upgraded) => {
                 debug!("socket open");
-                let stream = WebSocketStream::from_raw_socket(
-                    ws::Metered::new(TokioIo::new(upgraded), unfinished),
-                    Role::Server,
-                    Some(ws::config(message_bytes_max)),
+                let io = TokioIo::new(upgraded).compat();
+                switchboard_serve::socket(
+                    io,
+                    conn,
+                    end,
+                    engine,
+                    metrics,
+                    unfinished,
+                    message_bytes_max,
+                    Tokio,
                 )
                 .await;
-                metrics.sockets.inc();
-                ws::run(stream, conn, end, engine, metrics.clone()).await;
-                metrics.sockets.dec();
             }
             Err(e) => {
                 debug!(error = %e, "upgrade failed");

@@ -1,104 +1,62 @@
-//! switchboard on tokio: HTTP and WebSocket serving, the REST API and metrics around the
-//! pure engine.
+//! switchboard on tokio: the adapter that accepts connections, speaks HTTP with hyper and
+//! spawns the serving core's futures ([`switchboard_serve`]) on tokio, plus the database
+//! side of postgres_changes (tokio-postgres, pg_walstream).
 //!
-//! The runtime is a thin pump. One task owns the [`Engine`](switchboard_engine::Engine),
-//! feeds it [`Input`](switchboard_engine::Input)s and carries out its outputs; each socket
-//! is one task that feeds the engine what it reads and writes what the engine hands its
-//! outbox, a wake-up's frames at once. Every protocol decision is the engine's. [`serve`]
-//! is generic over its listener, so the simulator runs this very code on turmoil's
-//! simulated network.
+//! The core does the rest: one task owns the [`Engine`](switchboard_engine::Engine) and
+//! carries out its outputs; each socket is one task that feeds the engine what it reads and
+//! writes what the engine hands its outbox. Every protocol decision is the engine's.
+//! [`serve`] is generic over its listener, so the simulator runs this very code on
+//! turmoil's simulated network.
 
-mod clock;
-mod engine_task;
 mod http;
 mod listener;
-mod metrics;
-mod outbox;
 pub mod postgres;
-mod shards;
-mod ws;
 
-pub use clock::{Clock, WallClock};
-pub use engine_task::{EngineHandle, PeerEvent, PeerLink, PeerOut};
 pub use listener::Listener;
-pub use metrics::Metrics;
-pub use shards::{shard_links, to_shards};
+pub use switchboard_serve::{
+    shard_links, to_shards, Clock, EngineHandle, Metrics, Options, PeerEvent, PeerLink, PeerOut,
+    Shared, WallClock,
+};
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchboard_engine::{Config, NodeId, Output, Replica, ShardId, SharedLimits};
-use tokio::sync::mpsc;
+use switchboard_serve::Budget;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
-/// Everything [`serve`] needs besides its listener.
-pub struct Options {
-    /// The engine configuration, built and checked by the binary.
-    pub config: Config,
-    /// This replica's id, its shard index and the limits its process's shards share.
-    pub replica: Replica,
-    /// What the process's shards share in the runtime: metrics and the memory budget of
-    /// unfinished messages.
-    pub shared: Shared,
-    /// Seed of the engine's RNG (presence keys and refs).
-    pub seed: u64,
-    /// Frames waiting for a socket's writer before it counts as a slow consumer.
-    pub send_queue: usize,
-    /// Bytes waiting for a socket's writer before it counts as a slow consumer (a single
-    /// frame larger than this still goes out).
-    pub send_queue_bytes: usize,
-    /// Where time comes from: real time in production, simulated time under turmoil.
-    pub clock: Clock,
-    /// The peer bus, when this replica has peers.
-    pub peers: Option<PeerLink>,
-    /// Receives the database outputs (visibility queries, WAL progress) when a database
-    /// is configured.
-    pub database: Option<mpsc::UnboundedSender<Output>>,
-    /// How long a socket the engine closed may take to flush what is queued and its close
-    /// frame before it is dropped; shutdown waits at most this long.
-    pub drain_timeout: Duration,
-}
+/// tokio's time for the serving core: virtual under turmoil, like the rest of tokio's.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Tokio;
 
-/// What every shard of a process shares in the runtime, so that N shards export one set of
-/// metrics and hold unfinished messages to one budget, not N.
-#[derive(Clone)]
-pub struct Shared {
-    /// Summed over the shards: each adds what its engine counted.
-    pub metrics: Arc<Metrics>,
-    unfinished: Arc<ws::Budget>,
-}
+/// A tokio sleep that can be moved.
+pub struct TokioTimer(Pin<Box<tokio::time::Sleep>>);
 
-impl Shared {
-    /// Fresh metrics and a budget of [`Config::unfinished_bytes_max`].
-    pub fn new(config: &Config) -> Shared {
-        Shared {
-            metrics: Arc::new(Metrics::new()),
-            unfinished: ws::Budget::new(config.unfinished_bytes_max),
-        }
+impl switchboard_serve::Runtime for Tokio {
+    type Timer = TokioTimer;
+
+    fn now(&self) -> std::time::Instant {
+        tokio::time::Instant::now().into_std()
+    }
+
+    fn timer(&self, at: std::time::Instant) -> TokioTimer {
+        TokioTimer(Box::pin(tokio::time::sleep_until(at.into())))
     }
 }
 
-impl Options {
-    /// Production defaults around `config`: a process of one shard.
-    pub fn new(config: Config) -> Self {
-        Options {
-            replica: Replica {
-                node: NodeId(1),
-                shard: ShardId(0),
-                limits: SharedLimits::new(&config),
-            },
-            shared: Shared::new(&config),
-            config,
-            seed: 0,
-            send_queue: 1024,
-            send_queue_bytes: 16 << 20,
-            clock: Clock::system(),
-            peers: None,
-            database: None,
-            drain_timeout: Duration::from_secs(2),
-        }
+impl switchboard_serve::Timer for TokioTimer {
+    fn reset(&mut self, at: std::time::Instant) {
+        self.0.as_mut().reset(at.into());
+    }
+}
+
+impl Future for TokioTimer {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.0.as_mut().poll(cx)
     }
 }
 
@@ -116,7 +74,8 @@ impl Server {
         let drain_timeout = options.drain_timeout;
         let message_bytes_max = options.config.message_bytes_max();
         let rest_body_bytes_max = options.config.rest_body_bytes_max;
-        let (handle, task) = engine_task::spawn(options, metrics.clone());
+        let (handle, driver) = switchboard_serve::driver(options, Tokio);
+        let task = tokio::spawn(driver);
         (
             Server {
                 handle: handle.clone(),
@@ -152,7 +111,7 @@ pub struct ServerTask {
     drain_timeout: Duration,
     sockets: TaskTracker,
     message_bytes_max: usize,
-    unfinished: Arc<ws::Budget>,
+    unfinished: Arc<Budget>,
     rest_body_bytes_max: usize,
 }
 

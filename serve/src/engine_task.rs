@@ -7,6 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant as StdInstant;
 
+use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use async_tungstenite::tungstenite::protocol::CloseFrame;
+use async_tungstenite::tungstenite::{Message, Utf8Bytes};
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
 use switchboard_engine::{
@@ -15,22 +18,20 @@ use switchboard_engine::{
 };
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tracing::{debug, warn};
 
 use crate::metrics::Metrics;
 use crate::outbox::{Batch, Outbox, Picks};
+use crate::runtime::{Runtime, Timer};
 use crate::Options;
 
-/// The connection task's end of a socket the engine accepted.
-pub(crate) struct SocketEnd {
+/// The connection task's end of a socket the engine accepted: give it to [`crate::socket`].
+pub struct SocketEnd {
     /// Frames to write, in the engine's order; a close frame comes last.
     pub(crate) outbox: Arc<Outbox>,
     /// Once the engine is done with the socket: the instant by which the connection task
     /// must have dropped it, flushed or not. Dropped unsent only if the engine task ended.
-    pub(crate) deadline: oneshot::Receiver<tokio::time::Instant>,
+    pub(crate) deadline: oneshot::Receiver<std::time::Instant>,
 }
 
 /// What became of an input a socket handed to the engine.
@@ -46,7 +47,7 @@ pub(crate) enum Handed {
 }
 
 /// The verdict on an upgrade: the socket's end, or an HTTP answer.
-pub(crate) type Upgrade = Result<SocketEnd, (u16, Bytes)>;
+pub type Upgrade = Result<SocketEnd, (u16, Bytes)>;
 
 /// Frames read from sockets and not yet handled. Readers wait when it is full, so a burst
 /// pushes back on the clients' TCP windows instead of growing memory.
@@ -120,7 +121,7 @@ impl EngineHandle {
     }
 
     /// A fresh connection id: never reused, so a late output can never reach a stranger.
-    pub(crate) fn next_conn(&self) -> ConnId {
+    pub fn next_conn(&self) -> ConnId {
         ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed) + 1)
     }
 
@@ -137,11 +138,12 @@ impl EngineHandle {
     }
 
     /// Tells the engine `conn`'s socket is gone, after every frame read from it.
-    pub(crate) async fn closed(&self, conn: ConnId) {
+    pub async fn closed(&self, conn: ConnId) {
         let _ = self.frames.send(Input::Closed { conn }).await;
     }
 
-    pub(crate) async fn connect(&self, conn: ConnId, params: ConnectParams) -> Upgrade {
+    /// Asks the engine whether `conn` may upgrade; the socket's end if so.
+    pub async fn connect(&self, conn: ConnId, params: ConnectParams) -> Upgrade {
         let (reply, answer) = oneshot::channel();
         if self
             .events
@@ -160,7 +162,8 @@ impl EngineHandle {
         answer.await.unwrap_or(Err((503, Bytes::new())))
     }
 
-    pub(crate) async fn rest(&self, request: RestRequest) -> (u16, Bytes) {
+    /// Hands a REST request to the engine; its status and body.
+    pub async fn rest(&self, request: RestRequest) -> (u16, Bytes) {
         let (reply, answer) = oneshot::channel();
         if self.events.send(Event::Rest { request, reply }).is_err() {
             return (503, Bytes::new());
@@ -169,7 +172,7 @@ impl EngineHandle {
     }
 
     /// Asks the engine to drain: channels are told, sockets closed.
-    pub(crate) fn shutdown(&self) {
+    pub fn shutdown(&self) {
         self.input(Input::Shutdown);
     }
 }
@@ -181,10 +184,11 @@ struct Socket {
     pending: Vec<u32>,
     /// Reported to the engine as a slow consumer, whose close is on its way.
     lagging: bool,
-    deadline: oneshot::Sender<tokio::time::Instant>,
+    deadline: oneshot::Sender<std::time::Instant>,
 }
 
-struct Driver {
+struct Driver<R: Runtime> {
+    runtime: R,
     engine: Engine,
     options: Options,
     metrics: Arc<Metrics>,
@@ -206,10 +210,13 @@ struct Driver {
     draining: bool,
 }
 
-pub(crate) fn spawn(
+/// An engine and the future that drives it, for the runtime to spawn: it ends once the
+/// engine has drained after [`EngineHandle::shutdown`], or when every handle is gone.
+pub fn driver<R: Runtime>(
     options: Options,
-    metrics: Arc<Metrics>,
-) -> (EngineHandle, tokio::task::JoinHandle<()>) {
+    runtime: R,
+) -> (EngineHandle, impl Future<Output = ()>) {
+    let metrics = options.shared.metrics.clone();
     let (events, event_receiver) = mpsc::unbounded_channel();
     let (frames, frame_receiver) = mpsc::channel(FRAMES_QUEUED_MAX);
     let engine = Engine::with_replica(
@@ -223,6 +230,7 @@ pub(crate) fn spawn(
         next_conn: Arc::default(),
     };
     let driver = Driver {
+        runtime,
         engine,
         options,
         metrics,
@@ -238,21 +246,17 @@ pub(crate) fn spawn(
         last_stats: Stats::default(),
         draining: false,
     };
-    (
-        handle,
-        tokio::spawn(driver.run(event_receiver, frame_receiver)),
-    )
+    (handle, driver.run(event_receiver, frame_receiver))
 }
 
-impl Driver {
+impl<R: Runtime> Driver<R> {
     async fn run(
         mut self,
         mut events: mpsc::UnboundedReceiver<Event>,
         mut frames: mpsc::Receiver<Input>,
     ) {
         let mut peers = self.options.peers.take();
-        let sleep = tokio::time::sleep_until(far_future());
-        tokio::pin!(sleep);
+        let mut sleep = self.runtime.timer(self.far_future());
         loop {
             let event = tokio::select! {
                 biased;
@@ -291,12 +295,18 @@ impl Driver {
                 }
                 return;
             }
+            let now = self.runtime.now();
             let deadline = self
                 .engine
                 .poll_timeout()
-                .map_or_else(far_future, |t| self.options.clock.at(t));
-            sleep.as_mut().reset(deadline);
+                .map_or_else(|| self.far_future(), |t| self.options.clock.at(t, now));
+            sleep.reset(deadline);
         }
+    }
+
+    /// A deadline that never comes: a year away.
+    fn far_future(&self) -> std::time::Instant {
+        self.runtime.now() + std::time::Duration::from_secs(86_400 * 365)
     }
 
     fn step(&mut self, event: Event, peers: Option<&PeerLink>) {
@@ -417,12 +427,13 @@ impl Driver {
         socket.outbox.finish();
         let _ = socket
             .deadline
-            .send(tokio::time::Instant::now() + self.options.drain_timeout);
+            .send(self.runtime.now() + self.options.drain_timeout);
     }
 
     fn handle(&mut self, input: Input, peers: Option<&PeerLink>) {
         let started = StdInstant::now();
-        self.engine.handle(self.options.clock.now(), input);
+        self.engine
+            .handle(self.options.clock.now(self.runtime.now()), input);
         while let Some(output) = self.engine.poll_output() {
             self.execute(output, peers);
         }
@@ -529,10 +540,6 @@ async fn recv_peer(peers: &mut Option<PeerLink>) -> Option<PeerEvent> {
         Some(link) => link.incoming.recv().await,
         None => std::future::pending().await,
     }
-}
-
-fn far_future() -> tokio::time::Instant {
-    tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365)
 }
 
 /// Converts once per output; every recipient gets a refcounted clone.

@@ -6,7 +6,10 @@
 //! dropped at the deadline whatever the client does. A client that stops reading therefore
 //! cannot hold a socket, a task and its queue after the engine closed it.
 //!
-//! tokio-tungstenite, not fastwebsockets: both are maintained and fast, but tungstenite's
+//! It runs over any futures-io stream (async-tungstenite, on the same tungstenite core as
+//! tokio-tungstenite), so every runtime serves sockets with this one task.
+//!
+//! tungstenite, not fastwebsockets: both are maintained and fast, but tungstenite's
 //! `WebSocketConfig` sizes the read and write buffers per connection (its defaults cost
 //! about 130 KB per idle socket; we use a few KB), and its `Sink` separates `feed` from
 //! `flush`, so every frame already queued for a socket goes out in one write instead of one
@@ -18,27 +21,27 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use async_tungstenite::tungstenite::{Error as WsError, Message};
+use async_tungstenite::WebSocketStream;
+use futures_io::{AsyncRead, AsyncWrite};
 use futures_util::{Sink, Stream};
 use smallvec::SmallVec;
 use switchboard_engine::{ConnId, FrameError, Input, WsMessage};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
-use tokio::time::Sleep;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::WebSocketStream;
 use tracing::debug;
 
 use crate::engine_task::{EngineHandle, Handed, SocketEnd};
 use crate::metrics::Metrics;
 use crate::outbox::{Batch, Frames, Outbox, Taken};
+use crate::runtime::Runtime;
 
 /// Buffers sized for many mostly idle sockets, and the largest message a client may send
 /// (`message_bytes_max`: a payload at its limit in its envelope), so one socket never
 /// buffers more of an unfinished message. Writes leave the buffer once it passes
 /// `write_buffer_size` or on the writer's explicit flush, whichever comes first; what may
 /// wait to be written is bounded by the outbox, so the write buffer itself is not.
-pub(crate) fn config(message_bytes_max: usize) -> WebSocketConfig {
+fn config(message_bytes_max: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         // Realtime frames are small; a larger one grows the buffer as it arrives. 1 KiB instead
         // of 4 KiB took idle joined sockets from 12.4 KB to 9.5 KB of RSS each.
@@ -50,13 +53,14 @@ pub(crate) fn config(message_bytes_max: usize) -> WebSocketConfig {
 
 /// Bytes of unfinished messages held by all sockets together, and their limit.
 #[derive(Debug)]
-pub(crate) struct Budget {
+pub struct Budget {
     used: AtomicUsize,
     max: usize,
 }
 
 impl Budget {
-    pub(crate) fn new(max: usize) -> Arc<Budget> {
+    /// A budget of `max` bytes, shared by every socket that gets it.
+    pub fn new(max: usize) -> Arc<Budget> {
         Arc::new(Budget {
             used: AtomicUsize::new(0),
             max,
@@ -74,7 +78,7 @@ struct OverBudget;
 /// shared [`Budget`]. A socket mid-message (some bytes read, no message out yet) may read
 /// more only while the budget has room; a socket between messages always may, so small
 /// messages keep flowing when large unfinished ones fill the budget.
-pub(crate) struct Metered<S> {
+struct Metered<S> {
     inner: S,
     budget: Arc<Budget>,
     /// Bytes read since the last whole message.
@@ -82,7 +86,7 @@ pub(crate) struct Metered<S> {
 }
 
 impl<S> Metered<S> {
-    pub(crate) fn new(inner: S, budget: Arc<Budget>) -> Self {
+    fn new(inner: S, budget: Arc<Budget>) -> Self {
         Metered {
             inner,
             budget,
@@ -107,18 +111,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
+        buf: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
         let this = &mut *self;
         if this.partial > 0 && this.budget.used.load(Ordering::Relaxed) > this.budget.max {
             return Poll::Ready(Err(std::io::Error::other(OverBudget)));
         }
-        let before = buf.filled().len();
-        std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
-        let read = buf.filled().len() - before;
+        let read = std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
         this.partial += read;
         this.budget.used.fetch_add(read, Ordering::Relaxed);
-        Poll::Ready(Ok(()))
+        Poll::Ready(Ok(read))
     }
 }
 
@@ -139,16 +141,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_close(cx)
     }
 }
 
@@ -166,22 +164,37 @@ fn refused(error: &WsError) -> Option<FrameError> {
     }
 }
 
-/// Runs a connection until both sides are done with it or the engine's deadline for it
-/// passes; the engine always hears `Closed`, after the last frame read.
-pub(crate) async fn run<S>(
-    stream: WebSocketStream<Metered<S>>,
+/// Serves an upgraded WebSocket stream until both sides are done with it or the engine's
+/// deadline for it passes; the engine always hears `Closed`, after the last frame read.
+/// `io` may be any futures-io stream: its unfinished messages count against `budget`, a
+/// message may be at most `message_bytes_max` bytes.
+#[allow(clippy::too_many_arguments)]
+pub async fn socket<S, R>(
+    io: S,
     conn: ConnId,
     end: SocketEnd,
     engine: EngineHandle,
     metrics: Arc<Metrics>,
+    budget: Arc<Budget>,
+    message_bytes_max: usize,
+    runtime: R,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin,
+    R: Runtime,
 {
+    let ws = WebSocketStream::from_raw_socket(
+        Metered::new(io, budget),
+        Role::Server,
+        Some(config(message_bytes_max)),
+    )
+    .await;
+    metrics.sockets.inc();
     Connection {
-        ws: stream,
+        ws,
         conn,
         engine,
-        metrics,
+        metrics: metrics.clone(),
+        runtime,
         outbox: end.outbox,
         release: Some(end.deadline),
         deadline: None,
@@ -197,6 +210,7 @@ pub(crate) async fn run<S>(
         unflushed: 0,
     }
     .await;
+    metrics.sockets.dec();
     debug!(conn = conn.0, "socket ended");
 }
 
@@ -218,16 +232,17 @@ enum Ended {
 /// writes it. Both directions are polled every time the task wakes, so a reader waiting for
 /// room in the engine's queue never holds up writes, and a writer stuck on a client that does
 /// not read never stops reads.
-struct Connection<S> {
+struct Connection<S, R: Runtime> {
     ws: WebSocketStream<Metered<S>>,
     conn: ConnId,
     engine: EngineHandle,
     metrics: Arc<Metrics>,
+    runtime: R,
     outbox: Arc<Outbox>,
     /// Until the engine lets the socket go: then the instant by which it must be dropped.
-    release: Option<oneshot::Receiver<tokio::time::Instant>>,
+    release: Option<oneshot::Receiver<std::time::Instant>>,
     /// Armed once released: the socket goes at this deadline, flushed or not.
-    deadline: Option<Pin<Box<Sleep>>>,
+    deadline: Option<R::Timer>,
     /// Frames from the client are still read.
     reading: bool,
     /// An input the engine's queue had no room for yet.
@@ -250,9 +265,10 @@ struct Connection<S> {
     unflushed: u64,
 }
 
-impl<S> Future for Connection<S>
+impl<S, R> Future for Connection<S, R>
 where
     S: AsyncRead + AsyncWrite + Unpin,
+    R: Runtime,
 {
     type Output = ();
 
@@ -262,12 +278,12 @@ where
             if let Poll::Ready(at) = Pin::new(release).poll(cx) {
                 this.release = None;
                 // Unsent means the engine task is gone: nobody will write to this socket.
-                let at = at.unwrap_or_else(|_| tokio::time::Instant::now());
-                this.deadline = Some(Box::pin(tokio::time::sleep_until(at)));
+                let at = at.unwrap_or_else(|_| this.runtime.now());
+                this.deadline = Some(this.runtime.timer(at));
             }
         }
         if let Some(deadline) = &mut this.deadline {
-            if deadline.as_mut().poll(cx).is_ready() {
+            if Pin::new(deadline).poll(cx).is_ready() {
                 debug!(
                     conn = this.conn.0,
                     "close deadline passed, dropping the socket"
@@ -298,9 +314,10 @@ where
     }
 }
 
-impl<S> Connection<S>
+impl<S, R> Connection<S, R>
 where
     S: AsyncRead + AsyncWrite + Unpin,
+    R: Runtime,
 {
     /// Hands `input` to the engine, or keeps it until the engine's queue has room.
     fn submit(&mut self, input: Input) {
