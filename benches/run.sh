@@ -137,8 +137,8 @@ lines = [
     f"Runtime `{sys.argv[3]}` vs the raw fan-out floor, same load generator, same run, loopback, "
     f"2 cores shared by server and load generator; medians of {reps} runs each.",
     "",
-    "| scenario | delivered/s | × floor | p50 ms | p99 ms | p99 × floor | p999 ms | CPU ms per 1M | CPU × floor | setup/s | RSS idle MiB | B per idle conn |",
-    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    "| scenario | delivered/s | × floor | p50 ms | p99 ms | p99 × floor | p999 ms | CPU ms per 1M | CPU × floor | engine % of a core | setup/s | RSS idle MiB | B per idle conn |",
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
 ]
 fmt = lambda us: f"{us / 1000:.2f}"
 num = lambda v, f="{:.0f}": f.format(v) if v is not None else "–"
@@ -150,6 +150,7 @@ def line(r, f, name):
         f"| {name} | {r['delivered_per_sec']:.0f} | {ratio(r, f, 'delivered_per_sec')} | {fmt(r['p50_us'])} "
         f"| {fmt(r['p99_us'])} | {ratio(r, f, 'p99_us')} | {fmt(r['p999_us'])} "
         f"| {num(r.get('server_cpu_ms_per_million'))} | {ratio(r, f, 'server_cpu_ms_per_million')} "
+        f"| {num(r.get('engine_core_share') and r['engine_core_share'] * 100, '{:.1f}')} "
         f"| {r['setup_per_sec']:.0f} | {rss} | {num(r.get('rss_per_idle_conn_bytes'))} |"
     )
 for r in rows:

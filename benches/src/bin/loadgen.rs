@@ -106,6 +106,22 @@ fn cpu_secs(pid: Option<u32>) -> Option<f64> {
     Some(ticks as f64 / 100.0)
 }
 
+/// Seconds switchboard's engines have spent handling inputs, summed over its shards (the
+/// `switchboard_engine_handle_seconds` histogram's sum on `/metrics`); `None` for a server
+/// without that metric (the floor).
+async fn engine_secs(addr: &str) -> Option<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET /metrics HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    response
+        .lines()
+        .find_map(|line| line.strip_prefix("switchboard_engine_handle_seconds_sum "))
+        .and_then(|value| value.trim().parse().ok())
+}
+
 /// Resident memory of `pid` in KiB.
 fn rss_kib(pid: Option<u32>) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
@@ -396,6 +412,7 @@ async fn main() {
     let padding = "x".repeat(args.payload_bytes);
     let publish_started = Instant::now();
     let cpu_before = cpu_secs(args.server_pid);
+    let engine_before = engine_secs(&args.addr).await;
     let deadline = publish_started + Duration::from_secs(args.duration);
     let mut sent = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(1));
@@ -422,6 +439,10 @@ async fn main() {
     let server_cpu = cpu_before
         .zip(cpu_secs(args.server_pid))
         .map(|(before, after)| after - before);
+    // The engines' share of one core over the same window.
+    let engine_share = engine_before
+        .zip(engine_secs(&args.addr).await)
+        .map(|(before, after)| (after - before) / publish_started.elapsed().as_secs_f64());
     for (_, mut sink) in publishers {
         let _ = sink.close().await;
     }
@@ -465,6 +486,7 @@ async fn main() {
             .filter(|_| delivered > 0)
             .map(|cpu| (cpu * 1e9 / delivered as f64).round()),
         "rss_per_idle_conn_bytes": per_conn,
+        "engine_core_share": engine_share,
     });
     println!("{summary}");
 }
