@@ -265,11 +265,7 @@ impl<R: Runtime> Driver<R> {
                     None => return,
                 },
                 Some(input) = frames.recv() => Event::Input(input),
-                Some(peer) = recv_peer(&mut peers) => Event::Input(match peer {
-                    PeerEvent::Up(node) => Input::PeerUp(node),
-                    PeerEvent::Down(node) => Input::PeerDown(node),
-                    PeerEvent::Message(from, msg) => Input::Peer { from, msg },
-                }),
+                Some(peer) = recv_peer(&mut peers) => Event::Input(peer_input(peer)),
                 () = &mut sleep => Event::Input(Input::Tick),
             };
             self.step(event, peers.as_ref());
@@ -278,10 +274,20 @@ impl<R: Runtime> Driver<R> {
                 if self.pending_frames >= HAND_OVER_FRAMES {
                     self.hand_over(peers.as_ref());
                 }
+                // Peers' messages too: a shard fanning out another shard's broadcasts hands
+                // its sockets a wake-up's worth at once, as it does its own.
                 let Some(event) = events
                     .try_recv()
                     .ok()
                     .or_else(|| frames.try_recv().ok().map(Event::Input))
+                    .or_else(|| {
+                        let link = peers.as_mut()?;
+                        link.incoming
+                            .try_recv()
+                            .ok()
+                            .map(peer_input)
+                            .map(Event::Input)
+                    })
                 else {
                     break;
                 };
@@ -532,6 +538,14 @@ impl<R: Runtime> Driver<R> {
                 }
             }
         }
+    }
+}
+
+fn peer_input(event: PeerEvent) -> Input {
+    match event {
+        PeerEvent::Up(node) => Input::PeerUp(node),
+        PeerEvent::Down(node) => Input::PeerDown(node),
+        PeerEvent::Message(from, msg) => Input::Peer { from, msg },
     }
 }
 
