@@ -2,7 +2,7 @@
 # Runs the standard load scenarios against one switchboard runtime and the raw fan-out
 # floor, on loopback, and writes benches/results/<result>.md, a JSON-lines log and a PNG
 # plot. Usage: [SWITCHBOARD_SHARDS=N] benches/run.sh [runtime] [seconds per scenario] [repetitions]
-#   runtime: a value of `switchboard serve --runtime` (tokio, tokio-multi-thread); a new
+#   runtime: a value of `switchboard serve --runtime` (tokio today); a new
 #            runtime joins the table without changes here.
 #   SWITCHBOARD_SHARDS: the server's shard count (default: one per core); <result> is the
 #            runtime, with `-N-shards` when it is set.
