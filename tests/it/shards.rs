@@ -69,6 +69,9 @@ async fn one_per_shard(server: &Server, shards: u16) -> Vec<Ws> {
             json!(["1", "3", "realtime:probe", "phx_leave", {}]),
         )
         .await;
+        // Everything of the probe is read once its channel closes: the next frame on this
+        // socket is the caller's.
+        until(&mut ws, |f| (f[3] == "phx_close").then_some(())).await;
         let slot = &mut placed[usize::from(shard)];
         if slot.is_none() {
             *slot = Some(ws);
@@ -84,7 +87,10 @@ async fn one_per_shard(server: &Server, shards: u16) -> Vec<Ws> {
 async fn clients_on_different_shards_share_broadcast_presence_and_rest() {
     let server = Server::start(&["--shards", "2"]);
     let [mut a, mut b]: [Ws; 2] = one_per_shard(&server, 2).await.try_into().ok().unwrap();
-    let config = |key: &str| json!({"presence": {"key": key}, "broadcast": {"ack": true}});
+    // Presence enabled, as realtime-js asks when it listens: the join's presence_state holds
+    // what the other shard tracked if its delta came first, a diff brings it if it comes later.
+    let config =
+        |key: &str| json!({"presence": {"key": key, "enabled": true}, "broadcast": {"ack": true}});
     crate::support::join(&mut a, "room", config("a")).await;
     send(
         &mut a,
