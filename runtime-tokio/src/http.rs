@@ -19,7 +19,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use switchboard_engine::http::{self as engine_http, Response as Answer, RestTarget, Route};
 use switchboard_engine::rest::RestAuth;
 use switchboard_engine::ConnectParams;
-use switchboard_serve::{Budget, EngineHandle, Metrics};
+use switchboard_serve::{EngineHandle, Metrics};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::compat::TokioAsyncReadCompatExt;
 use tokio_util::task::TaskTracker;
@@ -37,10 +37,6 @@ pub(crate) struct State {
     pub(crate) metrics: Arc<Metrics>,
     /// WebSocket tasks, so shutdown can wait for their close frames.
     pub(crate) sockets: TaskTracker,
-    /// The largest message a client may send.
-    pub(crate) message_bytes_max: usize,
-    /// What unfinished messages of every socket may hold together.
-    pub(crate) unfinished: Arc<Budget>,
     /// REST bodies above this are refused unread.
     pub(crate) rest_body_bytes_max: usize,
 }
@@ -230,29 +226,14 @@ async fn upgrade(mut request: Request<Incoming>, state: State, peer: SocketAddr)
     };
     let on_upgrade = hyper::upgrade::on(&mut request);
     let State {
-        engine,
-        metrics,
-        sockets,
-        message_bytes_max,
-        unfinished,
-        ..
+        engine, sockets, ..
     } = state;
     let socket = async move {
         match on_upgrade.await {
             Ok(upgraded) => {
                 debug!("socket open");
                 let io = TokioIo::new(upgraded).compat();
-                switchboard_serve::socket(
-                    io,
-                    conn,
-                    end,
-                    engine,
-                    metrics,
-                    unfinished,
-                    message_bytes_max,
-                    Tokio,
-                )
-                .await;
+                switchboard_serve::socket(io, conn, end, engine, Tokio).await;
             }
             Err(e) => {
                 debug!(error = %e, "upgrade failed");

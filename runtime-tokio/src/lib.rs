@@ -23,7 +23,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchboard_serve::Budget;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
@@ -70,9 +69,7 @@ impl Server {
     /// Starts the engine task. Call [`Server::run`] to serve sockets.
     pub fn start(options: Options) -> (Server, ServerTask) {
         let metrics = options.shared.metrics.clone();
-        let unfinished = options.shared.unfinished.clone();
         let drain_timeout = options.drain_timeout;
-        let message_bytes_max = options.config.message_bytes_max();
         let rest_body_bytes_max = options.config.rest_body_bytes_max;
         let (handle, driver) = switchboard_serve::driver(options, Tokio);
         let task = tokio::spawn(driver);
@@ -86,8 +83,6 @@ impl Server {
                 task,
                 drain_timeout,
                 sockets: TaskTracker::new(),
-                message_bytes_max,
-                unfinished,
                 rest_body_bytes_max,
             },
         )
@@ -110,8 +105,6 @@ pub struct ServerTask {
     task: tokio::task::JoinHandle<()>,
     drain_timeout: Duration,
     sockets: TaskTracker,
-    message_bytes_max: usize,
-    unfinished: Arc<Budget>,
     rest_body_bytes_max: usize,
 }
 
@@ -128,8 +121,6 @@ impl ServerTask {
             engine: self.handle.clone(),
             metrics,
             sockets: self.sockets.clone(),
-            message_bytes_max: self.message_bytes_max,
-            unfinished: self.unfinished,
             rest_body_bytes_max: self.rest_body_bytes_max,
         };
         http::accept_loop(listener, state, shutdown).await;

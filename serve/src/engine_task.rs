@@ -20,18 +20,22 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
-use crate::metrics::Metrics;
 use crate::outbox::{Batch, Outbox, Picks};
 use crate::runtime::{Runtime, Timer};
-use crate::Options;
+use crate::{Options, Shared};
 
 /// The connection task's end of a socket the engine accepted: give it to [`crate::socket`].
+/// It brings what the socket needs from its process, so an adapter passes only the stream.
 pub struct SocketEnd {
     /// Frames to write, in the engine's order; a close frame comes last.
     pub(crate) outbox: Arc<Outbox>,
     /// Once the engine is done with the socket: the instant by which the connection task
     /// must have dropped it, flushed or not. Dropped unsent only if the engine task ended.
     pub(crate) deadline: oneshot::Receiver<std::time::Instant>,
+    /// The process's metrics and the budget of unfinished messages.
+    pub(crate) shared: Shared,
+    /// The largest message the client may send.
+    pub(crate) message_bytes_max: usize,
 }
 
 /// What became of an input a socket handed to the engine.
@@ -191,7 +195,6 @@ struct Driver<R: Runtime> {
     runtime: R,
     engine: Engine,
     options: Options,
-    metrics: Arc<Metrics>,
     sockets: FxHashMap<ConnId, Socket>,
     /// This hand-over's frames, each encoded once, shared by every socket it goes to.
     table: Vec<Message>,
@@ -216,7 +219,6 @@ pub fn driver<R: Runtime>(
     options: Options,
     runtime: R,
 ) -> (EngineHandle, impl Future<Output = ()>) {
-    let metrics = options.shared.metrics.clone();
     let (events, event_receiver) = mpsc::unbounded_channel();
     let (frames, frame_receiver) = mpsc::channel(FRAMES_QUEUED_MAX);
     let engine = Engine::with_replica(
@@ -233,7 +235,6 @@ pub fn driver<R: Runtime>(
         runtime,
         engine,
         options,
-        metrics,
         sockets: FxHashMap::default(),
         table: Vec::new(),
         dirty: Vec::new(),
@@ -256,7 +257,7 @@ impl<R: Runtime> Driver<R> {
         mut frames: mpsc::Receiver<Input>,
     ) {
         let mut peers = self.options.peers.take();
-        let mut sleep = self.runtime.timer(self.far_future());
+        let mut sleep = self.runtime.timer(far_future(self.runtime.now()));
         loop {
             let event = tokio::select! {
                 biased;
@@ -305,14 +306,9 @@ impl<R: Runtime> Driver<R> {
             let deadline = self
                 .engine
                 .poll_timeout()
-                .map_or_else(|| self.far_future(), |t| self.options.clock.at(t, now));
+                .map_or_else(|| far_future(now), |t| self.options.clock.at(t, now));
             sleep.reset(deadline);
         }
-    }
-
-    /// A deadline that never comes: a year away.
-    fn far_future(&self) -> std::time::Instant {
-        self.runtime.now() + std::time::Duration::from_secs(86_400 * 365)
     }
 
     fn step(&mut self, event: Event, peers: Option<&PeerLink>) {
@@ -412,7 +408,7 @@ impl<R: Runtime> Driver<R> {
             }
             for conn in std::mem::take(&mut self.lagging) {
                 warn!(conn = conn.0, "slow consumer: send queue full, closing");
-                self.metrics.slow_consumers.inc();
+                self.options.shared.metrics.slow_consumers.inc();
                 self.handle(Input::Lagging { conn }, peers);
             }
         }
@@ -443,11 +439,13 @@ impl<R: Runtime> Driver<R> {
         while let Some(output) = self.engine.poll_output() {
             self.execute(output, peers);
         }
-        self.metrics
+        self.options
+            .shared
+            .metrics
             .handle_seconds
             .observe(started.elapsed().as_secs_f64());
         let stats = self.engine.stats().clone();
-        self.metrics.update(&self.last_stats, &stats);
+        self.options.shared.metrics.update(&self.last_stats, &stats);
         self.last_stats = stats;
     }
 
@@ -491,6 +489,8 @@ impl<R: Runtime> Driver<R> {
                 let end = SocketEnd {
                     outbox: outbox.clone(),
                     deadline: deadline_end,
+                    shared: self.options.shared.clone(),
+                    message_bytes_max: self.options.config.message_bytes_max(),
                 };
                 let delivered = self
                     .upgrades
@@ -539,6 +539,11 @@ impl<R: Runtime> Driver<R> {
             }
         }
     }
+}
+
+/// A deadline that never comes: a year after `now`.
+fn far_future(now: std::time::Instant) -> std::time::Instant {
+    now + std::time::Duration::from_secs(86_400 * 365)
 }
 
 fn peer_input(event: PeerEvent) -> Input {

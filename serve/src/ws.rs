@@ -166,24 +166,21 @@ fn refused(error: &WsError) -> Option<FrameError> {
 
 /// Serves an upgraded WebSocket stream until both sides are done with it or the engine's
 /// deadline for it passes; the engine always hears `Closed`, after the last frame read.
-/// `io` may be any futures-io stream: its unfinished messages count against `budget`, a
-/// message may be at most `message_bytes_max` bytes.
-#[allow(clippy::too_many_arguments)]
-pub async fn socket<S, R>(
-    io: S,
-    conn: ConnId,
-    end: SocketEnd,
-    engine: EngineHandle,
-    metrics: Arc<Metrics>,
-    budget: Arc<Budget>,
-    message_bytes_max: usize,
-    runtime: R,
-) where
+/// `io` may be any futures-io stream; `end` says how much it may buffer.
+pub async fn socket<S, R>(io: S, conn: ConnId, end: SocketEnd, engine: EngineHandle, runtime: R)
+where
     S: AsyncRead + AsyncWrite + Unpin,
     R: Runtime,
 {
+    let SocketEnd {
+        outbox,
+        deadline,
+        shared,
+        message_bytes_max,
+    } = end;
+    let metrics = shared.metrics;
     let ws = WebSocketStream::from_raw_socket(
-        Metered::new(io, budget),
+        Metered::new(io, shared.unfinished),
         Role::Server,
         Some(config(message_bytes_max)),
     )
@@ -195,8 +192,8 @@ pub async fn socket<S, R>(
         engine,
         metrics: metrics.clone(),
         runtime,
-        outbox: end.outbox,
-        release: Some(end.deadline),
+        outbox,
+        release: Some(deadline),
         deadline: None,
         reading: true,
         forward: None,
