@@ -146,8 +146,9 @@ pub struct ConnectParams {
     pub x_api_key: Option<String>,
 }
 
-/// Something that happened, for the engine to react to.
-#[derive(Debug)]
+/// Something that happened, for the engine to react to. `Clone`, so one input can go to every
+/// shard of a process; frames and change batches are shared, not copied.
+#[derive(Clone, Debug)]
 pub enum Input {
     /// A WebSocket upgrade was requested; the engine answers [`Output::Accept`] or
     /// [`Output::Reject`] for `conn`.

@@ -10,24 +10,32 @@ use crate::Options;
 
 impl Options {
     /// The options of each of `shards` shards of process `process` (48 bits, unique among
-    /// the processes that will ever be peers): replica ids from both, seeds apart, the
-    /// same limits, metrics and budget, and links making every shard a peer of the others.
-    /// `self.peers` must be unset: a process of several shards links them itself.
+    /// the processes that will ever be peers): replica ids from both, and in-process links
+    /// making every shard a peer of the others ([`Options::replicas`]).
     pub fn shards(self, process: u64, shards: u16) -> Vec<Options> {
-        assert!(self.peers.is_none(), "shards bring their own peer links");
         let nodes: Vec<NodeId> = (0..shards.max(1))
             .map(|shard| NodeId::replica(process, ShardId(shard)))
             .collect();
-        let mut links = if nodes.len() > 1 {
-            shard_links(&nodes)
+        let links: Vec<Option<PeerLink>> = if nodes.len() > 1 {
+            shard_links(&nodes).into_iter().map(Some).collect()
         } else {
-            Vec::new()
-        }
-        .into_iter();
-        nodes
-            .iter()
+            vec![None]
+        };
+        self.replicas(nodes.into_iter().zip(links))
+    }
+
+    /// The options of each replica of one process, given its id and its peer link, shard
+    /// ids in order: seeds apart, and the same limits, metrics, budget and database.
+    /// `self.peers` must be unset: each replica brings its own link.
+    pub fn replicas(
+        self,
+        replicas: impl IntoIterator<Item = (NodeId, Option<PeerLink>)>,
+    ) -> Vec<Options> {
+        assert!(self.peers.is_none(), "replicas bring their own peer links");
+        replicas
+            .into_iter()
             .enumerate()
-            .map(|(shard, &node)| Options {
+            .map(|(shard, (node, peers))| Options {
                 config: self.config.clone(),
                 replica: Replica {
                     node,
@@ -39,7 +47,7 @@ impl Options {
                 send_queue: self.send_queue,
                 send_queue_bytes: self.send_queue_bytes,
                 clock: self.clock.clone(),
-                peers: links.next(),
+                peers,
                 database: self.database.clone(),
                 drain_timeout: self.drain_timeout,
             })
@@ -87,27 +95,17 @@ pub fn shard_links(nodes: &[NodeId]) -> Vec<PeerLink> {
 /// that asked, anything else (change batches, the publication) to every shard. `shards`
 /// is indexed by shard id.
 pub fn to_shards(shards: &[EngineHandle], input: Input) {
-    match input {
-        Input::Visibility { id, .. } => {
-            if let Some(shard) = shards.get(usize::from(id.shard.0)) {
-                shard.input(input);
-            }
+    if let Input::Visibility { id, .. } = &input {
+        if let Some(shard) = shards.get(usize::from(id.shard.0)) {
+            shard.input(input);
         }
-        Input::Changes(batch) => {
-            for shard in shards {
-                shard.input(Input::Changes(batch.clone()));
-            }
+        return;
+    }
+    if let Some((last, others)) = shards.split_last() {
+        for shard in others {
+            shard.input(input.clone());
         }
-        Input::Publication(tables) => {
-            for shard in shards {
-                shard.input(Input::Publication(tables.clone()));
-            }
-        }
-        other => {
-            if let [only] = shards {
-                only.input(other);
-            }
-        }
+        last.input(input);
     }
 }
 

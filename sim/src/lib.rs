@@ -264,6 +264,7 @@ impl Scenario {
                     let listener =
                         SimListener(turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?);
                     let mut base = Options::new(config);
+                    base.seed = seed;
                     base.send_queue = SEND_QUEUE;
                     base.clock = Clock::with_wall(Arc::new(|| {
                         turmoil::since_epoch().map_or(0, |d| d.as_millis() as u64)
@@ -277,11 +278,11 @@ impl Scenario {
                     // The shards' ids and links come from the bus, which knows every host.
                     let mut handles = Vec::new();
                     let mut tasks = Vec::new();
-                    for (shard, mut options) in base.shards(0, shards).into_iter().enumerate() {
-                        let (node, link) = bus.join(host, shard as u16);
-                        options.replica.node = node;
-                        options.seed = seed ^ node.0;
-                        options.peers = Some(link);
+                    let replicas = (0..shards).map(|shard| {
+                        let (node, link) = bus.join(host, shard);
+                        (node, Some(link))
+                    });
+                    for options in base.replicas(replicas) {
                         let (server, task) = Server::start(options);
                         handles.push(server.handle());
                         tasks.push((task, server.metrics()));
