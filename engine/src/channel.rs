@@ -448,14 +448,20 @@ impl Engine {
             return;
         };
         let now_secs = self.now.unix_ms / 1000;
-        if channel.claims.exp <= now_secs {
-            let message = TokenError::Expired {
-                secs_ago: now_secs - channel.claims.exp,
-            }
-            .to_string();
-            let topic = channel.topic.clone();
-            self.shutdown_channel(conn, &topic, &message);
+        if channel.claims.exp > now_secs {
+            // The monotonic deadline passed before the wall clock reached `exp`: the two
+            // are read apart and rounded apart, by a millisecond or so. A timer that fires
+            // on time (glommio's does; tokio's rounds up) meets this; wait for the rest.
+            let exp = channel.claims.exp;
+            self.arm_expiry(conn, instance, exp);
+            return;
         }
+        let message = TokenError::Expired {
+            secs_ago: now_secs - channel.claims.exp,
+        }
+        .to_string();
+        let topic = channel.topic.clone();
+        self.shutdown_channel(conn, &topic, &message);
     }
 
     /// A UUID v4 from the engine's seeded RNG: presence keys.

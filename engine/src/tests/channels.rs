@@ -441,6 +441,25 @@ fn channel_is_closed_when_its_token_expires() {
 }
 
 #[test]
+fn a_token_expiry_timer_that_fires_before_the_wall_clock_reaches_exp_waits_for_it() {
+    let mut t = TestEngine::new();
+    let conn = t.connect(Vsn::V2);
+    let short = t.token("authenticated", 10);
+    t.join_with(conn, "r", json!({"config": {}, "access_token": short}));
+    // The expiry deadline comes while the wall clock still reads a millisecond short.
+    let deadline = t.engine.poll_timeout().expect("the expiry is armed");
+    let exp_ms = t.now.unix_ms + 10_000;
+    t.now.mono = deadline;
+    t.now.unix_ms = exp_ms - 1;
+    t.handle(Input::Tick);
+    assert!(t.take(conn).is_empty(), "not expired yet");
+    t.advance(1);
+    let got = t.take(conn);
+    assert_eq!(got.len(), 2, "closed once the wall clock reached exp");
+    assert_eq!(got[1].event(), "phx_close");
+}
+
+#[test]
 fn refresh_extends_the_channel_beyond_the_first_expiry() {
     let mut t = TestEngine::new();
     let conn = t.connect(Vsn::V2);
