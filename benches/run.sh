@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# Runs the standard load scenarios against one switchboard runtime and the raw fan-out
-# floor, on loopback, and writes benches/results/<result>.md, a JSON-lines log and a PNG
-# plot. Usage: [SWITCHBOARD_SHARDS=N] benches/run.sh [runtime] [seconds per scenario] [repetitions]
-#   runtime: a value of `switchboard serve --runtime` (tokio today); a new
-#            runtime joins the table without changes here.
+# Runs the standard load scenarios against switchboard runtimes and the raw fan-out floor,
+# on loopback, and writes benches/results/<result>.md, a JSON-lines log and a PNG plot.
+# Usage: [SWITCHBOARD_SHARDS=N] benches/run.sh [runtimes] [seconds per scenario] [repetitions]
+#   runtimes: values of `switchboard serve --runtime` (tokio, glommio), comma-separated to
+#            compare them in one run; `tokio-multi-thread` is the one engine on tokio's
+#            work-stealing pool that switchboard no longer offers, built from its last
+#            commit into a scratch folder outside the repo (BENCH_SCRATCH, default
+#            ~/.cache/switchboard-bench).
 #   SWITCHBOARD_SHARDS: the server's shard count (default: one per core); <result> is the
-#            runtime, with `-N-shards` when it is set.
-#   repetitions: each scenario runs this often, alternating server and floor, and the table
-#            shows medians: with the load generator on the same cores, one run's latency
-#            moves by a factor of two.
+#            runtimes joined by `-vs-`, with `-N-shards` when it is set.
+#   repetitions: each scenario runs this often, alternating servers and floor, and the
+#            table shows medians: with the load generator on the same cores, one run's
+#            latency moves by a factor of two.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-runtime="${1:-tokio}"
-result="$runtime${SWITCHBOARD_SHARDS:+-$SWITCHBOARD_SHARDS-shards}"
+runtimes="${1:-tokio}"
+IFS=, read -r -a servers <<< "$runtimes"
+result="${runtimes//,/-vs-}${SWITCHBOARD_SHARDS:+-$SWITCHBOARD_SHARDS-shards}"
 secs="${2:-10}"
 reps="${3:-3}"
 out=benches/results
@@ -22,6 +26,17 @@ log="$out/$result.jsonl"
 
 cargo build --release -q -p switchboard -p switchboard-benches
 bin=target/release
+# The last commit with the one-engine multi-thread runtime, built once, outside the repo.
+multi_thread_commit=703d198^
+scratch="${BENCH_SCRATCH:-$HOME/.cache/switchboard-bench}"
+if [[ ",$runtimes," == *,tokio-multi-thread,* ]]; then
+  old="$scratch/multi-thread"
+  if [ ! -x "$old/target/release/switchboard" ]; then
+    rm -rf "$old" && mkdir -p "$old"
+    git archive "$multi_thread_commit" | tar -x -C "$old"
+    (cd "$old" && cargo build --release -q --locked -p switchboard)
+  fi
+fi
 secret="bench-secret-bench-secret-bench-secret-0"
 ulimit -n 20000 || true
 
@@ -35,8 +50,17 @@ print(f"{head}.{body}.{sig}")
 EOF
 )
 
+# The binary and runtime flags of a server in the comparison.
+server_command() {
+  case "$1" in
+    tokio-multi-thread) echo "$scratch/multi-thread/target/release/switchboard serve --runtime tokio-multi-thread --shards 1" ;;
+    *) echo "$bin/switchboard serve --runtime $1" ;;
+  esac
+}
+
 start_switchboard() {
-  "$bin/switchboard" serve --runtime "$runtime" --bind 127.0.0.1:0 --jwt-secret "$secret" \
+  # shellcheck disable=SC2046
+  $(server_command "$1") --bind 127.0.0.1:0 --jwt-secret "$secret" \
     --max-concurrent-users 1000000 --max-joins-per-second 0 --max-events-per-second 0 \
     --max-presence-events-per-second 0 --send-queue 8192 --log-level error > "$out/.server.out" 2>&1 &
   server=$!
@@ -75,15 +99,16 @@ scenarios=(
 for entry in "${scenarios[@]}"; do
   name="${entry%%|*}"
   args="${entry#*|}"
-  for mode in $(for _ in $(seq "$reps"); do echo switchboard floor; done); do
-    case "$name" in presence*|"1k v1"*) [ "$mode" = floor ] && continue ;; esac
-    if [ "$mode" = switchboard ]; then start_switchboard; else start_floor; fi
+  for run in $(for _ in $(seq "$reps"); do echo "${servers[@]}" floor; done); do
+    case "$name" in presence*|"1k v1"*) [ "$run" = floor ] && continue ;; esac
+    if [ "$run" = floor ]; then mode=floor; start_floor; else mode=switchboard; start_switchboard "$run"; fi
     # shellcheck disable=SC2086
     line=$("$bin/loadgen" --mode "$mode" --addr "$addr" --key "$key" --duration "$secs" \
       --server-pid "$server" --label "$name" $args 2>/dev/null | tail -n 1)
     stop
+    line="{\"server\":\"$run\",${line#\{}"
     echo "$line" >> "$log"
-    echo "$mode  $line"
+    echo "$run  $line"
   done
 done
 
@@ -101,7 +126,8 @@ if [ -x "$pgbin/initdb" ]; then
   "${as_pg[@]}" "$pgbin/pg_ctl" -D "$pgdir/data" -l "$pgdir/log" -w start > /dev/null
   dburl="postgresql://postgres@127.0.0.1:$pgport/postgres"
   "$pgbin/psql" -X -q -v ON_ERROR_STOP=1 "$dburl" -f tests/sql/supabase.sql
-  "$bin/switchboard" serve --runtime "$runtime" --bind 127.0.0.1:0 --jwt-secret "$secret" \
+  # shellcheck disable=SC2046
+  $(server_command "${servers[0]}") --bind 127.0.0.1:0 --jwt-secret "$secret" \
     --database-url "$dburl" --max-concurrent-users 1000000 --max-joins-per-second 0 \
     --max-events-per-second 0 --log-level error > "$out/.server.out" 2>&1 &
   server=$!
@@ -113,7 +139,7 @@ if [ -x "$pgbin/initdb" ]; then
   stop
   "${as_pg[@]}" "$pgbin/pg_ctl" -D "$pgdir/data" -w stop > /dev/null
   rm -rf "$pgdir"
-  echo "rls  $rls_line"
+  echo "rls (${servers[0]})  $rls_line"
 fi
 
 python3 - "$log" "$out/$result.md" "$result" "$rls_line" <<'EOF'
@@ -123,9 +149,9 @@ runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 # One row per (mode, scenario): the median of each figure over the repetitions.
 rows, seen = [], {}
 for r in runs:
-    seen.setdefault((r["mode"], r["label"]), []).append(r)
-for (mode, label), group in seen.items():
-    row = {"mode": mode, "label": label, "reps": len(group)}
+    seen.setdefault((r.get("server", r["mode"]), r["mode"], r["label"]), []).append(r)
+for (server, mode, label), group in seen.items():
+    row = {"server": server, "mode": mode, "label": label, "reps": len(group)}
     for k, v in group[0].items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             values = [g[k] for g in group if g.get(k) is not None]
@@ -133,8 +159,10 @@ for (mode, label), group in seen.items():
     rows.append(row)
 floor = {r["label"]: r for r in rows if r["mode"] == "floor"}
 reps = max(r["reps"] for r in rows)
+names = list(dict.fromkeys(r["server"] for r in rows if r["mode"] == "switchboard"))
 lines = [
-    f"Runtime `{sys.argv[3]}` vs the raw fan-out floor, same load generator, same run, loopback, "
+    f"Runtime{'s' if len(names) > 1 else ''} {', '.join(f'`{n}`' for n in names)} vs the raw fan-out floor, "
+    f"same load generator, same run, loopback, "
     f"2 cores shared by server and load generator; medians of {reps} runs each.",
     "",
     "| scenario | delivered/s | × floor | p50 ms | p99 ms | p99 × floor | p999 ms | CPU ms per 1M | CPU × floor | engine % of a core | setup/s | RSS idle MiB | B per idle conn |",
@@ -153,9 +181,9 @@ def line(r, f, name):
         f"| {num(r.get('engine_core_share') and r['engine_core_share'] * 100, '{:.1f}')} "
         f"| {r['setup_per_sec']:.0f} | {rss} | {num(r.get('rss_per_idle_conn_bytes'))} |"
     )
-for r in rows:
-    if r["mode"] == "switchboard":
-        lines.append(line(r, floor.get(r["label"]), r["label"]))
+for r in sorted((r for r in rows if r["mode"] == "switchboard"), key=lambda r: [x["label"] for x in rows].index(r["label"])):
+    name = r["label"] if len(names) == 1 else f"{r['label']}: {r['server']}"
+    lines.append(line(r, floor.get(r["label"]), name))
 for r in rows:
     if r["mode"] == "floor":
         lines.append(line(r, r, "floor: " + r["label"]))
@@ -163,33 +191,39 @@ if len(sys.argv) > 4 and sys.argv[4]:
     r = json.loads(sys.argv[4])
     lines += [
         "",
-        f"postgres_changes with RLS: {r['subscribers']} subscribers in {r['claims_groups']} claims groups, "
+        f"postgres_changes with RLS ({names[0]}): {r['subscribers']} subscribers in {r['claims_groups']} claims groups, "
         f"{r['rows_per_sec']:.0f} rows/s inserted: {r['delivered_per_sec']:.0f} changes/s delivered "
         f"({r['delivered']} of {r['expected']} expected), {r['visibility_queries']:.0f} visibility queries for "
         f"{r['rows']} rows = {r['queries_per_change']:.3f} per change ({r['queries_per_change_per_group']:.4f} per change per claims group).",
     ]
 open(sys.argv[2], "w").write("\n".join(lines) + "\n")
 with open(sys.argv[2] + ".dat", "w") as d:
-    for r in rows:
-        if r["mode"] == "switchboard" and r["label"] in floor:
-            d.write(f"\"{r['label']}\" {r['delivered_per_sec']} {floor[r['label']]['delivered_per_sec']}\n")
+    d.write("scenario " + " ".join(f'"{n}"' for n in names) + " floor\n")
+    for label in dict.fromkeys(r["label"] for r in rows):
+        if label not in floor:
+            continue
+        by = {r["server"]: r for r in rows if r["label"] == label and r["mode"] == "switchboard"}
+        values = " ".join(str(by[n]["delivered_per_sec"]) if n in by else "0" for n in names)
+        d.write(f"\"{label}\" {values} {floor[label]['delivered_per_sec']}\n")
 print("\n".join(lines))
 EOF
 
 if ! command -v gnuplot >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   apt-get install -y -qq gnuplot-nox >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq gnuplot-nox >/dev/null; }
 fi
+columns=$(( ${#servers[@]} + 2 ))
 gnuplot <<EOF
 set terminal pngcairo size 900,450
 set output "$out/$result.png"
 set title "Delivered messages/s: switchboard ($result) vs raw fan-out floor"
+set key autotitle columnhead
 set style data histograms
 set style histogram clustered gap 1
 set style fill solid 0.8 border -1
 set ylabel "messages/s"
 set xtics rotate by -15
 set grid ytics
-plot "$out/$result.md.dat" using 2:xtic(1) title "switchboard", '' using 3 title "floor"
+plot for [i=2:$columns] "$out/$result.md.dat" using i:xtic(1)
 EOF
 rm -f "$out/.server.out" "$out/$result.md.dat"
 echo "wrote $out/$result.md and $out/$result.png"

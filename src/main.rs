@@ -38,14 +38,15 @@ enum Command {
     Serve(Serve),
 }
 
-/// Which runtime drives the engines. One engine on tokio's work-stealing pool was measured
-/// beside shards and won no scenario (README, Benchmarks), so it is gone; the glommio
-/// runtime arrives with its own issue, as a second variant here.
+/// Which runtime drives the engines. Both run the same serving core, one engine and one
+/// SO_REUSEPORT listener per shard; one engine on tokio's work-stealing pool was measured
+/// beside shards and won no scenario (README, Benchmarks), so it is not offered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Runtime {
-    /// One thread per shard, each with its own single-threaded tokio runtime, engine and
-    /// SO_REUSEPORT listener.
+    /// One thread per shard, each with its own single-threaded tokio runtime (epoll).
     Tokio,
+    /// One glommio executor per shard, each pinned to a core of its own (io_uring).
+    Glommio,
 }
 
 #[derive(Args)]
@@ -246,58 +247,55 @@ fn random_secret() -> anyhow::Result<String> {
 /// Pending connections the kernel queues before accept (capped by `net.core.somaxconn`).
 /// tokio's `TcpListener::bind` asks for 128: a reconnect storm of a few hundred clients
 /// overflows that, and each dropped SYN is only retried after a second.
-const LISTEN_BACKLOG: u32 = 4096;
+const LISTEN_BACKLOG: i32 = 4096;
 
-/// A listener on `addr`, registered with the runtime entered. SO_REUSEPORT lets every
-/// shard bind the same address; the kernel spreads new connections over them.
-fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
-}
-
-/// A shard's runtime and listener, bound before any shard starts serving.
-struct Shard {
-    runtime: tokio::runtime::Runtime,
-    listener: tokio::net::TcpListener,
-}
-
-/// One runtime and listener per shard, all on the address the first one bound (port 0
-/// picks one free port for all).
-fn bind_shards(serve: &Serve) -> anyhow::Result<Vec<Shard>> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let shards = serve
-        .shards
-        .unwrap_or_else(|| u16::try_from(cores).unwrap_or(u16::MAX));
-    let mut addr = serve.bind;
+/// One listener per shard, all on the address the first one bound (port 0 picks one free
+/// port for all). SO_REUSEPORT lets every shard bind it; the kernel spreads new
+/// connections over them. Bound before any shard starts, for either runtime.
+fn bind(mut addr: SocketAddr, shards: u16) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    use socket2::{Domain, Socket, Type};
     (0..shards)
         .map(|_| {
-            let runtime = match serve.runtime {
-                Runtime::Tokio => tokio::runtime::Builder::new_current_thread(),
-            }
-            .enable_all()
-            .build()
-            .context("starting a tokio runtime")?;
-            let listener = {
-                let _entered = runtime.enter();
-                listen(addr).with_context(|| format!("binding {addr}"))?
-            };
+            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.set_reuse_port(true)?;
+            socket
+                .bind(&addr.into())
+                .with_context(|| format!("binding {addr}"))?;
+            socket.listen(LISTEN_BACKLOG)?;
+            let listener = std::net::TcpListener::from(socket);
             addr = listener.local_addr().context("reading the bound address")?;
-            Ok(Shard { runtime, listener })
+            Ok(listener)
         })
         .collect()
 }
 
+/// The shards' threads, on either runtime.
+enum Shards {
+    Tokio(switchboard_tokio::Shards),
+    Glommio(switchboard_glommio::Shards),
+}
+
+impl Shards {
+    fn join(self) -> anyhow::Result<()> {
+        match self {
+            Shards::Tokio(shards) => shards.join()?,
+            Shards::Glommio(shards) => shards.join()?,
+        }
+        Ok(())
+    }
+}
+
 fn run(serve: Serve) -> anyhow::Result<()> {
-    let shards = bind_shards(&serve)?;
-    let addr = shards[0]
-        .listener
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let shards = serve
+        .shards
+        .unwrap_or_else(|| u16::try_from(cores).unwrap_or(u16::MAX));
+    if serve.runtime == Runtime::Glommio {
+        switchboard_glommio::check(usize::from(shards))?;
+    }
+    let listeners = bind(serve.bind, shards)?;
+    let addr = listeners[0]
         .local_addr()
         .context("reading the bound address")?;
     let (jwt_secret, generated) = match serve.jwt_secret {
@@ -365,30 +363,25 @@ fn run(serve: Serve) -> anyhow::Result<()> {
         (url, receiver)
     });
     let metrics = options.shared.metrics.clone();
-    let count = shards.len();
-    let shard_options = options.shards(process, count as u16);
+    let count = listeners.len();
+    let (servers, tasks): (Vec<_>, Vec<_>) = options
+        .shards(process, shards)
+        .into_iter()
+        .map(Server::new)
+        .unzip();
+    let handles: Vec<_> = servers.iter().map(Server::handle).collect();
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let mut handles = Vec::with_capacity(count);
-    let mut threads = Vec::with_capacity(count);
-    for (index, (shard, options)) in shards.into_iter().zip(shard_options).enumerate() {
-        let Shard { runtime, listener } = shard;
-        let (server, task) = {
-            let _entered = runtime.enter();
-            Server::start(options)
-        };
-        handles.push(server.handle());
-        let metrics = server.metrics();
-        let mut stopped = stopped.clone();
-        let shutdown = async move {
-            let _ = stopped.wait_for(|stop| *stop).await;
-        };
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("shard-{index}"))
-                .spawn(move || runtime.block_on(task.run(listener, metrics, shutdown)))
-                .context("starting a shard thread")?,
-        );
-    }
+    let shutdown = move || async move {
+        let mut stopped = stopped;
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+    let serving = tasks.into_iter().zip(listeners).collect();
+    let shards = match serve.runtime {
+        Runtime::Tokio => Shards::Tokio(
+            switchboard_tokio::Shards::start(serving, shutdown).context("starting the shards")?,
+        ),
+        Runtime::Glommio => Shards::Glommio(switchboard_glommio::Shards::start(serving, shutdown)?),
+    };
     // The database side and the signals run on this thread, beside the shards.
     let control = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -416,11 +409,7 @@ fn run(serve: Serve) -> anyhow::Result<()> {
     info!(%addr, runtime = ?serve.runtime, shards = count, "listening");
     control.block_on(shutdown_signal());
     let _ = stop.send(true);
-    for thread in threads {
-        if thread.join().is_err() {
-            anyhow::bail!("a shard panicked");
-        }
-    }
+    shards.join()?;
     info!("stopped");
     Ok(())
 }

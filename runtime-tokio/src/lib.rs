@@ -1,32 +1,26 @@
-//! switchboard on tokio: the adapter that accepts connections, speaks HTTP with hyper and
-//! spawns the serving core's futures ([`switchboard_serve`]) on tokio, plus the database
-//! side of postgres_changes (tokio-postgres, pg_walstream).
+//! switchboard on tokio: the [`Runtime`](switchboard_serve::Runtime) of the serving core
+//! ([`switchboard_serve`]) on a single-threaded tokio runtime, its listeners, and the
+//! database side of postgres_changes (tokio-postgres, pg_walstream).
 //!
-//! The core does the rest: one task owns the [`Engine`](switchboard_engine::Engine) and
-//! carries out its outputs; each socket is one task that feeds the engine what it reads and
-//! writes what the engine hands its outbox. Every protocol decision is the engine's.
-//! [`serve`] is generic over its listener, so the simulator runs this very code on
-//! turmoil's simulated network.
+//! The core does the rest: HTTP, one task that owns the
+//! [`Engine`](switchboard_engine::Engine) and carries out its outputs, one task per
+//! connection. Every protocol decision is the engine's. [`serve`] is generic over its
+//! listener, so the simulator runs this very code on turmoil's simulated network.
 
-mod http;
 mod listener;
 pub mod postgres;
 
-pub use listener::Listener;
+pub use listener::{Accepting, Listener};
 pub use switchboard_serve::{
     shard_links, to_shards, Clock, EngineHandle, Metrics, Options, PeerEvent, PeerLink, PeerOut,
-    Shared, WallClock,
+    Server, ServerTask, Shared, WallClock,
 };
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::time::Duration;
 
-use tokio_util::task::TaskTracker;
-use tracing::info;
-
-/// tokio's time for the serving core: virtual under turmoil, like the rest of tokio's.
+/// tokio's time for the serving core (virtual under turmoil, like the rest of tokio's),
+/// and its tasks, spawned on the current thread's `LocalSet`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Tokio;
 
@@ -42,6 +36,10 @@ impl switchboard_serve::Runtime for Tokio {
 
     fn timer(&self, at: std::time::Instant) -> TokioTimer {
         TokioTimer(Box::pin(tokio::time::sleep_until(at.into())))
+    }
+
+    fn spawn(&self, future: impl Future<Output = ()> + 'static) {
+        tokio::task::spawn_local(future);
     }
 }
 
@@ -59,91 +57,60 @@ impl Future for TokioTimer {
     }
 }
 
-/// A running server's engine handle, for subsystems (the WAL reader) that feed it inputs.
-pub struct Server {
-    handle: EngineHandle,
-    metrics: Arc<Metrics>,
-}
+/// The shards' threads, each with a single-threaded runtime, running until its server has
+/// drained.
+pub struct Shards(Vec<std::thread::JoinHandle<()>>);
 
-impl Server {
-    /// Starts the engine task. Call [`Server::run`] to serve sockets.
-    pub fn start(options: Options) -> (Server, ServerTask) {
-        let metrics = options.shared.metrics.clone();
-        let drain_timeout = options.drain_timeout;
-        let rest_body_bytes_max = options.config.rest_body_bytes_max;
-        let (handle, driver) = switchboard_serve::driver(options, Tokio);
-        let task = tokio::spawn(driver);
-        (
-            Server {
-                handle: handle.clone(),
-                metrics,
-            },
-            ServerTask {
-                handle,
-                task,
-                drain_timeout,
-                sockets: TaskTracker::new(),
-                rest_body_bytes_max,
-            },
-        )
-    }
+/// A shard's thread panicked.
+#[derive(Debug, thiserror::Error)]
+#[error("a shard panicked")]
+pub struct ShardPanicked;
 
-    /// A handle that feeds the engine.
-    pub fn handle(&self) -> EngineHandle {
-        self.handle.clone()
-    }
-
-    /// The metrics the server exports.
-    pub fn metrics(&self) -> Arc<Metrics> {
-        self.metrics.clone()
-    }
-}
-
-/// The serving half of a started server.
-pub struct ServerTask {
-    handle: EngineHandle,
-    task: tokio::task::JoinHandle<()>,
-    drain_timeout: Duration,
-    sockets: TaskTracker,
-    rest_body_bytes_max: usize,
-}
-
-impl ServerTask {
-    /// Accepts connections from `listener` until `shutdown` completes, then drains: every
-    /// channel is told, every socket gets a close frame, bounded by the drain timeout.
-    pub async fn run<L: Listener>(
-        self,
-        listener: L,
-        metrics: Arc<Metrics>,
-        shutdown: impl Future<Output = ()>,
-    ) {
-        let state = http::State {
-            engine: self.handle.clone(),
-            metrics,
-            sockets: self.sockets.clone(),
-            rest_body_bytes_max: self.rest_body_bytes_max,
-        };
-        http::accept_loop(listener, state, shutdown).await;
-        self.handle.shutdown();
-        self.sockets.close();
-        let drained = async {
-            let _ = self.task.await;
-            self.sockets.wait().await;
-        };
-        if tokio::time::timeout(self.drain_timeout, drained)
-            .await
-            .is_err()
-        {
-            info!(
-                sockets = self.sockets.len(),
-                "drain timeout: dropping sockets still flushing"
-            );
+impl Shards {
+    /// Serves each `(task, listener)` pair on a thread of its own until the future
+    /// `shutdown()` makes for it completes.
+    pub fn start<S, F>(
+        shards: Vec<(ServerTask, std::net::TcpListener)>,
+        shutdown: S,
+    ) -> std::io::Result<Shards>
+    where
+        S: FnOnce() -> F + Clone + Send + 'static,
+        F: Future<Output = ()> + 'static,
+    {
+        let mut threads = Vec::with_capacity(shards.len());
+        for (index, (task, listener)) in shards.into_iter().enumerate() {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            listener.set_nonblocking(true)?;
+            let listener = {
+                let _entered = runtime.enter();
+                tokio::net::TcpListener::from_std(listener)?
+            };
+            let shutdown = shutdown.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("shard-{index}"))
+                .spawn(move || {
+                    let serving = task.run(Tokio, Accepting(listener), shutdown());
+                    tokio::task::LocalSet::new().block_on(&runtime, serving);
+                })?;
+            threads.push(thread);
         }
+        Ok(Shards(threads))
+    }
+
+    /// Waits for every shard to end.
+    pub fn join(self) -> Result<(), ShardPanicked> {
+        for thread in self.0 {
+            thread.join().map_err(|_| ShardPanicked)?;
+        }
+        Ok(())
     }
 }
 
-/// Serves `listener` with a fresh engine until `shutdown` completes.
+/// Serves `listener` with a fresh engine until `shutdown` completes. Call it within a
+/// `LocalSet`: the server's tasks are spawned on the current thread.
 pub async fn serve<L: Listener>(listener: L, options: Options, shutdown: impl Future<Output = ()>) {
-    let (server, task) = Server::start(options);
-    task.run(listener, server.metrics(), shutdown).await;
+    let (_server, task) = Server::new(options);
+    task.run(Tokio, Accepting(listener), shutdown).await;
 }

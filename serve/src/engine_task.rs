@@ -213,12 +213,17 @@ struct Driver<R: Runtime> {
     draining: bool,
 }
 
-/// An engine and the future that drives it, for the runtime to spawn: it ends once the
-/// engine has drained after [`EngineHandle::shutdown`], or when every handle is gone.
-pub fn driver<R: Runtime>(
+/// An engine not yet driven: made on any thread, then driven on the one that serves it.
+pub struct Engined {
+    engine: Engine,
     options: Options,
-    runtime: R,
-) -> (EngineHandle, impl Future<Output = ()>) {
+    events: mpsc::UnboundedReceiver<Event>,
+    frames: mpsc::Receiver<Input>,
+}
+
+/// An engine and its handle. The handle feeds it from anywhere as soon as it exists; the
+/// engine runs once [`Engined::drive`] is spawned.
+pub fn driver(options: Options) -> (EngineHandle, Engined) {
     let (events, event_receiver) = mpsc::unbounded_channel();
     let (frames, frame_receiver) = mpsc::channel(FRAMES_QUEUED_MAX);
     let engine = Engine::with_replica(
@@ -231,23 +236,43 @@ pub fn driver<R: Runtime>(
         frames,
         next_conn: Arc::default(),
     };
-    let driver = Driver {
-        runtime,
+    let engined = Engined {
         engine,
         options,
-        sockets: FxHashMap::default(),
-        table: Vec::new(),
-        dirty: Vec::new(),
-        pending_frames: 0,
-        upgrades: FxHashMap::default(),
-        requests: FxHashMap::default(),
-        next_req: 0,
-        lagging: Vec::new(),
-        gone: Vec::new(),
-        last_stats: Stats::default(),
-        draining: false,
+        events: event_receiver,
+        frames: frame_receiver,
     };
-    (handle, driver.run(event_receiver, frame_receiver))
+    (handle, engined)
+}
+
+impl Engined {
+    /// The future that drives the engine on `runtime`: it ends once the engine has drained
+    /// after [`EngineHandle::shutdown`], or when every handle is gone.
+    pub fn drive<R: Runtime>(self, runtime: R) -> impl Future<Output = ()> {
+        let Engined {
+            engine,
+            options,
+            events,
+            frames,
+        } = self;
+        let driver = Driver {
+            runtime,
+            engine,
+            options,
+            sockets: FxHashMap::default(),
+            table: Vec::new(),
+            dirty: Vec::new(),
+            pending_frames: 0,
+            upgrades: FxHashMap::default(),
+            requests: FxHashMap::default(),
+            next_req: 0,
+            lagging: Vec::new(),
+            gone: Vec::new(),
+            last_stats: Stats::default(),
+            draining: false,
+        };
+        driver.run(events, frames)
+    }
 }
 
 impl<R: Runtime> Driver<R> {

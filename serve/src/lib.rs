@@ -4,12 +4,14 @@
 //! WebSocket over any futures-io stream, the peer links between a process's shards and
 //! the process-wide metrics.
 //!
-//! A runtime adapter (runtime-tokio, and runtime-glommio to come) accepts connections,
-//! speaks HTTP, hands upgraded streams to [`socket`] and spawns the futures this crate
-//! returns; it implements [`Runtime`] for time. Every protocol decision is the engine's.
+//! HTTP (with hyper) and the WebSocket upgrade are here too, so a runtime adapter
+//! (runtime-tokio, runtime-glommio) only implements [`Runtime`] (time and spawning), gives
+//! its sockets as a [`Listener`] and binds its threads. Every protocol decision is the
+//! engine's.
 
 mod clock;
 mod engine_task;
+mod http;
 mod metrics;
 mod outbox;
 pub mod runtime;
@@ -17,11 +19,15 @@ mod shards;
 mod ws;
 
 pub use clock::{Clock, WallClock};
-pub use engine_task::{driver, EngineHandle, PeerEvent, PeerLink, PeerOut, SocketEnd, Upgrade};
+pub use engine_task::{
+    driver, EngineHandle, Engined, PeerEvent, PeerLink, PeerOut, SocketEnd, Upgrade,
+};
+pub use http::{Listener, Server, ServerTask};
 pub use metrics::Metrics;
 pub use runtime::{Runtime, Timer};
 pub use shards::{shard_links, to_shards};
-pub use ws::{socket, Budget};
+use ws::socket;
+pub use ws::Budget;
 
 use std::sync::Arc;
 use std::time::Duration;

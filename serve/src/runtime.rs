@@ -1,7 +1,8 @@
-//! What the serving core needs from a runtime: monotonic time and timers. Everything else
-//! it does is plain futures (polled by whoever spawns them) and tokio's channels, which
-//! work on any executor. Spawning stays with the adapter, which knows whether its tasks
-//! must be `Send` (a work-stealing pool) or not (one executor per core).
+//! What the serving core needs from a runtime: monotonic time, timers and spawning on the
+//! current thread. Everything else it does is plain futures and tokio's channels, which
+//! work on any executor. Tasks are never `Send`: each shard's engine, connections and
+//! sockets live on one thread, which is what a thread-per-core runtime wants and costs a
+//! single-threaded tokio runtime nothing.
 //!
 //! In the spirit of quinn's `runtime` module: the driver is written once, each runtime
 //! brings a few lines.
@@ -19,6 +20,9 @@ pub trait Runtime: Clone + Unpin + 'static {
 
     /// A timer that completes at `at`.
     fn timer(&self, at: Instant) -> Self::Timer;
+
+    /// Runs `future` to completion on the current thread, detached.
+    fn spawn(&self, future: impl Future<Output = ()> + 'static);
 }
 
 /// A timer of a [`Runtime`].

@@ -166,9 +166,16 @@ fn refused(error: &WsError) -> Option<FrameError> {
 
 /// Serves an upgraded WebSocket stream until both sides are done with it or the engine's
 /// deadline for it passes; the engine always hears `Closed`, after the last frame read.
-/// `io` may be any futures-io stream; `end` says how much it may buffer.
-pub async fn socket<S, R>(io: S, conn: ConnId, end: SocketEnd, engine: EngineHandle, runtime: R)
-where
+/// `io` may be any futures-io stream and `read` what was read from it past the upgrade
+/// request; `end` says how much it may buffer.
+pub(crate) async fn socket<S, R>(
+    io: S,
+    read: Vec<u8>,
+    conn: ConnId,
+    end: SocketEnd,
+    engine: EngineHandle,
+    runtime: R,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
     R: Runtime,
 {
@@ -179,8 +186,9 @@ where
         message_bytes_max,
     } = end;
     let metrics = shared.metrics;
-    let ws = WebSocketStream::from_raw_socket(
+    let ws = WebSocketStream::from_partially_read(
         Metered::new(io, shared.unfinished),
+        read,
         Role::Server,
         Some(config(message_bytes_max)),
     )

@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 use switchboard_engine::{Config, PlantedBug};
-use switchboard_tokio::{Clock, Listener, Metrics, Options};
+use switchboard_tokio::{Accepting, Clock, Listener, Metrics, Options, Tokio};
 
 use switchboard_engine::changes::ChangeKind;
 use switchboard_tokio::Server;
@@ -283,19 +283,16 @@ impl Scenario {
                         (node, Some(link))
                     });
                     for options in base.replicas(replicas) {
-                        let (server, task) = Server::start(options);
+                        let (server, task) = Server::new(options);
                         handles.push(server.handle());
-                        tasks.push((task, server.metrics()));
+                        tasks.push(task);
                     }
                     tokio::spawn(db.replicate(host, handles, outputs));
                     let listeners = split(listener, tasks.len());
-                    let serving =
-                        tasks
-                            .into_iter()
-                            .zip(listeners)
-                            .map(|((task, metrics), listener)| {
-                                tokio::spawn(task.run(listener, metrics, std::future::pending()))
-                            });
+                    let serving = tasks.into_iter().zip(listeners).map(|(task, listener)| {
+                        let serving = task.run(Tokio, Accepting(listener), std::future::pending());
+                        tokio::task::spawn_local(serving)
+                    });
                     for serving in serving.collect::<Vec<_>>() {
                         let _ = serving.await;
                     }

@@ -7,6 +7,7 @@ mod rls;
 mod rls_changes;
 mod server;
 mod shards;
+mod startup;
 mod supabase_js;
 mod support;
 mod wal;

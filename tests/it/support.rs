@@ -32,8 +32,9 @@ pub struct Server {
 impl Server {
     /// Starts the binary with test-friendly limits plus `extra` arguments. It logs at `warn`
     /// unless `SWITCHBOARD_TEST_LOG` gives another filter (`debug`, say, to follow a failure).
-    /// It runs `SWITCHBOARD_TEST_SHARDS` shards (default 1) unless `extra` says `--shards`:
-    /// `scripts/test` runs the whole suite once per shard count.
+    /// It runs `SWITCHBOARD_TEST_SHARDS` shards (default 1) unless `extra` says `--shards`,
+    /// on `SWITCHBOARD_TEST_RUNTIME` (default tokio) unless it says `--runtime`:
+    /// `scripts/test` runs the whole suite once per runtime and shard count.
     pub fn start(extra: &[&str]) -> Server {
         Server::spawn("127.0.0.1:0", extra, None)
     }
@@ -72,15 +73,8 @@ impl Server {
             ])
             .args(["--max-events-per-second", "0", "--log-level"])
             .arg(std::env::var("SWITCHBOARD_TEST_LOG").unwrap_or_else(|_| "warn".into()))
-            .args(
-                if extra.contains(&"--shards") {
-                    None
-                } else {
-                    Some(["--shards".to_owned(), shards()])
-                }
-                .into_iter()
-                .flatten(),
-            )
+            .args(default_arg(extra, "--shards", shards))
+            .args(default_arg(extra, "--runtime", runtime))
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -182,6 +176,20 @@ impl Drop for Server {
             let _ = child.wait();
         }
     }
+}
+
+/// `flag` and its value from `value`, unless `extra` gives the flag itself.
+fn default_arg(extra: &[&str], flag: &str, value: fn() -> String) -> Vec<String> {
+    if extra.contains(&flag) {
+        Vec::new()
+    } else {
+        vec![flag.to_owned(), value()]
+    }
+}
+
+/// The runtime the suite runs on: `SWITCHBOARD_TEST_RUNTIME`, default tokio.
+pub fn runtime() -> String {
+    std::env::var("SWITCHBOARD_TEST_RUNTIME").unwrap_or_else(|_| "tokio".into())
 }
 
 /// The shard count the suite runs with: `SWITCHBOARD_TEST_SHARDS`, default 1.

@@ -1,0 +1,443 @@
+//! HTTP for every runtime: the accept loop, one task per connection that serves requests
+//! with hyper and, after a WebSocket upgrade, goes on as the socket in the same task.
+//! Which route a request takes and every answer come from the engine
+//! ([`switchboard_engine::http`]); this module only parses and writes HTTP.
+//!
+//! The upgrade is taken by hand, the same way on every runtime: the service answers 101,
+//! the connection is served `without_shutdown`, and its parts (the stream and whatever
+//! hyper read past the request) become the WebSocket. hyper's own upgrade path needs a
+//! `Send` stream, which a thread-per-core runtime's stream is not.
+
+use std::cell::Cell;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_tungstenite::tungstenite::handshake::derive_accept_key;
+use bytes::Bytes;
+use futures_io::{AsyncRead, AsyncWrite};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use smol_hyper::rt::FuturesIo;
+use switchboard_engine::http::{self as engine_http, Response as Answer, RestTarget, Route};
+use switchboard_engine::rest::RestAuth;
+use switchboard_engine::{ConnId, ConnectParams};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, debug_span, info, warn, Instrument};
+
+use crate::engine_task::{EngineHandle, Engined, SocketEnd};
+use crate::metrics::Metrics;
+use crate::runtime::{Runtime, Timer};
+use crate::{driver, Options};
+
+type Body = Full<Bytes>;
+
+/// A source of connections: a runtime's TCP listener, or a simulated one.
+pub trait Listener: 'static {
+    /// One accepted connection.
+    type Stream: AsyncRead + AsyncWrite + Unpin + 'static;
+
+    /// Waits for the next connection.
+    fn accept(&self) -> impl Future<Output = std::io::Result<(Self::Stream, SocketAddr)>>;
+}
+
+/// An engine's handle, for the subsystems (the WAL reader) that feed it inputs.
+pub struct Server {
+    handle: EngineHandle,
+    metrics: Arc<Metrics>,
+}
+
+impl Server {
+    /// An engine and its handle, made on any thread; the engine runs once the
+    /// [`ServerTask`] runs, on the thread that serves it.
+    pub fn new(options: Options) -> (Server, ServerTask) {
+        let metrics = options.shared.metrics.clone();
+        let drain_timeout = options.drain_timeout;
+        let rest_body_bytes_max = options.config.rest_body_bytes_max;
+        let (handle, engined) = driver(options);
+        let server = Server {
+            handle: handle.clone(),
+            metrics: metrics.clone(),
+        };
+        let task = ServerTask {
+            state: State {
+                engine: handle,
+                metrics,
+                rest_body_bytes_max,
+            },
+            engined,
+            drain_timeout,
+        };
+        (server, task)
+    }
+
+    /// A handle that feeds the engine.
+    pub fn handle(&self) -> EngineHandle {
+        self.handle.clone()
+    }
+
+    /// The metrics the server exports (those of every shard of its process).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+}
+
+/// The serving half of a server: its engine and what accepting connections needs.
+pub struct ServerTask {
+    state: State,
+    engined: Engined,
+    drain_timeout: Duration,
+}
+
+impl ServerTask {
+    /// Drives the engine and accepts connections from `listener` on `runtime`'s current
+    /// thread until `shutdown` completes, then drains: every channel is told, every socket
+    /// gets a close frame, bounded by the drain timeout.
+    pub async fn run<R: Runtime, L: Listener>(
+        self,
+        runtime: R,
+        listener: L,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        let ServerTask {
+            state,
+            engined,
+            drain_timeout,
+        } = self;
+        let (done, driven) = oneshot::channel();
+        let driver = engined.drive(runtime.clone());
+        runtime.spawn(async move {
+            driver.await;
+            let _ = done.send(());
+        });
+        // Every socket holds a clone; the receiver learns when the last one is gone.
+        let (sockets, mut sockets_gone) = mpsc::channel::<()>(1);
+        accept_loop(listener, &state, &sockets, &runtime, shutdown).await;
+        state.engine.shutdown();
+        drop(sockets);
+        let drained = async {
+            let _ = driven.await;
+            let _ = sockets_gone.recv().await;
+        };
+        let deadline = runtime.timer(runtime.now() + drain_timeout);
+        tokio::select! {
+            () = drained => {}
+            () = deadline => info!(
+                sockets = state.metrics.sockets.get(),
+                "drain timeout: dropping sockets still flushing"
+            ),
+        }
+    }
+}
+
+/// What every request handler shares.
+#[derive(Clone)]
+struct State {
+    engine: EngineHandle,
+    metrics: Arc<Metrics>,
+    /// REST bodies above this are refused unread.
+    rest_body_bytes_max: usize,
+}
+
+/// Accepts connections until `shutdown` completes; each is served on its own task.
+async fn accept_loop<L: Listener, R: Runtime>(
+    listener: L,
+    state: &State,
+    sockets: &mpsc::Sender<()>,
+    runtime: &R,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut shutdown = pin!(shutdown);
+    let mut refusals = AcceptRefusals::default();
+    loop {
+        let (stream, peer) = tokio::select! {
+            // Shutdown first, so a stream of new connections cannot delay it.
+            biased;
+            () = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => {
+                    refusals.backoff = None;
+                    accepted
+                }
+                Err(e) => {
+                    state.metrics.accept_errors.inc();
+                    if let Some(pause) = refusals.note(&e) {
+                        // Out of descriptors or memory: what is open keeps being served,
+                        // and accepting resumes once something closes.
+                        tokio::select! {
+                            biased;
+                            () = &mut shutdown => return,
+                            () = runtime.timer(runtime.now() + pause) => {}
+                        }
+                    }
+                    continue;
+                }
+            },
+        };
+        let connection = connection(stream, state.clone(), sockets.clone(), runtime.clone());
+        runtime.spawn(connection.instrument(debug_span!("connection", %peer)));
+    }
+}
+
+/// Accept failures: a backoff while the process is out of descriptors or memory, and a log
+/// line at most every [`AcceptRefusals::LOG_EVERY`] with how many there were.
+#[derive(Default)]
+struct AcceptRefusals {
+    /// The pause after the last failure, while failures continue.
+    backoff: Option<Duration>,
+    /// Failures since the last log line.
+    unlogged: u64,
+    logged_at: Option<Instant>,
+}
+
+impl AcceptRefusals {
+    const FIRST: Duration = Duration::from_millis(10);
+    const MAX: Duration = Duration::from_secs(1);
+    const LOG_EVERY: Duration = Duration::from_secs(10);
+
+    /// Counts a failure; returns how long to pause before accepting again, if at all.
+    fn note(&mut self, error: &std::io::Error) -> Option<Duration> {
+        // EMFILE, ENFILE, ENOBUFS, ENOMEM: accepting again at once would fail again.
+        let exhausted = matches!(error.raw_os_error(), Some(24 | 23 | 105 | 12));
+        self.unlogged += 1;
+        if self
+            .logged_at
+            .is_none_or(|at| at.elapsed() >= Self::LOG_EVERY)
+        {
+            warn!(
+                error = %error,
+                failures = self.unlogged,
+                "accept failed; open connections are still served (see README: raising the file descriptor limit)"
+            );
+            self.unlogged = 0;
+            self.logged_at = Some(Instant::now());
+        }
+        if !exhausted {
+            // A connection reset before it was accepted, say: nothing to wait for.
+            return None;
+        }
+        let pause = self
+            .backoff
+            .map_or(Self::FIRST, |last| (last * 2).min(Self::MAX));
+        self.backoff = Some(pause);
+        Some(pause)
+    }
+}
+
+/// How long a connection may go without starting a request while none is being served:
+/// a client trickling header bytes, or an idle keep-alive connection, is dropped after
+/// this (and at most twice this).
+const REQUEST_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The requests of one connection, as the idle watchdog sees them.
+#[derive(Default)]
+struct Activity {
+    /// Requests whose headers were read.
+    started: Cell<u64>,
+    /// Requests being answered.
+    in_flight: Cell<u32>,
+}
+
+/// Counts a request in flight while it lives.
+struct InFlight(Rc<Activity>);
+
+impl InFlight {
+    fn new(activity: Rc<Activity>) -> InFlight {
+        activity.started.set(activity.started.get() + 1);
+        activity.in_flight.set(activity.in_flight.get() + 1);
+        InFlight(activity)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.set(self.0.in_flight.get() - 1);
+    }
+}
+
+/// The socket an answered upgrade hands over once its 101 is written.
+type Accepted = Rc<Cell<Option<(ConnId, SocketEnd)>>>;
+
+/// Serves one connection: HTTP requests until it closes or upgrades, then the WebSocket.
+async fn connection<S, R>(io: S, state: State, sockets: mpsc::Sender<()>, runtime: R)
+where
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
+    R: Runtime,
+{
+    let accepted: Accepted = Rc::default();
+    let activity = Rc::new(Activity::default());
+    let service = {
+        let (state, accepted, activity) = (state.clone(), accepted.clone(), activity.clone());
+        service_fn(move |request| {
+            let in_flight = InFlight::new(activity.clone());
+            let answer = route(request, state.clone(), accepted.clone());
+            Box::pin(async move {
+                let answer = answer.await;
+                drop(in_flight);
+                Ok::<_, Infallible>(answer)
+            })
+        })
+    };
+    let served = http1::Builder::new()
+        .serve_connection(FuturesIo::new(io), service)
+        .without_shutdown();
+    let parts = watched(served, &activity, &runtime).await;
+    let upgrade = accepted.take();
+    let (io, read) = match parts {
+        Some(Ok(parts)) => (parts.io.into_inner(), parts.read_buf),
+        Some(Err(e)) => {
+            debug!(error = %e, "http connection ended");
+            if let Some((conn, _)) = upgrade {
+                state.engine.closed(conn).await;
+            }
+            return;
+        }
+        None => {
+            debug!("http connection idle: dropped");
+            return;
+        }
+    };
+    let Some((conn, end)) = upgrade else {
+        return;
+    };
+    let _socket = sockets;
+    debug!(conn = conn.0, "socket open");
+    crate::socket(io, read.to_vec(), conn, end, state.engine, runtime).await;
+}
+
+/// Runs `served` until it completes, or `None` once no request started for
+/// [`REQUEST_IDLE_TIMEOUT`] while none was being answered.
+async fn watched<F: Future, R: Runtime>(
+    served: F,
+    activity: &Activity,
+    runtime: &R,
+) -> Option<F::Output> {
+    let mut served = pin!(served);
+    let mut timer = runtime.timer(runtime.now() + REQUEST_IDLE_TIMEOUT);
+    let mut seen = activity.started.get();
+    loop {
+        tokio::select! {
+            biased;
+            output = &mut served => return Some(output),
+            () = &mut timer => {
+                let started = activity.started.get();
+                if started == seen && activity.in_flight.get() == 0 {
+                    return None;
+                }
+                seen = started;
+                timer.reset(runtime.now() + REQUEST_IDLE_TIMEOUT);
+            }
+        }
+    }
+}
+
+/// Writes the engine's answer.
+fn respond(answer: Answer) -> Response<Body> {
+    let mut response = Response::new(Full::new(answer.body));
+    *response.status_mut() =
+        StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = response.headers_mut();
+    if let Some(content_type) = answer.content_type {
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    }
+    if answer.cors {
+        for (name, value) in engine_http::CORS {
+            headers.insert(name, HeaderValue::from_static(value));
+        }
+    }
+    response
+}
+
+async fn route(request: Request<Incoming>, state: State, accepted: Accepted) -> Response<Body> {
+    let answer = match engine_http::route(request.method().as_str(), request.uri().path()) {
+        Route::WebSocket => return upgrade(request, state, accepted).await,
+        Route::Health => Answer::health(),
+        Route::Metrics => Answer::metrics(state.metrics.render()),
+        Route::Preflight => Answer::preflight(),
+        Route::Rest(target) => rest(request, target, state).await,
+        Route::NotFound => Answer::not_found(),
+    };
+    respond(answer)
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+fn query(request: &Request<Incoming>, name: &str) -> Option<String> {
+    let query = request.uri().query()?;
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
+}
+
+async fn rest(request: Request<Incoming>, target: RestTarget, state: State) -> Answer {
+    let auth = RestAuth {
+        authorization: header(request.headers(), "authorization"),
+        apikey: header(request.headers(), "apikey"),
+    };
+    let content_type = header(request.headers(), "content-type");
+    let private = query(&request, "private").is_some_and(|p| p == "true");
+    let body = match Limited::new(request.into_body(), state.rest_body_bytes_max)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => return Answer::too_large(),
+    };
+    let request = target.request(auth, content_type, private, body);
+    let (status, body) = state.engine.rest(request).await;
+    Answer::json(status, body).with_cors()
+}
+
+/// Answers an upgrade request: 101 with the socket's end left in `accepted`, or the
+/// engine's refusal.
+async fn upgrade(request: Request<Incoming>, state: State, accepted: Accepted) -> Response<Body> {
+    let headers = request.headers();
+    let is_upgrade = headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let Some(key) = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .filter(|_| is_upgrade)
+        .cloned()
+    else {
+        return respond(Answer::not_an_upgrade());
+    };
+    let params = ConnectParams {
+        vsn: query(&request, "vsn"),
+        apikey: query(&request, "apikey"),
+        x_api_key: header(request.headers(), "x-api-key"),
+    };
+    let conn = state.engine.next_conn();
+    let end = match state.engine.connect(conn, params).await {
+        Ok(end) => end,
+        Err((status, body)) => return respond(Answer::json(status, body)),
+    };
+    if let Some((earlier, _)) = accepted.replace(Some((conn, end))) {
+        // Only one upgrade per connection is ever written; an earlier one never was.
+        state.engine.closed(earlier).await;
+    }
+    let mut response = respond(Answer::json(101, Bytes::new()));
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    let accept = derive_accept_key(key.as_bytes());
+    headers.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept).expect("base64 is a valid header"),
+    );
+    response
+}
