@@ -117,10 +117,7 @@ impl Shards {
     /// Serves each `(task, listener)` pair on its own executor, pinned to a core of its
     /// own, until the future `shutdown()` makes for it completes. Returns once every
     /// executor runs, or with why one could not start.
-    pub fn start<S, F>(
-        shards: Vec<Shard>,
-        shutdown: S,
-    ) -> Result<Shards, ShardFailed>
+    pub fn start<S, F>(shards: Vec<Shard>, shutdown: S) -> Result<Shards, ShardFailed>
     where
         S: FnOnce() -> F + Clone + Send + 'static,
         F: Future<Output = ()> + 'static,

@@ -234,7 +234,8 @@ impl AcceptRefusals {
 
 /// How long a connection may go without starting a request while none is being served:
 /// a client trickling header bytes, or an idle keep-alive connection, is dropped after
-/// this (and at most twice this).
+/// this (and at most twice this). hyper's own header timeout needs a `Send` timer, which a
+/// thread-per-core runtime's is not; this watchdog uses the runtime's.
 const REQUEST_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The requests of one connection, as the idle watchdog sees them.
@@ -440,4 +441,209 @@ async fn upgrade(request: Request<Incoming>, state: State, accepted: Accepted) -
         HeaderValue::from_str(&accept).expect("base64 is a valid header"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+
+    use super::*;
+
+    /// tokio's paused clock as the serving core's runtime.
+    #[derive(Clone)]
+    struct Paused;
+
+    struct Sleep(Pin<Box<tokio::time::Sleep>>);
+
+    impl Future for Sleep {
+        type Output = ();
+
+        fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+            self.0.as_mut().poll(cx)
+        }
+    }
+
+    impl Timer for Sleep {
+        fn reset(&mut self, at: Instant) {
+            self.0.as_mut().reset(at.into());
+        }
+    }
+
+    impl Runtime for Paused {
+        type Timer = Sleep;
+
+        fn now(&self) -> Instant {
+            tokio::time::Instant::now().into_std()
+        }
+
+        fn timer(&self, at: Instant) -> Sleep {
+            Sleep(Box::pin(tokio::time::sleep_until(at.into())))
+        }
+
+        fn spawn(&self, future: impl Future<Output = ()> + 'static) {
+            tokio::task::spawn_local(future);
+        }
+    }
+
+    /// Runs `watched` over a connection that never ends while `act` plays the client;
+    /// returns when the watchdog dropped it.
+    async fn dropped_after(act: impl Future<Output = ()>, activity: Rc<Activity>) -> Duration {
+        let start = tokio::time::Instant::now();
+        let watching = watched(std::future::pending::<()>(), &activity, &Paused);
+        tokio::select! {
+            biased;
+            output = watching => assert!(output.is_none(), "a pending connection never ends"),
+            () = act => panic!("the watchdog let the connection outlive the client's act"),
+        }
+        start.elapsed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_starts_no_request_is_dropped() {
+        let activity = Rc::new(Activity::default());
+        let waited = dropped_after(std::future::pending(), activity).await;
+        assert_eq!(waited, REQUEST_IDLE_TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_keep_a_connection_and_an_idle_one_goes_after_its_last() {
+        let activity = Rc::new(Activity::default());
+        let client = {
+            let activity = activity.clone();
+            async move {
+                for _ in 0..5 {
+                    drop(InFlight::new(activity.clone()));
+                    tokio::time::sleep(Duration::from_secs(20)).await;
+                }
+                std::future::pending::<()>().await;
+            }
+        };
+        let waited = dropped_after(client, activity).await;
+        // Requests at 0, 20, …, 80 s; the watchdog looks every 30 s and drops the
+        // connection at the first look that saw no request since the one before: at 120 s,
+        // 40 s after the last.
+        assert_eq!(waited, Duration::from_secs(120));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_being_answered_is_never_cut_off() {
+        let activity = Rc::new(Activity::default());
+        let client = {
+            let activity = activity.clone();
+            async move {
+                let answering = InFlight::new(activity.clone());
+                tokio::time::sleep(Duration::from_secs(300)).await;
+                drop(answering);
+                std::future::pending::<()>().await;
+            }
+        };
+        let waited = dropped_after(client, activity).await;
+        assert!(
+            waited >= Duration::from_secs(300) + REQUEST_IDLE_TIMEOUT,
+            "{waited:?}"
+        );
+        assert!(
+            waited <= Duration::from_secs(300) + REQUEST_IDLE_TIMEOUT * 2,
+            "{waited:?}"
+        );
+    }
+
+    /// What a client sends in a property case, and which head it starts with: maybe an
+    /// upgrade request, and whatever bytes follow it in the same write (so hyper reads
+    /// some of them past the request and must hand them over), then more, then its end.
+    fn client_bytes() -> impl proptest::strategy::Strategy<Value = (usize, Vec<u8>)> {
+        use proptest::prelude::*;
+        let key = switchboard_engine::auth::sign(
+            "s",
+            &serde_json::json!({"role": "anon", "exp": 4_000_000_000u64}),
+        );
+        let upgrade = format!(
+            "GET /realtime/v1/websocket?vsn=2.0.0&apikey={key} HTTP/1.1\r\nhost: x\r\n\
+             upgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-version: 13\r\n\
+             sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        );
+        // A masked text frame holding a heartbeat, as a client sends it.
+        let heartbeat = {
+            let text = br#"[null,"1","phoenix","heartbeat",{}]"#;
+            let mut frame = vec![0x81, 0x80 | text.len() as u8, 1, 2, 3, 4];
+            frame.extend(
+                text.iter()
+                    .enumerate()
+                    .map(|(i, b)| b ^ [1, 2, 3, 4][i % 4]),
+            );
+            frame
+        };
+        let heads = [
+            Vec::new(),
+            upgrade.clone().into_bytes(),
+            [upgrade.as_bytes(), &heartbeat].concat(),
+            b"POST /realtime/v1/api/broadcast HTTP/1.1\r\ncontent-length: 5\r\n\r\n".to_vec(),
+        ];
+        (
+            0..heads.len(),
+            proptest::collection::vec(any::<u8>(), 0..512),
+        )
+            .prop_map(move |(head, tail)| (head, [heads[head].as_slice(), &tail].concat()))
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+        /// Whatever a client sends, the connection task ends once the client is gone:
+        /// no panic, no task left behind, and the engine keeps serving.
+        #[test]
+        fn any_bytes_end_in_a_finished_connection((head, bytes) in client_bytes()) {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            use tokio_util::compat::TokioAsyncReadCompatExt;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .build()
+                .expect("a runtime");
+            tokio::task::LocalSet::new().block_on(&runtime, async move {
+                let config = switchboard_engine::Config {
+                    jwt_secret: "s".into(),
+                    ..switchboard_engine::Config::default()
+                };
+                let (server, task) = Server::new(Options::new(config));
+                let ServerTask { state, engined, .. } = task;
+                tokio::task::spawn_local(engined.drive(Paused));
+                let (ours, theirs) = tokio::io::duplex(64 << 10);
+                let (sockets, mut sockets_gone) = mpsc::channel::<()>(1);
+                let served = tokio::task::spawn_local(connection(
+                    ours.compat(),
+                    state,
+                    sockets,
+                    Paused,
+                ));
+                let mut client = theirs;
+                let _ = client.write_all(&bytes).await;
+                let _ = client.shutdown().await;
+                let mut answer = Vec::new();
+                let _ = client.read_to_end(&mut answer).await;
+                if head == 1 || head == 2 {
+                    assert!(answer.starts_with(b"HTTP/1.1 101"), "upgraded");
+                }
+                if head == 2 {
+                    // The frame hyper read past the request reached the engine.
+                    let reply = br#""phoenix","phx_reply",{"status":"ok""#;
+                    assert!(answer.windows(reply.len()).any(|w| w == reply), "heartbeat answered");
+                }
+                let ended = tokio::time::timeout(REQUEST_IDLE_TIMEOUT * 3, served).await;
+                assert!(matches!(ended, Ok(Ok(()))), "the connection ended: {ended:?}");
+                assert!(sockets_gone.recv().await.is_none(), "no socket outlives it");
+                // The engine still answers.
+                let (status, _) = server
+                    .handle()
+                    .rest(RestTarget::Batch.request(
+                        RestAuth { authorization: None, apikey: None },
+                        None,
+                        false,
+                        Bytes::new(),
+                    ))
+                    .await;
+                assert_eq!(status, 401);
+            });
+        }
+    }
 }
