@@ -12,6 +12,10 @@
 #   repetitions: each scenario runs this often, alternating servers and floor, and the
 #            table shows medians: with the load generator on the same cores, one run's
 #            latency moves by a factor of two.
+#   BENCH_ONLY: a pattern (grep -E) of the scenario names to run; default all.
+#   BENCH_SYSCALLS=1: count the server's syscalls and io_uring submissions with `perf stat`
+#            (tracepoints; needs root or perf_event_paranoid ≤ -1) and add them per
+#            delivery to the table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runtimes="${1:-tokio}"
@@ -96,15 +100,29 @@ scenarios=(
   "19k idle joined|--connections 19000 --rooms 190 --publishers 0 --rate 0 --connect-concurrency 512"
 )
 
+# perf's tracepoints for the syscalls that move bytes, and every syscall and submission.
+events=raw_syscalls:sys_enter,io_uring:io_uring_submit_req,syscalls:sys_enter_io_uring_enter
+events+=,syscalls:sys_enter_write,syscalls:sys_enter_writev,syscalls:sys_enter_sendto
+events+=,syscalls:sys_enter_read,syscalls:sys_enter_recvfrom,syscalls:sys_enter_epoll_wait
+
 for entry in "${scenarios[@]}"; do
   name="${entry%%|*}"
   args="${entry#*|}"
+  if [ -n "${BENCH_ONLY:-}" ] && ! grep -qE "$BENCH_ONLY" <<< "$name"; then continue; fi
   for run in $(for _ in $(seq "$reps"); do echo "${servers[@]}" floor; done); do
     case "$name" in presence*|"1k v1"*) [ "$run" = floor ] && continue ;; esac
     if [ "$run" = floor ]; then mode=floor; start_floor; else mode=switchboard; start_switchboard "$run"; fi
+    counting=""
+    if [ "${BENCH_SYSCALLS:-}" = 1 ]; then
+      perf stat -x, -e "$events" -p "$server" -o "$out/.perf" & counting=$!
+    fi
     # shellcheck disable=SC2086
     line=$("$bin/loadgen" --mode "$mode" --addr "$addr" --key "$key" --duration "$secs" \
       --server-pid "$server" --label "$name" $args 2>/dev/null | tail -n 1)
+    if [ -n "$counting" ]; then
+      kill -INT "$counting"; wait "$counting" || true
+      line=$(python3 benches/perf_counts.py "$out/.perf" "$line")
+    fi
     stop
     line="{\"server\":\"$run\",${line#\{}"
     echo "$line" >> "$log"
@@ -172,15 +190,23 @@ fmt = lambda us: f"{us / 1000:.2f}"
 num = lambda v, f="{:.0f}": f.format(v) if v is not None else "–"
 def ratio(r, f, key):
     return f"{r[key] / f[key]:.2f}" if f and r.get(key) and f.get(key) else "–"
+syscalls = any(r.get("syscalls_per_delivery") is not None for r in rows)
 def line(r, f, name):
     rss = f"{(r['rss_idle_kib'] or 0) / 1024:.1f}"
+    extra = (
+        f" {num(r.get('syscalls_per_delivery'), '{:.3f}')} | {num(r.get('uring_submissions_per_delivery'), '{:.3f}')} |"
+        if syscalls else ""
+    )
     return (
         f"| {name} | {r['delivered_per_sec']:.0f} | {ratio(r, f, 'delivered_per_sec')} | {fmt(r['p50_us'])} "
         f"| {fmt(r['p99_us'])} | {ratio(r, f, 'p99_us')} | {fmt(r['p999_us'])} "
         f"| {num(r.get('server_cpu_ms_per_million'))} | {ratio(r, f, 'server_cpu_ms_per_million')} "
         f"| {num(r.get('engine_core_share') and r['engine_core_share'] * 100, '{:.1f}')} "
-        f"| {r['setup_per_sec']:.0f} | {rss} | {num(r.get('rss_per_idle_conn_bytes'))} |"
+        f"| {r['setup_per_sec']:.0f} | {rss} | {num(r.get('rss_per_idle_conn_bytes'))} |" + extra
     )
+if syscalls:
+    lines[2] += " syscalls per delivery | io_uring submissions per delivery |"
+    lines[3] += " ---: | ---: |"
 for r in sorted((r for r in rows if r["mode"] == "switchboard"), key=lambda r: [x["label"] for x in rows].index(r["label"])):
     name = r["label"] if len(names) == 1 else f"{r['label']}: {r['server']}"
     lines.append(line(r, floor.get(r["label"]), name))
@@ -225,5 +251,5 @@ set xtics rotate by -15
 set grid ytics
 plot for [i=2:$columns] "$out/$result.md.dat" using i:xtic(1)
 EOF
-rm -f "$out/.server.out" "$out/$result.md.dat"
+rm -f "$out/.server.out" "$out/.perf" "$out/$result.md.dat"
 echo "wrote $out/$result.md and $out/$result.png"

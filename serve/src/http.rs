@@ -273,6 +273,24 @@ where
     S: AsyncRead + AsyncWrite + Unpin + 'static,
     R: Runtime,
 {
+    // The HTTP phase on the heap: its state (hyper's connection and buffers) is freed
+    // before the socket phase, which an idle socket spends its life in.
+    let upgraded = Box::pin(http(io, state.clone(), runtime.clone())).await;
+    let Some((io, read, conn, end)) = upgraded else {
+        return;
+    };
+    let _socket = sockets;
+    debug!(conn = conn.0, "socket open");
+    crate::socket(io, read, conn, end, state.engine, runtime).await;
+}
+
+/// Serves HTTP requests until the connection closes, or upgrades: then its stream, what
+/// was read past the upgrade request, and the socket's end.
+async fn http<S, R>(io: S, state: State, runtime: R) -> Option<(S, Vec<u8>, ConnId, SocketEnd)>
+where
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
+    R: Runtime,
+{
     let accepted: Accepted = Rc::default();
     let activity = Rc::new(Activity::default());
     let service = {
@@ -292,26 +310,23 @@ where
         .without_shutdown();
     let parts = watched(served, &activity, &runtime).await;
     let upgrade = accepted.take();
-    let (io, read) = match parts {
-        Some(Ok(parts)) => (parts.io.into_inner(), parts.read_buf),
+    match parts {
+        Some(Ok(parts)) => {
+            let (conn, end) = upgrade?;
+            Some((parts.io.into_inner(), parts.read_buf.to_vec(), conn, end))
+        }
         Some(Err(e)) => {
             debug!(error = %e, "http connection ended");
             if let Some((conn, _)) = upgrade {
                 state.engine.closed(conn).await;
             }
-            return;
+            None
         }
         None => {
             debug!("http connection idle: dropped");
-            return;
+            None
         }
-    };
-    let Some((conn, end)) = upgrade else {
-        return;
-    };
-    let _socket = sockets;
-    debug!(conn = conn.0, "socket open");
-    crate::socket(io, read.to_vec(), conn, end, state.engine, runtime).await;
+    }
 }
 
 /// Runs `served` until it completes, or `None` once no request started for
@@ -618,6 +633,8 @@ mod tests {
                 ));
                 let mut client = theirs;
                 let _ = client.write_all(&bytes).await;
+                // A client that stays a moment: what it sent is answered before it leaves.
+                tokio::time::sleep(Duration::from_secs(1)).await;
                 let _ = client.shutdown().await;
                 let mut answer = Vec::new();
                 let _ = client.read_to_end(&mut answer).await;
@@ -627,7 +644,7 @@ mod tests {
                 if head == 2 {
                     // The frame hyper read past the request reached the engine.
                     let reply = br#""phoenix","phx_reply",{"status":"ok""#;
-                    assert!(answer.windows(reply.len()).any(|w| w == reply), "heartbeat answered");
+                    assert!(answer.windows(reply.len()).any(|w| w == reply), "heartbeat answered: {:?}", String::from_utf8_lossy(&answer));
                 }
                 let ended = tokio::time::timeout(REQUEST_IDLE_TIMEOUT * 3, served).await;
                 assert!(matches!(ended, Ok(Ok(()))), "the connection ended: {ended:?}");
