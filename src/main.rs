@@ -58,6 +58,11 @@ struct Serve {
     /// generated and ready-to-use keys are printed.
     #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
+    /// Keys for asymmetric tokens (RS256/384/512, ES256/384, EdDSA) and further HS secrets,
+    /// chosen by each token's `kid`: a JWKS (`{"keys": [...]}`), inline or as a file path,
+    /// like upstream's API_JWT_JWKS.
+    #[arg(long, env = "SWITCHBOARD_JWT_JWKS", hide_env_values = true)]
+    jwt_jwks: Option<String>,
     /// Postgres connection URL; enables postgres_changes.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
@@ -230,6 +235,16 @@ fn main() -> anyhow::Result<()> {
     run(serve)
 }
 
+/// The JWKS of `--jwt-jwks`: the JSON itself when it is an object, else a file holding it.
+fn read_jwks(given: &str) -> anyhow::Result<auth::Jwks> {
+    let json = if given.trim_start().starts_with('{') {
+        given.to_owned()
+    } else {
+        std::fs::read_to_string(given).with_context(|| format!("reading the JWKS file {given}"))?
+    };
+    auth::Jwks::parse(&json).context("--jwt-jwks")
+}
+
 /// A development secret: 40 characters, 240 bits from the OS's random source.
 fn random_secret() -> anyhow::Result<String> {
     // 64 symbols, so six bits of each byte pick one without bias.
@@ -298,6 +313,7 @@ fn run(serve: Serve) -> anyhow::Result<()> {
     let addr = listeners[0]
         .local_addr()
         .context("reading the bound address")?;
+    let jwt_jwks = serve.jwt_jwks.as_deref().map(read_jwks).transpose()?;
     let (jwt_secret, generated) = match serve.jwt_secret {
         Some(secret) => (secret, false),
         None => (random_secret()?, true),
@@ -324,6 +340,7 @@ fn run(serve: Serve) -> anyhow::Result<()> {
     #[allow(clippy::needless_update)]
     let config = Config {
         jwt_secret,
+        jwt_jwks,
         heartbeat_timeout_ms: serve.heartbeat_timeout_ms,
         no_channel_timeout_ms: serve.no_channel_timeout_ms,
         client_presence_calls_max: serve.client_presence_max_calls,

@@ -2,9 +2,15 @@
 //!
 //! jsonwebtoken checks the signature; `exp` is checked here against the engine's `now`,
 //! never the system clock, so simulated time and tests stay deterministic.
+//!
+//! Keys are chosen as upstream chooses them (`RealtimeWeb.JwtVerification`): an HS token
+//! is checked with the `oct` key of its `kid` if the JWKS has one, else with the project
+//! secret; an RS, ES or EdDSA token needs a `kid` naming a key of the matching type in the
+//! JWKS. No other algorithm is accepted, and a public key never verifies an HS token.
 
 use std::sync::Arc;
 
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use rustc_hash::FxHashMap;
 use serde_json::{Map, Value};
@@ -57,6 +63,13 @@ pub enum TokenError {
     /// The algorithm is not one we can verify.
     #[error("Failed to generate JWT signer, check your JWT secret or JWKS configuration")]
     Signer,
+    /// No key of the token's type has its `kid` (upstream shows the kid as Elixir's
+    /// `inspect` does: quoted).
+    #[error(
+        "Failed to generate JWT signer for key ID (kid) {}, check your JWT secret or JWKS configuration",
+        serde_json::to_string(.0).unwrap_or_default()
+    )]
+    UnknownKid(String),
 }
 
 impl TokenError {
@@ -77,7 +90,7 @@ impl TokenError {
             | TokenError::NotYetValid
             | TokenError::InvalidIssuedAt => "InvalidJWTToken",
             TokenError::BadSignature => "JwtSignatureError",
-            TokenError::Signer => "JwtSignerError",
+            TokenError::Signer | TokenError::UnknownKid(_) => "JwtSignerError",
         };
         let message = match self {
             TokenError::Missing => TokenError::Malformed.to_string(),
@@ -91,17 +104,139 @@ impl TokenError {
 /// between the issuer and this server that is tolerated.
 pub const NBF_LEEWAY_SECS: u64 = 30;
 
-/// Verifies tokens with the project secret. Built once; verification allocates only the
-/// claims map.
+/// The kinds of JWKS key upstream matches a token's algorithm against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KeyType {
+    /// `kty: oct`: a shared secret, for HS tokens.
+    Oct,
+    /// `kty: RSA`, for RS tokens.
+    Rsa,
+    /// `kty: EC`, for ES tokens.
+    Ec,
+    /// `kty: OKP` on an Edwards curve, for EdDSA tokens.
+    Okp,
+}
+
+impl KeyType {
+    /// The key type a token signed with `alg` needs; `None` for algorithms upstream does
+    /// not accept (PS*, and anything new).
+    fn of(alg: Algorithm) -> Option<KeyType> {
+        match alg {
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => Some(KeyType::Oct),
+            Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512 => Some(KeyType::Rsa),
+            Algorithm::ES256 | Algorithm::ES384 => Some(KeyType::Ec),
+            Algorithm::EdDSA => Some(KeyType::Okp),
+            _ => None,
+        }
+    }
+}
+
+/// A JWKS that cannot be used, said at start.
+#[derive(Debug, thiserror::Error)]
+pub enum BadJwks {
+    /// Not a JWKS document.
+    #[error("the JWKS is not a JSON object with a `keys` array: {0}")]
+    NotJwks(String),
+    /// A key the JWKS offers for tokens cannot be made into a verifying key.
+    #[error("JWKS key {index} (kid {kid:?}): {reason}")]
+    BadKey {
+        /// Its position in `keys`.
+        index: usize,
+        /// Its `kid`.
+        kid: String,
+        /// What jsonwebtoken said of it.
+        reason: String,
+    },
+}
+
+/// A JWKS whose keys were checked: every key a token could choose makes a verifying key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Jwks(JwkSet);
+
+impl Jwks {
+    /// Parses and checks a JWKS document (`{"keys": [...]}`).
+    pub fn parse(json: &str) -> Result<Jwks, BadJwks> {
+        let set: JwkSet =
+            serde_json::from_str(json).map_err(|e| BadJwks::NotJwks(e.to_string()))?;
+        let jwks = Jwks(set);
+        jwks.prepared()?;
+        Ok(jwks)
+    }
+
+    /// The keys tokens may choose, by `kid`. Keys without a `kid` can never be chosen, and
+    /// keys of other types (X25519, say) are never picked by upstream: both are left out.
+    fn prepared(&self) -> Result<FxHashMap<String, (KeyType, DecodingKey)>, BadJwks> {
+        let mut keys = FxHashMap::default();
+        for (index, jwk) in self.0.keys.iter().enumerate() {
+            let Some(kid) = jwk.common.key_id.clone() else {
+                continue;
+            };
+            let kind = match &jwk.algorithm {
+                AlgorithmParameters::OctetKey(_) => KeyType::Oct,
+                AlgorithmParameters::RSA(_) => KeyType::Rsa,
+                AlgorithmParameters::EllipticCurve(_) => KeyType::Ec,
+                AlgorithmParameters::OctetKeyPair(params)
+                    if params.curve == EllipticCurve::Ed25519 =>
+                {
+                    KeyType::Okp
+                }
+                _ => continue,
+            };
+            let key = DecodingKey::from_jwk(jwk).map_err(|e| BadJwks::BadKey {
+                index,
+                kid: kid.clone(),
+                reason: e.to_string(),
+            })?;
+            keys.insert(kid, (kind, key));
+        }
+        Ok(keys)
+    }
+}
+
+/// Verifies tokens with the project secret and the keys of a JWKS. Built once;
+/// verification allocates only the claims map.
 pub struct Verifier {
-    key: DecodingKey,
+    secret: DecodingKey,
+    /// The JWKS's keys by `kid`; keys without one can never be chosen and are left out.
+    keys: FxHashMap<String, (KeyType, DecodingKey)>,
 }
 
 impl Verifier {
     /// A verifier for HS256/384/512 tokens signed with `secret`.
     pub fn new(secret: &str) -> Self {
         Verifier {
-            key: DecodingKey::from_secret(secret.as_bytes()),
+            secret: DecodingKey::from_secret(secret.as_bytes()),
+            keys: FxHashMap::default(),
+        }
+    }
+
+    /// A verifier for HS tokens signed with `secret` or an `oct` key of `jwks`, and for
+    /// RS, ES and EdDSA tokens whose `kid` names a key of `jwks`.
+    pub fn with_jwks(secret: &str, jwks: Option<&Jwks>) -> Self {
+        Verifier {
+            secret: DecodingKey::from_secret(secret.as_bytes()),
+            keys: jwks.map_or_else(FxHashMap::default, |jwks| {
+                jwks.prepared()
+                    .expect("a Jwks was checked when it was parsed")
+            }),
+        }
+    }
+
+    /// The key `header`'s token must verify with.
+    fn key(&self, header: &Header) -> Result<&DecodingKey, TokenError> {
+        let kind = KeyType::of(header.alg).ok_or(TokenError::Signer)?;
+        let chosen = header
+            .kid
+            .as_ref()
+            .and_then(|kid| self.keys.get(kid))
+            .filter(|(found, _)| *found == kind)
+            .map(|(_, key)| key);
+        match (kind, chosen, &header.kid) {
+            (_, Some(key), _) => Ok(key),
+            // Supabase Auth's HS tokens carry a kid the JWKS does not publish.
+            (KeyType::Oct, None, _) => Ok(&self.secret),
+            (_, None, Some(kid)) => Err(TokenError::UnknownKid(kid.clone())),
+            (_, None, None) => Err(TokenError::Signer),
         }
     }
 
@@ -117,25 +252,21 @@ impl Verifier {
         if token.is_empty() {
             return Err(TokenError::Missing);
         }
-        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
-        if !matches!(
-            header.alg,
-            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
-        ) {
-            return Err(TokenError::Signer);
-        }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| unreadable_header(token))?;
+        let key = self.key(&header)?;
         let mut validation = Validation::new(header.alg);
         validation.validate_exp = false;
         validation.validate_nbf = false;
         validation.validate_aud = false;
         validation.required_spec_claims.clear();
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &validation)
-            .map_err(|e| match e.kind() {
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, key, &validation).map_err(
+            |e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::InvalidSignature => TokenError::BadSignature,
                 jsonwebtoken::errors::ErrorKind::InvalidAlgorithm
                 | jsonwebtoken::errors::ErrorKind::InvalidKeyFormat => TokenError::Signer,
                 _ => TokenError::Malformed,
-            })?;
+            },
+        )?;
         let claims = data.claims;
         let role = claims.get("role").and_then(Value::as_str);
         let exp = claims.get("exp").and_then(Value::as_f64);
@@ -167,6 +298,27 @@ impl Verifier {
     }
 }
 
+/// Why a header jsonwebtoken cannot read was refused: one naming an algorithm nobody
+/// verifies (`none`, say) gets upstream's signer error; anything else is not a JWT.
+fn unreadable_header(token: &str) -> TokenError {
+    use base64::Engine as _;
+    let names_an_algorithm = token
+        .split('.')
+        .next()
+        .and_then(|header| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(header)
+                .ok()
+        })
+        .and_then(|json| serde_json::from_slice::<Map<String, Value>>(&json).ok())
+        .is_some_and(|header| header.get("alg").is_some_and(Value::is_string));
+    if names_an_algorithm {
+        TokenError::Signer
+    } else {
+        TokenError::Malformed
+    }
+}
+
 /// Tokens verified and still held by a connection or channel. The thousands of sockets that
 /// present one key (every browser of a site shares its anon key) then share one copy of the
 /// token and its claims, about a kilobyte each, and a token seen before skips the HMAC and
@@ -181,9 +333,9 @@ pub(crate) struct Tokens {
 }
 
 impl Tokens {
-    pub(crate) fn new(secret: &str) -> Self {
+    pub(crate) fn new(verifier: Verifier) -> Self {
         Tokens {
-            verifier: Verifier::new(secret),
+            verifier,
             known: FxHashMap::default(),
             sweep_at: 64,
         }
@@ -329,7 +481,7 @@ mod tests {
 
     #[test]
     fn a_known_token_is_shared_and_still_expires() {
-        let mut tokens = Tokens::new("secret");
+        let mut tokens = Tokens::new(Verifier::new("secret"));
         let token = sign("secret", &json!({"role": "anon", "exp": 1_700_000_100u64}));
         let (first, claims) = tokens.verify(&token, NOW_MS).unwrap();
         let (second, again) = tokens.verify(&token, NOW_MS).unwrap();
@@ -347,7 +499,7 @@ mod tests {
 
     #[test]
     fn tokens_nobody_holds_are_swept() {
-        let mut tokens = Tokens::new("secret");
+        let mut tokens = Tokens::new(Verifier::new("secret"));
         let held = tokens
             .verify(
                 &sign("secret", &json!({"role": "anon", "exp": 1_800_000_000u64})),
@@ -370,5 +522,191 @@ mod tests {
         let token = sign("secret", &json!({"role": "anon", "exp": 1_800_000_000u64}));
         let (a, b) = token.split_at(10);
         assert!(verify(&format!(" {a}\n{b} ")).is_ok());
+    }
+
+    /// The test keys (`tests/keys/`), also used by the end-to-end tests.
+    const ES256: &str = include_str!("../../tests/keys/es256.pem");
+    const RS256: &str = include_str!("../../tests/keys/rs256.pem");
+    const ED25519: &str = include_str!("../../tests/keys/ed25519.pem");
+
+    fn private(alg: Algorithm) -> EncodingKey {
+        match alg {
+            Algorithm::ES256 => EncodingKey::from_ec_pem(ES256.as_bytes()),
+            Algorithm::RS256 => EncodingKey::from_rsa_pem(RS256.as_bytes()),
+            Algorithm::EdDSA => EncodingKey::from_ed_pem(ED25519.as_bytes()),
+            other => panic!("no test key for {other:?}"),
+        }
+        .expect("a test key")
+    }
+
+    fn signed(alg: Algorithm, kid: Option<&str>, claims: &Value) -> String {
+        let mut header = Header::new(alg);
+        header.kid = kid.map(str::to_owned);
+        jsonwebtoken::encode(&header, claims, &private(alg)).expect("signing")
+    }
+
+    fn public(alg: Algorithm, kid: &str) -> Value {
+        let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&private(alg), alg).unwrap();
+        jwk.common.key_id = Some(kid.to_owned());
+        serde_json::to_value(jwk).unwrap()
+    }
+
+    /// A JWKS with the three public test keys and an `oct` key `hs-kid`.
+    fn verifier() -> Verifier {
+        let jwks = json!({"keys": [
+            public(Algorithm::ES256, "es"),
+            public(Algorithm::RS256, "rs"),
+            public(Algorithm::EdDSA, "ed"),
+            {"kty": "oct", "kid": "hs-kid", "k": "b2N0LXNlY3JldA"},
+        ]});
+        let jwks = Jwks::parse(&jwks.to_string()).expect("a valid JWKS");
+        Verifier::with_jwks("secret", Some(&jwks))
+    }
+
+    fn claims() -> Value {
+        json!({"role": "authenticated", "exp": 1_800_000_000u64, "sub": "u1"})
+    }
+
+    #[test]
+    fn asymmetric_tokens_verify_with_the_jwks_key_their_kid_names() {
+        let verifier = verifier();
+        for (alg, kid) in [
+            (Algorithm::ES256, "es"),
+            (Algorithm::RS256, "rs"),
+            (Algorithm::EdDSA, "ed"),
+        ] {
+            let token = signed(alg, Some(kid), &claims());
+            let verified = verifier.verify(&token, NOW_MS);
+            assert_eq!(
+                verified.map(|c| c.role),
+                Ok("authenticated".into()),
+                "{alg:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unknown_kid_or_a_key_of_another_type_names_the_kid() {
+        let verifier = verifier();
+        let unknown = signed(Algorithm::ES256, Some("gone"), &claims());
+        let err = verifier.verify(&unknown, NOW_MS).unwrap_err();
+        assert_eq!(err, TokenError::UnknownKid("gone".into()));
+        assert_eq!(
+            err.join_reason(),
+            "JwtSignerError: Failed to generate JWT signer for key ID (kid) \"gone\", check your JWT secret or JWKS configuration"
+        );
+        // An ES token naming the RSA key: the key must be of the token's type.
+        let crossed = signed(Algorithm::ES256, Some("rs"), &claims());
+        assert_eq!(
+            verifier.verify(&crossed, NOW_MS),
+            Err(TokenError::UnknownKid("rs".into()))
+        );
+        // Without a kid an asymmetric token has no key at all.
+        let no_kid = signed(Algorithm::RS256, None, &claims());
+        assert_eq!(verifier.verify(&no_kid, NOW_MS), Err(TokenError::Signer));
+    }
+
+    #[test]
+    fn a_token_signed_by_another_key_under_a_known_kid_is_refused() {
+        // An EdDSA token naming the ES key's kid: no key of its type has that kid.
+        let jwks = json!({"keys": [public(Algorithm::ES256, "es")]});
+        let other = Verifier::with_jwks("secret", Some(&Jwks::parse(&jwks.to_string()).unwrap()));
+        let token = signed(Algorithm::EdDSA, Some("es"), &claims());
+        assert_eq!(
+            other.verify(&token, NOW_MS),
+            Err(TokenError::UnknownKid("es".into()))
+        );
+        let mut forged = signed(Algorithm::ES256, Some("es"), &claims());
+        forged.truncate(forged.len() - 4);
+        forged.push_str("AAAA");
+        assert_eq!(
+            verifier().verify(&forged, NOW_MS),
+            Err(TokenError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn hs_tokens_use_the_oct_key_of_their_kid_else_the_secret() {
+        let verifier = verifier();
+        let with_oct = |kid: &str, secret: &[u8]| {
+            let mut header = Header::new(Algorithm::HS256);
+            header.kid = Some(kid.to_owned());
+            jsonwebtoken::encode(&header, &claims(), &EncodingKey::from_secret(secret)).unwrap()
+        };
+        assert!(verifier
+            .verify(&with_oct("hs-kid", b"oct-secret"), NOW_MS)
+            .is_ok());
+        // Supabase Auth's HS tokens carry a kid the JWKS does not publish: the secret.
+        assert!(verifier
+            .verify(&with_oct("auth-kid", b"secret"), NOW_MS)
+            .is_ok());
+        assert_eq!(
+            verifier.verify(&with_oct("hs-kid", b"secret"), NOW_MS),
+            Err(TokenError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn algorithm_confusion_is_refused() {
+        // The classic attack: an HS256 token whose "secret" is the server's public key,
+        // under the kid of that public key. HS tokens never verify with a public key.
+        let public_pem = {
+            let jwk: jsonwebtoken::jwk::Jwk =
+                serde_json::from_value(public(Algorithm::RS256, "rs")).unwrap();
+            serde_json::to_vec(&jwk).unwrap()
+        };
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("rs".into());
+        let token =
+            jsonwebtoken::encode(&header, &claims(), &EncodingKey::from_secret(&public_pem))
+                .unwrap();
+        assert_eq!(
+            verifier().verify(&token, NOW_MS),
+            Err(TokenError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn alg_none_and_unsupported_algorithms_get_the_signer_error() {
+        use base64::Engine as _;
+        let b64 =
+            |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+        let none = format!("{}.{}.", b64(&json!({"alg": "none"})), b64(&claims()));
+        assert_eq!(verifier().verify(&none, NOW_MS), Err(TokenError::Signer));
+        let unsigned_none = format!("{}.{}", b64(&json!({"alg": "none"})), b64(&claims()));
+        assert_eq!(
+            verifier().verify(&unsigned_none, NOW_MS),
+            Err(TokenError::Signer)
+        );
+        // PS256 is a real algorithm upstream does not accept.
+        let ps = format!(
+            "{}.{}.sig",
+            b64(&json!({"alg": "PS256", "kid": "rs"})),
+            b64(&claims())
+        );
+        assert_eq!(verifier().verify(&ps, NOW_MS), Err(TokenError::Signer));
+        assert_eq!(
+            verifier().verify("not.a.jwt", NOW_MS),
+            Err(TokenError::Malformed)
+        );
+    }
+
+    #[test]
+    fn a_jwks_that_cannot_verify_is_refused_at_parse() {
+        assert!(matches!(Jwks::parse("{}"), Err(BadJwks::NotJwks(_))));
+        assert!(matches!(Jwks::parse("[1]"), Err(BadJwks::NotJwks(_))));
+        let bad_rsa = json!({"keys": [{"kty": "RSA", "kid": "k", "n": "!!", "e": "AQAB"}]});
+        let err = Jwks::parse(&bad_rsa.to_string()).unwrap_err();
+        assert!(matches!(err, BadJwks::BadKey { index: 0, .. }), "{err}");
+        // Keys a token can never choose are fine: no kid, or a curve for key agreement.
+        let unusable = json!({"keys": [
+            {"kty": "OKP", "kid": "x", "crv": "X25519", "x": "AAAA"},
+            public(Algorithm::ES256, "es").as_object().map(|o| {
+                let mut o = o.clone();
+                o.remove("kid");
+                Value::Object(o)
+            }).unwrap(),
+        ]});
+        assert!(Jwks::parse(&unusable.to_string()).is_ok());
     }
 }

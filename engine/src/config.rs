@@ -10,6 +10,9 @@ const ENVELOPE_BYTES_MAX: usize = 64 * 1024;
 pub struct Config {
     /// HMAC secret for HS256/HS384/HS512 JWTs (the project's JWT secret).
     pub jwt_secret: String,
+    /// Keys for asymmetric tokens (RS, ES, EdDSA) and more HS secrets, chosen by `kid`
+    /// (upstream's `API_JWT_JWKS`).
+    pub jwt_jwks: Option<crate::auth::Jwks>,
     /// A socket that sends nothing for this long is closed (Phoenix transport timeout).
     pub heartbeat_timeout_ms: u64,
     /// A socket without any channel for this long is closed (`NO_CHANNEL_TIMEOUT_IN_MS`).
@@ -107,6 +110,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             jwt_secret: String::new(),
+            jwt_jwks: None,
             heartbeat_timeout_ms: 60_000,
             no_channel_timeout_ms: 600_000,
             join_error_backoff_ms: 5_000,

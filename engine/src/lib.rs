@@ -454,7 +454,10 @@ impl Engine {
             shard,
             limits,
         } = replica;
-        let tokens = auth::Tokens::new(&config.jwt_secret);
+        let tokens = auth::Tokens::new(auth::Verifier::with_jwks(
+            &config.jwt_secret,
+            config.jwt_jwks.as_ref(),
+        ));
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let phx_ref_counter = u64::from(rand_core::RngCore::next_u32(&mut rng)) << 8;
         Engine {
