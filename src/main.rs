@@ -35,7 +35,16 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve WebSocket clients and the REST API.
-    Serve(Serve),
+    Serve(Box<Serve>),
+    /// Install or upgrade the `realtime` schema (`serve` does it too at start), then exit.
+    Migrate(Migrate),
+}
+
+#[derive(Args)]
+struct Migrate {
+    /// Postgres connection URL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
 }
 
 /// Which runtime drives the engines. Both run the same serving core, one engine and one
@@ -224,15 +233,38 @@ struct Serve {
 }
 
 fn main() -> anyhow::Result<()> {
-    let Command::Serve(serve) = Cli::parse().command;
+    let command = Cli::parse().command;
+    let log_level = match &command {
+        Command::Serve(serve) => serve.log_level.as_str(),
+        Command::Migrate(_) => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&serve.log_level)
-                .context("parsing --log-level")?,
+            tracing_subscriber::EnvFilter::try_new(log_level).context("parsing --log-level")?,
         )
         .with_writer(std::io::stderr)
         .init();
-    run(serve)
+    match command {
+        Command::Serve(serve) => run(*serve),
+        Command::Migrate(migrate) => run_migrate(&migrate.database_url),
+    }
+}
+
+/// `switchboard migrate`: brings the schema up to date and says what it applied.
+fn run_migrate(database_url: &str) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a tokio runtime")?;
+    let applied = runtime
+        .block_on(postgres::migrate(database_url))
+        .context("installing the realtime schema")?;
+    if applied.is_empty() {
+        println!("the realtime schema is up to date");
+    } else {
+        println!("applied realtime schema migrations {applied:?}");
+    }
+    Ok(())
 }
 
 /// The JWKS of `--jwt-jwks`: the JSON itself when it is an object, else a file holding it.
@@ -405,6 +437,10 @@ fn run(serve: Serve) -> anyhow::Result<()> {
         .build()
         .context("starting the control runtime")?;
     // Runs until the server stops; dropping it closes the database connections.
+    if let Some((url, _)) = &database {
+        // Beside serving, so a database that is down at start delays only the schema.
+        control.spawn(postgres::keep_schema(url.clone()));
+    }
     let _postgres = database.map(|(url, outputs)| {
         let _entered = control.enter();
         let mut config = PostgresConfig::new(url);

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod jwks;
+mod migrate;
 mod pg;
 mod rls;
 mod rls_changes;

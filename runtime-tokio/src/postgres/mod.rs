@@ -8,8 +8,11 @@
 
 mod catalog;
 mod decode;
+mod migrate;
 mod rls;
 mod wal;
+
+pub use migrate::{keep_schema, maintain_partitions, migrate, RETENTION_DAYS};
 
 use std::sync::Arc;
 use std::time::Duration;
