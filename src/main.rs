@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use switchboard_engine::{auth, Config};
 use switchboard_tokio::postgres::{self, PostgresConfig};
 use switchboard_tokio::{to_shards, Options, Server};
-use tracing::info;
+use tracing::{info, warn};
 
 /// jemalloc, with its background threads returning freed memory to the system within
 /// seconds. glibc's allocator kept what a burst of large messages had used: after clients
@@ -438,7 +438,12 @@ fn run(serve: Serve) -> anyhow::Result<()> {
         .context("starting the control runtime")?;
     // Runs until the server stops; dropping it closes the database connections.
     if let Some((url, _)) = &database {
-        // Beside serving, so a database that is down at start delays only the schema.
+        // Before the WAL reader starts: creating its slot waits for every open transaction,
+        // so the two must not overlap. A database that is down now only delays the schema:
+        // it is installed once the database is back.
+        if let Err(e) = control.block_on(postgres::migrate(url)) {
+            warn!(error = %e, "installing the realtime schema failed; trying again in the background");
+        }
         control.spawn(postgres::keep_schema(url.clone()));
     }
     let _postgres = database.map(|(url, outputs)| {

@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, O
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::{connect, http, join, metric, recv, send, token, Server, Ws, SECRET};
+use crate::support::{connect, http, join, metric, recv, send, token, Server, Ws, SECRET, UPGRADE};
 
 /// The close frame that ends `ws`, within 5 s.
 async fn close_of(ws: &mut Ws) -> (CloseCode, String) {
@@ -66,14 +66,8 @@ async fn tokens_not_valid_yet_and_overlong_topics_are_refused() {
         SECRET,
         &json!({"role": "anon", "exp": now + 3600, "nbf": now + 600}),
     );
-    let upgrade = [
-        ("upgrade", "websocket"),
-        ("connection", "Upgrade"),
-        ("sec-websocket-version", "13"),
-        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
-    ];
     let path = format!("/realtime/v1/websocket?apikey={early}&vsn=2.0.0");
-    let (status, _, body) = http(&server.addr, "GET", &path, &upgrade, b"").await;
+    let (status, _, body) = http(&server.addr, "GET", &path, &UPGRADE, b"").await;
     assert_eq!(
         (status, String::from_utf8(body).unwrap()),
         (401, r#"{"error":"Token is not valid yet"}"#.to_owned())

@@ -5,7 +5,7 @@ use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
-use crate::support::{http, join, Server};
+use crate::support::{http, join, Server, UPGRADE};
 
 /// The test keys, shared with the engine's unit tests.
 fn private(alg: Algorithm) -> EncodingKey {
@@ -61,14 +61,8 @@ async fn joins_with(server: &Server, key: &str) {
 
 /// The status and body of an upgrade with `key`.
 async fn upgrade_with(server: &Server, key: &str) -> (u16, String) {
-    let headers = [
-        ("upgrade", "websocket"),
-        ("connection", "Upgrade"),
-        ("sec-websocket-version", "13"),
-        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
-    ];
     let path = format!("/realtime/v1/websocket?vsn=2.0.0&apikey={key}");
-    let (status, _, body) = http(&server.addr, "GET", &path, &headers, b"").await;
+    let (status, _, body) = http(&server.addr, "GET", &path, &UPGRADE, b"").await;
     (status, String::from_utf8(body).expect("UTF-8"))
 }
 

@@ -21,6 +21,17 @@ fn migrate(pg: &TempPostgres) -> String {
     String::from_utf8(output.stdout).expect("UTF-8")
 }
 
+/// How many partitions `realtime.messages` has.
+async fn partitions(db: &tokio_postgres::Client) -> i64 {
+    db.query_one(
+        "select count(*) from pg_inherits where inhparent = 'realtime.messages'::regclass",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
 #[tokio::test]
 async fn migrate_installs_the_schema_once_and_its_functions_work() {
     let pg = TempPostgres::start();
@@ -32,15 +43,7 @@ async fn migrate_installs_the_schema_once_and_its_functions_work() {
     let db = pg.client().await;
 
     // Partitions from yesterday to three days ahead.
-    let partitions: i64 = db
-        .query_one(
-            "select count(*) from pg_inherits where inhparent = 'realtime.messages'::regclass",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(partitions, 5);
+    assert_eq!(partitions(&db).await, 5);
 
     // realtime.send: the payload gains the row's id, private by default.
     db.batch_execute(r#"select realtime.send('{"text": "hi"}', 'shout', 'room-1')"#)
@@ -126,15 +129,7 @@ async fn migrate_installs_the_schema_once_and_its_functions_work() {
         .unwrap()
         .get(0);
     assert_eq!(old, 0);
-    let kept: i64 = db
-        .query_one(
-            "select count(*) from pg_inherits where inhparent = 'realtime.messages'::regclass",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(kept, 5);
+    assert_eq!(partitions(&db).await, 5, "today's partitions are kept");
 
     // Row Level Security is on and there is no policy: an API role reads nothing.
     db.batch_execute("begin; set local role authenticated")

@@ -8,22 +8,16 @@ use serde_json::json;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::{connect, http, join, metric, recv, send, token, Server};
+use crate::support::{connect, http, join, metric, recv, send, token, Server, UPGRADE};
 
 #[tokio::test]
 async fn refused_upgrades_get_upstream_status_and_text() {
     let server = Server::start(&[]);
-    let upgrade = [
-        ("upgrade", "websocket"),
-        ("connection", "Upgrade"),
-        ("sec-websocket-version", "13"),
-        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
-    ];
     let (status, _, body) = http(
         &server.addr,
         "GET",
         "/realtime/v1/websocket?vsn=2.0.0",
-        &upgrade,
+        &UPGRADE,
         b"",
     )
     .await;
@@ -35,15 +29,15 @@ async fn refused_upgrades_get_upstream_status_and_text() {
         "/realtime/v1/websocket?vsn=3.0.0&apikey={}",
         token("anon", 60)
     );
-    assert_eq!(http(&server.addr, "GET", &path, &upgrade, b"").await.0, 403);
+    assert_eq!(http(&server.addr, "GET", &path, &UPGRADE, b"").await.0, 403);
     let path = format!("/realtime/v1/websocket?apikey={}", token("anon", -10));
-    let (status, _, body) = http(&server.addr, "GET", &path, &upgrade, b"").await;
+    let (status, _, body) = http(&server.addr, "GET", &path, &UPGRADE, b"").await;
     assert_eq!(
         (status, body),
         (401, br#"{"error":"Token has expired"}"#.to_vec())
     );
     let path = "/socket/websocket?apikey=garbage";
-    let (status, _, body) = http(&server.addr, "GET", path, &upgrade, b"").await;
+    let (status, _, body) = http(&server.addr, "GET", path, &UPGRADE, b"").await;
     assert_eq!(
         (status, body),
         (
@@ -52,7 +46,7 @@ async fn refused_upgrades_get_upstream_status_and_text() {
         )
     );
     // x-api-key wins over the query parameter.
-    let with_header = [upgrade.as_slice(), &[("x-api-key", "garbage")]].concat();
+    let with_header = [UPGRADE.as_slice(), &[("x-api-key", "garbage")]].concat();
     let path = format!("/realtime/v1/websocket?apikey={}", token("anon", 60));
     assert_eq!(
         http(&server.addr, "GET", &path, &with_header, b"").await.0,

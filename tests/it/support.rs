@@ -247,6 +247,14 @@ pub async fn join(ws: &mut Ws, sub: &str, config: Value) {
     assert_eq!(reply[4]["status"], "ok", "join reply: {reply}");
 }
 
+/// The headers of a WebSocket upgrade request, for [`http`].
+pub const UPGRADE: [(&str, &str); 4] = [
+    ("upgrade", "websocket"),
+    ("connection", "Upgrade"),
+    ("sec-websocket-version", "13"),
+    ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+];
+
 /// A plain HTTP/1.1 request; returns status, headers (lowercased names) and body.
 pub async fn http(
     addr: &str,

@@ -479,3 +479,32 @@ async fn a_postgres_crash_resends_nothing_confirmed_and_streaming_resumes() {
     let after = engine.changes(20).await;
     assert_eq!(ids(&after), (61..=80).collect::<Vec<_>>());
 }
+
+/// A transaction open while the slot is first created (the slot waits for it): every
+/// change committed once the reader streams still arrives. Found when the `realtime` schema
+/// was installed beside the reader's start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_open_while_the_slot_is_created_loses_nothing_after() {
+    let pg = TempPostgres::start();
+    pg.psql(
+        "create table public.items (id int8 primary key);
+         create table public.other (id int8 primary key);
+         alter publication supabase_realtime add table public.items;",
+    );
+    let open = pg.client().await;
+    open.batch_execute("begin; insert into public.other values (1)")
+        .await
+        .expect("an open transaction");
+    let mut engine = Engine::start(PostgresConfig::new(pg.url()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    open.batch_execute("commit").await.expect("committing");
+    let client = pg.client().await;
+    wait_streaming(&client).await;
+    let collector = tokio::spawn(async move { engine.changes(20).await });
+    insert_each(&client, 1..=20).await;
+    let changes = tokio::time::timeout(Duration::from_secs(10), collector)
+        .await
+        .expect("every change within 10 s")
+        .expect("collecting");
+    assert_eq!(ids(&changes), (1..=20).collect::<Vec<_>>());
+}
