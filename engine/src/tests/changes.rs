@@ -743,3 +743,32 @@ mod index {
         }
     }
 }
+
+#[test]
+fn an_rls_subscription_made_before_the_publication_is_known_gets_its_changes() {
+    let mut config = test_config();
+    config.postgres_changes = true;
+    let mut t = TestEngine::with_config(config);
+    let conn = t.connect(Vsn::V2);
+    let token = t.token("authenticated", 3600);
+    let binding = json!([{"event": "*", "schema": "public", "table": "secrets"}]);
+    let reply = t.join_with(
+        conn,
+        "r",
+        json!({"config": {"postgres_changes": binding}, "access_token": token}),
+    );
+    assert_eq!(reply["status"], "ok");
+    t.handle(Input::Publication(vec![table("secrets", true)]));
+    assert_eq!(
+        t.take(conn)[0].payload()["message"],
+        "Subscribed to PostgreSQL"
+    );
+    batch(&mut t, 10, vec![insert("secrets", 1, "authenticated")]);
+    let asked = queries(&mut t);
+    assert_eq!(asked.len(), 1, "one visibility question for the subscriber");
+    t.handle(Input::Visibility {
+        id: asked[0].id,
+        verdicts: Some(vec![Verdict::Visible]),
+    });
+    assert_eq!(changes_for(&mut t, conn).len(), 1);
+}
