@@ -75,13 +75,17 @@ impl Engine {
     }
 }
 
-/// Waits until the reader holds the slot: changes committed from then on are streamed.
+/// Waits until the reader holds the slot and the slot is consistent: changes committed
+/// from then on are streamed. A slot being created is already `active`, but until it is
+/// consistent (it waits for the transactions open when it began) it has no
+/// `confirmed_flush_lsn`, and what commits meanwhile is before its start.
 pub async fn wait_streaming(client: &tokio_postgres::Client) {
     for _ in 0..200 {
         let active = client
             .query_opt(
                 "select 1 from pg_replication_slots
-                 where slot_name = 'switchboard_slot' and active",
+                 where slot_name = 'switchboard_slot' and active
+                   and confirmed_flush_lsn is not null",
                 &[],
             )
             .await
