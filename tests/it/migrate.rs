@@ -6,7 +6,8 @@ use std::process::Command;
 use serde_json::{json, Value};
 
 use crate::pg::TempPostgres;
-use crate::support::Server;
+use crate::support::{join, recv, token, Server};
+use crate::wal::wait_streaming;
 
 fn migrate(pg: &TempPostgres) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_switchboard"))
@@ -37,7 +38,7 @@ async fn migrate_installs_the_schema_once_and_its_functions_work() {
     let pg = TempPostgres::start();
     assert_eq!(
         migrate(&pg).trim(),
-        "applied realtime schema migrations [1]"
+        "applied realtime schema migrations [1, 2]"
     );
     assert_eq!(migrate(&pg).trim(), "the realtime schema is up to date");
     let db = pg.client().await;
@@ -165,4 +166,48 @@ async fn serve_installs_the_schema_at_start() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     panic!("serve did not install the realtime schema within 10 s");
+}
+
+#[tokio::test]
+async fn messages_sent_from_sql_reach_the_topics_public_or_private_members() {
+    let pg = TempPostgres::start();
+    let server = Server::start(&["--database-url", &pg.url()]);
+    let db = pg.client().await;
+    wait_streaming(&db).await;
+    let connect = |role: &str| {
+        let url = server.url("2.0.0", &token(role, 3600));
+        async move {
+            tokio_tungstenite::connect_async(url)
+                .await
+                .expect("upgrade")
+                .0
+        }
+    };
+    let mut public = connect("anon").await;
+    join(&mut public, "room-1", json!({})).await;
+    let mut private = connect("service_role").await;
+    join(&mut private, "room-1", json!({"private": true})).await;
+
+    db.batch_execute(
+        r#"select realtime.send('{"text": "to all"}', 'shout', 'room-1', false);
+           select realtime.send('{"text": "to the private room"}', 'whisper', 'room-1');"#,
+    )
+    .await
+    .unwrap();
+    let heard = recv(&mut public).await;
+    assert_eq!(heard[2], "realtime:room-1");
+    assert_eq!(heard[3], "broadcast");
+    let body = &heard[4];
+    assert_eq!(body["event"], "shout");
+    assert_eq!(body["payload"]["text"], "to all");
+    assert_eq!(
+        body["meta"]["id"], body["payload"]["id"],
+        "meta.id is the row's id"
+    );
+    let whispered = recv(&mut private).await;
+    assert_eq!(whispered[4]["event"], "whisper");
+    assert_eq!(whispered[4]["payload"]["text"], "to the private room");
+    // Each went to its own room only.
+    let more = tokio::time::timeout(std::time::Duration::from_millis(500), recv(&mut public)).await;
+    assert!(more.is_err(), "the public member got more: {more:?}");
 }

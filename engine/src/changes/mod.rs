@@ -34,7 +34,7 @@ use crate::auth::Claims;
 use crate::channel::{system_payload, Binding};
 use crate::protocol::{self, Vsn};
 use crate::timers::Timer;
-use crate::{ConnId, Engine, Output, To};
+use crate::{BroadcastBody, ConnId, Engine, Output, RoomKey, To};
 use filter::Condition;
 use index::{Index, Slot};
 
@@ -112,6 +112,8 @@ struct PendingBatch {
     /// Verdicts by claims group key and change index.
     verdicts: FxHashMap<(String, usize), Verdict>,
     awaiting: BTreeSet<u64>,
+    /// Messages sent from SQL (`realtime.send`), by change index: broadcast in their place.
+    sent: FxHashMap<usize, (RoomKey, BroadcastBody)>,
 }
 
 /// Questions sent and not yet answered: which group, which changes, and the query itself
@@ -278,6 +280,31 @@ fn subscription(
         conditions,
         slot,
     })
+}
+
+/// A row `realtime.send` (or `broadcast_changes`) inserted into `realtime.messages`, as
+/// the broadcast it asks for: to the topic's private or public room, with `meta.id`, as
+/// upstream delivers it. `None` for any other change.
+fn sent_message(change: &Change) -> Option<(RoomKey, BroadcastBody)> {
+    if change.schema != "realtime" || change.table != "messages" {
+        return None;
+    }
+    let row = change.record.as_ref()?;
+    if change.kind != ChangeKind::Insert || row.get("extension")? != "broadcast" {
+        return None;
+    }
+    let topic = row.get("topic")?.as_str()?;
+    let body = json!({
+        "type": "broadcast",
+        "event": row.get("event").cloned().unwrap_or(Value::Null),
+        "payload": row.get("payload").cloned().unwrap_or(Value::Null),
+        "meta": {"id": row.get("id").cloned().unwrap_or(Value::Null)},
+    });
+    let key = RoomKey {
+        private: row.get("private").and_then(Value::as_bool).unwrap_or(false),
+        sub: Arc::from(topic),
+    };
+    Some((key, BroadcastBody::Json(body.to_string().into())))
 }
 
 /// `data` of a postgres_changes frame: identical for every recipient of a change.
@@ -476,9 +503,16 @@ impl Engine {
         let mut deliveries = Vec::with_capacity(batch.changes.len());
         // Per claims group, the changes whose visibility it needs.
         let mut asks: BTreeMap<String, (Arc<ClaimsGroup>, Vec<usize>)> = BTreeMap::new();
+        let mut sent = FxHashMap::default();
         for (index, change) in batch.changes.iter().enumerate() {
             if change.lsn <= accepted {
                 // A resend: handed out already.
+                deliveries.push(Vec::new());
+                continue;
+            }
+            if change.schema == "realtime" && change.table == "messages" {
+                // Not a postgres_changes row: a broadcast, in its place in commit order.
+                sent.extend(sent_message(change).map(|message| (index, message)));
                 deliveries.push(Vec::new());
                 continue;
             }
@@ -522,6 +556,7 @@ impl Engine {
             deliveries,
             verdicts: FxHashMap::default(),
             awaiting: BTreeSet::new(),
+            sent,
         };
         // Each row checked is shared by every group that checks it.
         let mut rows: FxHashMap<usize, Arc<Map<String, Value>>> = FxHashMap::default();
@@ -680,7 +715,10 @@ impl Engine {
         {
             let pending = self.changes.batches.pop_front().expect("front exists");
             for (index, change) in pending.batch.changes.iter().enumerate() {
-                self.deliver_change(&pending, index, change);
+                match pending.sent.get(&index) {
+                    Some((room, body)) => self.fan_out(room, body, None),
+                    None => self.deliver_change(&pending, index, change),
+                }
             }
             self.emit(Output::WalProgress {
                 shard: self.shard,

@@ -772,3 +772,55 @@ fn an_rls_subscription_made_before_the_publication_is_known_gets_its_changes() {
     });
     assert_eq!(changes_for(&mut t, conn).len(), 1);
 }
+
+/// A row `realtime.send` inserted, as the WAL reader hands it over.
+fn sent(topic: &str, event: &str, private: bool, id: &str) -> Change {
+    Change {
+        schema: "realtime".into(),
+        table: "messages".into(),
+        ..change(
+            "messages",
+            ChangeKind::Insert,
+            json!({"topic": topic, "event": event, "private": private, "extension": "broadcast",
+                   "id": id, "payload": {"n": 1, "id": id}}),
+            Value::Null,
+        )
+    }
+}
+
+#[test]
+fn messages_sent_from_sql_are_broadcast_to_their_room_once_in_commit_order() {
+    let mut t = engine();
+    let (public, private) = (t.connect(Vsn::V2), t.connect(Vsn::V2));
+    t.join(public, "room", json!({}));
+    let service = t.token("service_role", 3600);
+    let reply = t.join_with(
+        private,
+        "room",
+        json!({"config": {"private": true}, "access_token": service}),
+    );
+    assert_eq!(reply["status"], "ok");
+    let todo = insert("todos", 1, "ann");
+    batch(
+        &mut t,
+        10,
+        vec![
+            sent("room", "a", false, "m1"),
+            todo,
+            sent("room", "b", true, "m2"),
+        ],
+    );
+    assert_eq!(
+        t.broadcasts(public),
+        vec![("a".to_owned(), json!({"n": 1, "id": "m1"}))]
+    );
+    assert_eq!(
+        t.broadcasts(private),
+        vec![("b".to_owned(), json!({"n": 1, "id": "m2"}))]
+    );
+    // A resend after a reconnect is not broadcast again.
+    batch(&mut t, 10, vec![sent("room", "a", false, "m1")]);
+    assert!(t.broadcasts(public).is_empty());
+    // The batch counts as handed out like any other.
+    assert_eq!(t.progress.last(), Some(&10));
+}

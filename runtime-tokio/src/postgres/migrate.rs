@@ -8,11 +8,21 @@ use tracing::{info, warn};
 use super::catalog::connect;
 
 /// The migrations, in order: a version, a name, and the SQL.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "realtime schema",
-    include_str!("migrations/0001_realtime_schema.sql"),
-)];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "realtime schema",
+        include_str!("migrations/0001_realtime_schema.sql"),
+    ),
+    (
+        2,
+        "messages publication",
+        include_str!("migrations/0002_messages_publication.sql"),
+    ),
+];
+
+/// The publication of `realtime.messages`, streamed beside the project's publication.
+pub const MESSAGES_PUBLICATION: &str = "switchboard_messages";
 
 /// Any advisory lock key of our own: "switchboard" in ASCII, folded to 63 bits.
 const LOCK: i64 = 0x7377_6974_6368_626f;

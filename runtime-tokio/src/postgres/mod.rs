@@ -12,7 +12,9 @@ mod migrate;
 mod rls;
 mod wal;
 
-pub use migrate::{keep_schema, maintain_partitions, migrate, RETENTION_DAYS};
+pub use migrate::{
+    keep_schema, maintain_partitions, migrate, MESSAGES_PUBLICATION, RETENTION_DAYS,
+};
 
 use std::sync::Arc;
 use std::time::Duration;

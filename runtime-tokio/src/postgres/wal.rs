@@ -134,16 +134,27 @@ impl Reader {
             ));
         }
         self.refresh(&client, false).await?;
-        let stream_config =
-            ReplicationStreamConfig::builder(&self.config.slot_name, &self.config.publication)
-                .with_protocol_version(1)
-                .with_feedback_interval(Duration::from_secs(1))
-                .with_connection_timeout(Duration::from_secs(10))
-                .with_retry_config(RetryConfig {
-                    // Reconnecting is this reader's job, with its own backoff.
-                    max_attempts: 1,
-                    ..RetryConfig::default()
-                });
+        // Messages sent from SQL ride the same slot, once the schema is installed. pgoutput
+        // takes a list; pg_walstream quotes the ends of it.
+        let publications =
+            if catalog::publication_exists(&client, super::MESSAGES_PUBLICATION).await? {
+                format!(
+                    "{}\",\"{}",
+                    self.config.publication,
+                    super::MESSAGES_PUBLICATION
+                )
+            } else {
+                self.config.publication.clone()
+            };
+        let stream_config = ReplicationStreamConfig::builder(&self.config.slot_name, &publications)
+            .with_protocol_version(1)
+            .with_feedback_interval(Duration::from_secs(1))
+            .with_connection_timeout(Duration::from_secs(10))
+            .with_retry_config(RetryConfig {
+                // Reconnecting is this reader's job, with its own backoff.
+                max_attempts: 1,
+                ..RetryConfig::default()
+            });
         let mut stream =
             LogicalReplicationStream::new(&self.replication_url, stream_config).await?;
         self.progress(*progress.borrow_and_update());
