@@ -436,16 +436,20 @@ fn run(serve: Serve) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the control runtime")?;
-    // Runs until the server stops; dropping it closes the database connections.
     if let Some((url, _)) = &database {
-        // Before the WAL reader starts: creating its slot waits for every open transaction,
-        // so the two must not overlap. A database that is down now only delays the schema:
-        // it is installed once the database is back.
-        if let Err(e) = control.block_on(postgres::migrate(url)) {
-            warn!(error = %e, "installing the realtime schema failed; trying again in the background");
-        }
-        control.spawn(postgres::keep_schema(url.clone()));
+        // Before the WAL reader starts, so that creating its slot (which waits for every
+        // open transaction) never waits for ours. A database that is down now only delays
+        // the schema: it is installed once the database is back.
+        let installed = match control.block_on(postgres::migrate(url)) {
+            Ok(_) => true,
+            Err(e) => {
+                warn!(error = %e, "installing the realtime schema failed; trying again in the background");
+                false
+            }
+        };
+        control.spawn(postgres::keep_schema(url.clone(), installed));
     }
+    // Runs until the server stops; dropping it closes the database connections.
     let _postgres = database.map(|(url, outputs)| {
         let _entered = control.enter();
         let mut config = PostgresConfig::new(url);

@@ -204,10 +204,7 @@ pub struct Verifier {
 impl Verifier {
     /// A verifier for HS256/384/512 tokens signed with `secret`.
     pub fn new(secret: &str) -> Self {
-        Verifier {
-            secret: DecodingKey::from_secret(secret.as_bytes()),
-            keys: FxHashMap::default(),
-        }
+        Verifier::with_jwks(secret, None)
     }
 
     /// A verifier for HS tokens signed with `secret` or an `oct` key of `jwks`, and for

@@ -4,7 +4,7 @@
 //!
 //! The core does the rest: HTTP, one task that owns the
 //! [`Engine`](switchboard_engine::Engine) and carries out its outputs, one task per
-//! connection. Every protocol decision is the engine's. [`serve`] is generic over its
+//! connection. Every protocol decision is the engine's. [`Accepting`] takes any tokio
 //! listener, so the simulator runs this very code on turmoil's simulated network.
 
 mod listener;
@@ -106,11 +106,4 @@ impl Shards {
         }
         Ok(())
     }
-}
-
-/// Serves `listener` with a fresh engine until `shutdown` completes. Call it within a
-/// `LocalSet`: the server's tasks are spawned on the current thread.
-pub async fn serve<L: Listener>(listener: L, options: Options, shutdown: impl Future<Output = ()>) {
-    let (_server, task) = Server::new(options);
-    task.run(Tokio, Accepting(listener), shutdown).await;
 }

@@ -214,7 +214,7 @@ struct Driver<R: Runtime> {
 }
 
 /// An engine not yet driven: made on any thread, then driven on the one that serves it.
-pub struct Engined {
+pub(crate) struct Engined {
     engine: Engine,
     options: Options,
     events: mpsc::UnboundedReceiver<Event>,
@@ -223,7 +223,7 @@ pub struct Engined {
 
 /// An engine and its handle. The handle feeds it from anywhere as soon as it exists; the
 /// engine runs once [`Engined::drive`] is spawned.
-pub fn driver(options: Options) -> (EngineHandle, Engined) {
+pub(crate) fn driver(options: Options) -> (EngineHandle, Engined) {
     let (events, event_receiver) = mpsc::unbounded_channel();
     let (frames, frame_receiver) = mpsc::channel(FRAMES_QUEUED_MAX);
     let engine = Engine::with_replica(
@@ -248,7 +248,7 @@ pub fn driver(options: Options) -> (EngineHandle, Engined) {
 impl Engined {
     /// The future that drives the engine on `runtime`: it ends once the engine has drained
     /// after [`EngineHandle::shutdown`], or when every handle is gone.
-    pub fn drive<R: Runtime>(self, runtime: R) -> impl Future<Output = ()> {
+    pub(crate) fn drive<R: Runtime>(self, runtime: R) -> impl Future<Output = ()> {
         let Engined {
             engine,
             options,

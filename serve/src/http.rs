@@ -33,10 +33,11 @@ use switchboard_engine::{ConnId, ConnectParams};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, debug_span, info, warn, Instrument};
 
+use crate::engine_task::driver;
 use crate::engine_task::{EngineHandle, Engined, SocketEnd};
 use crate::metrics::Metrics;
 use crate::runtime::{Runtime, Timer};
-use crate::{driver, Options};
+use crate::Options;
 
 type Body = Full<Bytes>;
 
@@ -52,7 +53,6 @@ pub trait Listener: 'static {
 /// An engine's handle, for the subsystems (the WAL reader) that feed it inputs.
 pub struct Server {
     handle: EngineHandle,
-    metrics: Arc<Metrics>,
 }
 
 impl Server {
@@ -65,7 +65,6 @@ impl Server {
         let (handle, engined) = driver(options);
         let server = Server {
             handle: handle.clone(),
-            metrics: metrics.clone(),
         };
         let task = ServerTask {
             state: State {
@@ -82,11 +81,6 @@ impl Server {
     /// A handle that feeds the engine.
     pub fn handle(&self) -> EngineHandle {
         self.handle.clone()
-    }
-
-    /// The metrics the server exports (those of every shard of its process).
-    pub fn metrics(&self) -> Arc<Metrics> {
-        self.metrics.clone()
     }
 }
 

@@ -19,9 +19,7 @@ mod shards;
 mod ws;
 
 pub use clock::{Clock, WallClock};
-pub use engine_task::{
-    driver, EngineHandle, Engined, PeerEvent, PeerLink, PeerOut, SocketEnd, Upgrade,
-};
+pub use engine_task::{EngineHandle, PeerEvent, PeerLink, PeerOut, SocketEnd, Upgrade};
 pub use http::{Listener, Server, ServerTask};
 pub use metrics::Metrics;
 pub use runtime::{Runtime, Timer};

@@ -1,6 +1,6 @@
 //! Deterministic simulation of switchboard on turmoil.
 //!
-//! Every node runs the production server code ([`switchboard_tokio::serve`]) on turmoil's
+//! Every node runs the production server code ([`switchboard_tokio::ServerTask::run`]) on turmoil's
 //! simulated TCP; nodes exchange peer messages through a simulated [`bus::Bus`]; simulated
 //! clients speak the real wire protocol. Faults are drawn from the seed: client crashes,
 //! message delays between clients and nodes, partitions between nodes (held, then healed)

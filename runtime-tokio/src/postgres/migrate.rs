@@ -95,19 +95,16 @@ async fn apply(client: &Client) -> Result<Vec<i32>, tokio_postgres::Error> {
     Ok(applied)
 }
 
-/// Installs or upgrades the schema (trying again with a backoff while the database cannot
-/// be reached), then keeps `realtime.messages`' partitions made ahead and dropped past the
-/// retention, hourly, for as long as the server runs.
-pub async fn keep_schema(database_url: String) {
+/// Unless `installed`, installs or upgrades the schema (trying again with a backoff while
+/// the database cannot be reached); then keeps `realtime.messages`' partitions made ahead
+/// and dropped past the retention, hourly, for as long as the server runs.
+pub async fn keep_schema(database_url: String, installed: bool) {
     let mut backoff = std::time::Duration::from_secs(1);
-    loop {
-        match migrate(&database_url).await {
-            Ok(_) => break,
-            Err(e) => {
-                warn!(error = %e, retry_in = ?backoff, "installing the realtime schema failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(std::time::Duration::from_secs(60));
-            }
+    if !installed {
+        while let Err(e) = migrate(&database_url).await {
+            warn!(error = %e, retry_in = ?backoff, "installing the realtime schema failed");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(std::time::Duration::from_secs(60));
         }
     }
     let mut hourly = tokio::time::interval(std::time::Duration::from_secs(3600));
