@@ -391,7 +391,7 @@ fn run(serve: Serve) -> anyhow::Result<()> {
         unfinished_bytes_max: serve.max_unfinished_bytes,
         presence_enabled: serve.presence_enabled,
         private_only: serve.private_only,
-        postgres_changes: serve.database_url.is_some(),
+        database: serve.database_url.is_some(),
         ..Config::default()
     };
     let mut options = Options::new(config);

@@ -26,7 +26,7 @@ pub fn config() -> Config {
         joins_per_sec_max: 0,
         presence_events_per_sec_max: 0,
         concurrent_users_max: usize::MAX,
-        postgres_changes: true,
+        database: true,
         ..Config::default()
     }
 }

@@ -111,6 +111,13 @@ impl Engine {
         inbound: &Inbound<'_>,
     ) {
         let channel = &self.conns[&conn].channels[index];
+        if channel
+            .permissions
+            .is_some_and(|p| p.broadcast_write != Some(true))
+        {
+            // Denied by the topic's policies: dropped without a reply, as upstream does.
+            return;
+        }
         let (ack, room) = (channel.ack, channel.room.clone());
         #[allow(unused_mut)]
         let mut except = (!channel.self_broadcast).then_some(conn);

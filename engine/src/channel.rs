@@ -6,12 +6,13 @@ use std::sync::Arc;
 use serde_json::{Map, Value};
 
 use crate::auth::{Claims, TokenError};
+use crate::authz::{parse_replay, replay_refusal, Hears, PendingJoin, Permissions, Replay};
 use crate::connection::ReplyTo;
 use crate::limits::FixedWindow;
 use crate::protocol::{self, json_str, Inbound, InboundPayload, Vsn};
 use crate::room::{Room, RoomKey};
 use crate::timers::Timer;
-use crate::{ConnId, Engine, Output};
+use crate::{ConnId, Engine, Output, WsMessage};
 
 /// One joined channel instance on a connection.
 #[derive(Debug)]
@@ -38,6 +39,12 @@ pub(crate) struct Channel {
     pub(crate) bindings: Vec<Binding>,
     /// Upstream's per-channel client presence limiter.
     pub(crate) presence_calls: FixedWindow,
+    /// What a private channel's token may do, as far as evaluated; `None` on public ones.
+    pub(crate) permissions: Option<Permissions>,
+    /// Broadcasts and tracks waiting for a write check, in arrival order.
+    pub(crate) held: Option<Vec<WsMessage>>,
+    /// `replication_ready` asked, and the change stream was not live yet.
+    pub(crate) awaiting_replication: bool,
 }
 
 /// A postgres_changes binding as the client sent it, with its id.
@@ -58,6 +65,10 @@ pub(crate) struct JoinConfig {
     pub(crate) private: bool,
     pub(crate) bindings: Vec<Map<String, Value>>,
     pub(crate) token: Option<String>,
+    /// `broadcast.replay`, when present as an object: its params, or `Err` if invalid.
+    pub(crate) replay: Option<Result<Replay, ()>>,
+    /// `broadcast.replication_ready`: tell the channel once the change stream is live.
+    pub(crate) replication_ready: bool,
 }
 
 impl JoinConfig {
@@ -83,6 +94,8 @@ impl JoinConfig {
                 .map(|list| list.iter().filter_map(|b| b.as_object().cloned()).collect())
                 .unwrap_or_default(),
             token,
+            replay: parse_replay(at(&["broadcast", "replay"])),
+            replication_ready: flag(&["broadcast", "replication_ready"]),
         }
     }
 }
@@ -170,6 +183,10 @@ impl Engine {
                 "PrivateOnly: This project only allows private channels".to_owned(),
                 false,
             ))
+        } else if let Some(reason) =
+            replay_refusal(config.private, config.replay, self.config.database)
+        {
+            Some((reason, false))
         } else if c.channels.is_empty() && self.limits.users() >= self.config.concurrent_users_max {
             Some((
                 "ConnectionRateLimitReached: Too many connected users".to_owned(),
@@ -208,14 +225,29 @@ impl Engine {
                 return;
             }
         };
+        if config.private && self.config.database {
+            // Authorised by the project's RLS policies on realtime.messages: the join waits
+            // for the database's answer.
+            self.ask_join(PendingJoin {
+                conn,
+                vsn,
+                join_ref: reply_to.join_ref.map(str::to_owned),
+                ref_: reply_to.ref_.map(str::to_owned),
+                topic: inbound.topic.to_string(),
+                claims,
+                own_token,
+                config,
+            });
+            return;
+        }
         if config.private && !claims.is_service_role() {
-            // Private channels are authorised by RLS policies on realtime.messages, which
-            // need the project database; without it only service_role may join.
+            // Without the project database only service_role may join a private channel.
             let reason =
                 "UnableToConnectToProject: Realtime was unable to connect to the project database";
             self.refuse_join(conn, vsn, &reply_to, reason, false);
             return;
         }
+        let permissions = config.private.then_some(Permissions::ALL);
         self.admit(
             conn,
             vsn,
@@ -225,11 +257,14 @@ impl Engine {
             claims,
             own_token,
             config,
+            permissions,
         );
     }
 
+    /// Makes the channel; `permissions` are what a private channel's token may do (`None`
+    /// on public ones). Whether it joined.
     #[allow(clippy::too_many_arguments)]
-    fn admit(
+    pub(crate) fn admit(
         &mut self,
         conn: ConnId,
         vsn: Vsn,
@@ -239,14 +274,15 @@ impl Engine {
         claims: Arc<Claims>,
         own_token: Option<Arc<str>>,
         config: JoinConfig,
-    ) {
+        permissions: Option<Permissions>,
+    ) -> bool {
         // Counted and checked in one step: another shard may have taken the last place
         // since the check above.
         let first = self.conns[&conn].channels.is_empty();
         if first && !self.limits.add_user(self.config.concurrent_users_max) {
             let reason = "ConnectionRateLimitReached: Too many connected users";
             self.refuse_join(conn, vsn, reply_to, reason, false);
-            return;
+            return false;
         }
         let presence_key = match config.presence_key {
             Some(key) => Arc::from(key),
@@ -285,10 +321,15 @@ impl Engine {
             claims,
             bindings,
             presence_calls: FixedWindow::default(),
+            permissions,
+            held: None,
+            awaiting_replication: config.replication_ready && !self.replication_live,
         };
         let response = join_response(&channel.bindings);
         let has_bindings = !channel.bindings.is_empty();
-        let presence_enabled = channel.presence_enabled;
+        let hears = permissions.map_or(Hears::ALL, Permissions::hears);
+        let presence_state = channel.presence_enabled && hears.presence;
+        let awaiting_replication = channel.awaiting_replication;
         let c = self
             .conns
             .get_mut(&conn)
@@ -298,11 +339,22 @@ impl Engine {
         self.rooms
             .entry(room.clone())
             .or_insert_with(|| Room::new(topic.clone()))
-            .add(conn, vsn);
+            .add(conn, vsn, hears);
         self.stats.channels += 1;
         self.arm_expiry(conn, instance, exp);
         self.reply(conn, vsn, reply_to, "ok", &response);
-        if presence_enabled {
+        if config.replication_ready && !awaiting_replication {
+            let msg = Engine::replication_ready_message(vsn, reply_to.join_ref, &topic, sub);
+            self.send_one(conn, msg);
+        } else if awaiting_replication {
+            let deadline = self
+                .now
+                .mono
+                .plus_ms(self.config.replication_ready_timeout_ms);
+            self.timers
+                .set(deadline, Timer::ReplicationReady { conn, instance });
+        }
+        if presence_state {
             self.presence_state(conn, vsn, reply_to.join_ref, &topic, &room);
         }
         // presence_state may have shut the channel down.
@@ -313,10 +365,57 @@ impl Engine {
         if has_bindings && joined {
             self.subscribe_changes(conn, instance);
         }
+        joined
+    }
+
+    /// The change stream went live or stopped: channels waiting for it are told.
+    pub(crate) fn replication(&mut self, live: bool) {
+        self.replication_live = live;
+        if !live {
+            return;
+        }
+        let mut waiting: Vec<(ConnId, usize)> = Vec::new();
+        for (conn, c) in &self.conns {
+            for (index, channel) in c.channels.iter().enumerate() {
+                if channel.awaiting_replication {
+                    waiting.push((*conn, index));
+                }
+            }
+        }
+        waiting.sort_unstable();
+        for (conn, index) in waiting {
+            let c = self.conns.get_mut(&conn).expect("listed above");
+            let vsn = c.vsn;
+            let channel = &mut c.channels[index];
+            channel.awaiting_replication = false;
+            let msg = Engine::replication_ready_message(
+                vsn,
+                channel.join_ref.as_deref(),
+                &channel.topic,
+                &channel.room.sub,
+            );
+            self.send_one(conn, msg);
+        }
+    }
+
+    /// A `replication_ready` channel's wait ran out: it is shut down, as upstream does.
+    pub(crate) fn replication_deadline(&mut self, conn: ConnId, instance: u64) {
+        let Some(channel) = self
+            .conns
+            .get(&conn)
+            .and_then(|c| c.channels.iter().find(|ch| ch.instance == instance))
+        else {
+            return;
+        };
+        if channel.awaiting_replication {
+            let topic = channel.topic.clone();
+            let message = "Replication connection was not established in time";
+            self.shutdown_channel(conn, &topic, message);
+        }
     }
 
     /// Sends a join error after the configured backoff; the channel never exists.
-    fn refuse_join(
+    pub(crate) fn refuse_join(
         &mut self,
         conn: ConnId,
         vsn: Vsn,
@@ -421,9 +520,13 @@ impl Engine {
                 channel.claims = claims;
                 channel.token = Some(token);
                 let instance = channel.instance;
+                let private = channel.room.private;
                 self.arm_expiry(conn, instance, exp);
                 // Re-registered under the new claims: RLS follows the new token.
                 self.subscribe_changes(conn, instance);
+                if private && self.config.database {
+                    self.ask_refresh(conn, index);
+                }
             }
             Err(e) => {
                 let topic = channel.topic.clone();

@@ -60,8 +60,12 @@ pub struct Config {
     pub presence_enabled: bool,
     /// Public channels are refused.
     pub private_only: bool,
-    /// A database is configured, so postgres_changes bindings can be served.
-    pub postgres_changes: bool,
+    /// A database is configured: postgres_changes bindings can be served, and private
+    /// channels are authorised by its policies (without one, only `service_role` may use
+    /// them).
+    pub database: bool,
+    /// A `replication_ready` join that sees no change stream for this long is shut down.
+    pub replication_ready_timeout_ms: u64,
     /// A deliberate bug for the simulator to find; see [`PlantedBug`].
     #[cfg(feature = "planted-bugs")]
     pub planted_bug: Option<PlantedBug>,
@@ -131,7 +135,8 @@ impl Default for Config {
             presence_broadcast_ms: 1_500,
             presence_enabled: false,
             private_only: false,
-            postgres_changes: false,
+            database: false,
+            replication_ready_timeout_ms: 60_000,
             #[cfg(feature = "planted-bugs")]
             planted_bug: None,
         }

@@ -126,13 +126,23 @@ impl Engine {
         self.stats.frames_in += 1;
         self.stats.bytes_in += msg.bytes().len() as u64;
         match protocol::decode(vsn, &msg) {
-            Ok(inbound) => self.dispatch(conn, vsn, inbound),
+            Ok(inbound) => self.dispatch(conn, vsn, inbound, &msg),
             // Upstream logs and ignores undecodable frames; the socket stays open.
             Err(_) => self.stats.malformed += 1,
         }
     }
 
-    fn dispatch(&mut self, conn: ConnId, vsn: Vsn, inbound: Inbound<'_>) {
+    /// A frame held behind a write check, handled now that the check returned.
+    pub(crate) fn frame_again(&mut self, conn: ConnId, msg: WsMessage) {
+        let Some(vsn) = self.conns.get(&conn).map(|c| c.vsn) else {
+            return;
+        };
+        if let Ok(inbound) = protocol::decode(vsn, &msg) {
+            self.dispatch(conn, vsn, inbound, &msg);
+        }
+    }
+
+    fn dispatch(&mut self, conn: ConnId, vsn: Vsn, inbound: Inbound<'_>, msg: &WsMessage) {
         let reply_to = ReplyTo::of(&inbound);
         if inbound.topic == "phoenix" {
             if inbound.event == "heartbeat" {
@@ -160,6 +170,9 @@ impl Engine {
                 // A push from an earlier instance of this channel: stale, ignored.
                 return;
             }
+        }
+        if self.hold_for_write(conn, index, msg, &inbound) {
+            return;
         }
         match &*inbound.event {
             "phx_leave" => self.leave(conn, vsn, index, &reply_to),
@@ -272,6 +285,9 @@ impl Engine {
                     }
                 }
                 Timer::TokenExpiry { conn, instance } => self.token_expiry(conn, instance),
+                Timer::ReplicationReady { conn, instance } => {
+                    self.replication_deadline(conn, instance)
+                }
                 Timer::PeerHeartbeat => self.peer_heartbeat(),
                 Timer::VisibilityRetry { id, attempt } => self.retry_visibility(id, attempt),
                 Timer::Delayed(outputs) => outputs.into_iter().for_each(|o| self.emit(o)),

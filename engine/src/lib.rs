@@ -34,6 +34,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod authz;
 mod broadcast;
 pub mod changes;
 mod channel;
@@ -215,6 +216,17 @@ pub enum Input {
         /// verdict: the engine asks again after a backoff.
         verdicts: Option<Vec<changes::Verdict>>,
     },
+    /// The database's answer to an [`Output::Authorize`] question; `None` when it could
+    /// not answer (connection lost, timeout, database down).
+    Authorized {
+        /// The question's id; answers for another shard are ignored.
+        id: authz::AuthzId,
+        /// The verdicts, and the replayed messages if the question asked for them.
+        answer: Option<authz::AuthzAnswer>,
+    },
+    /// The change stream started (`true`) or stopped (`false`) streaming from the database:
+    /// `replication_ready` joins wait for it.
+    Replication(bool),
     /// The server is draining: tell every channel and close every socket.
     Shutdown,
     /// A timer set from [`Engine::poll_timeout`] fired (spurious ticks are harmless).
@@ -302,6 +314,9 @@ pub enum Output {
     /// Ask the database which rows a claims group may see; answer with
     /// [`Input::Visibility`].
     Visibility(changes::VisibilityQuery),
+    /// Ask the database what a token may do on a private channel's topic; answer with
+    /// [`Input::Authorized`].
+    Authorize(authz::AuthzQuery),
     /// Read the publication's tables again and answer with [`Input::Publication`], even if
     /// nothing changed: a channel named a table or column the last read lacked.
     RefreshPublication,
@@ -388,6 +403,10 @@ pub struct Engine {
     pending_diffs: std::collections::BTreeMap<RoomKey, Vec<presence::crdt::Change>>,
     phx_ref_counter: u64,
     changes: changes::State,
+    /// Private channel questions out, and what waits on them.
+    authz: authz::State,
+    /// The change stream is live: `replication_ready` joins are told at once.
+    replication_live: bool,
     /// Channel instances are numbered so timers can tell a channel from its rejoined twin.
     next_instance: u64,
     shutting_down: bool,
@@ -469,6 +488,8 @@ impl Engine {
             pending_diffs: std::collections::BTreeMap::new(),
             phx_ref_counter,
             changes: changes::State::default(),
+            authz: authz::State::default(),
+            replication_live: false,
             now: Now::default(),
             out: VecDeque::new(),
             conns: FxHashMap::default(),
@@ -511,6 +532,8 @@ impl Engine {
             Input::Publication(tables) => self.publication(tables),
             Input::Changes(batch) => self.changes(batch),
             Input::Visibility { id, verdicts } => self.visibility(id, verdicts),
+            Input::Authorized { id, answer } => self.authorized(id, answer),
+            Input::Replication(live) => self.replication(live),
             Input::Shutdown => self.shutdown(),
             Input::Tick => {}
         }

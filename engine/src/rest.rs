@@ -60,6 +60,12 @@ pub enum RestRequest {
     },
 }
 
+/// Whether a REST request was answered at once or waits for the database.
+enum Sent {
+    Now,
+    Later,
+}
+
 /// A REST answer: status and JSON body.
 type Answer = (u16, Value);
 
@@ -72,7 +78,7 @@ impl Engine {
         let answer = match request {
             RestRequest::Broadcast { auth, body } => self
                 .authorize(&auth)
-                .and_then(|claims| self.rest_batch(&claims, &body)),
+                .and_then(|claims| self.rest_batch(req, &claims, &body)),
             RestRequest::BroadcastEvent {
                 auth,
                 topic,
@@ -81,11 +87,14 @@ impl Engine {
                 content_type,
                 body,
             } => self.authorize(&auth).and_then(|claims| {
-                self.rest_single(&claims, topic, event, private, content_type, body)
+                let message = (topic, event, private);
+                self.rest_single(req, &claims, message, content_type, body)
             }),
         };
         let (status, body) = match answer {
-            Ok(()) => (202, Bytes::new()),
+            // Answered once the database has checked its private topics.
+            Ok(Sent::Later) => return,
+            Ok(Sent::Now) => (202, Bytes::new()),
             Err((status, value)) => {
                 self.stats.errors += 1;
                 (status, Bytes::from(value.to_string()))
@@ -102,7 +111,7 @@ impl Engine {
             .map_err(|_| message(401, "Unauthorized"))
     }
 
-    fn rest_batch(&mut self, claims: &Claims, body: &[u8]) -> Result<(), Answer> {
+    fn rest_batch(&mut self, req: ReqId, claims: &Claims, body: &[u8]) -> Result<Sent, Answer> {
         let body: Value =
             serde_json::from_slice(body).map_err(|_| message(400, "Malformed JSON body"))?;
         let blank = || (422, json!({ "errors": { "messages": ["can't be blank"] } }));
@@ -129,27 +138,31 @@ impl Engine {
             return Err((422, json!({ "errors": { "messages": errors } })));
         }
         self.rest_rate(messages.len() as u64)?;
+        let checked = !claims.is_service_role() && messages.iter().any(|(room, _)| room.private);
+        if checked && self.config.database {
+            // Private topics need broadcast write permission from the project's policies.
+            self.ask_rest(req, claims, messages, false);
+            return Ok(Sent::Later);
+        }
         for (room, body) in messages {
-            // Private rooms need broadcast write permission, granted by RLS policies that
-            // need the project database; without it only service_role may write.
+            // Without the project database only service_role may write to private topics.
             if room.private && !claims.is_service_role() {
                 continue;
             }
             self.limits.events.charge(self.now.mono, 1);
             self.route(&room, &body, None);
         }
-        Ok(())
+        Ok(Sent::Now)
     }
 
     fn rest_single(
         &mut self,
+        req: ReqId,
         claims: &Claims,
-        topic: String,
-        event: String,
-        private: bool,
+        (topic, event, private): (String, String, bool),
         content_type: Option<String>,
         body: Bytes,
-    ) -> Result<(), Answer> {
+    ) -> Result<Sent, Answer> {
         let media = content_type.as_deref().map(|ct| {
             ct.split(';')
                 .next()
@@ -181,24 +194,25 @@ impl Engine {
         if self.limits.events.tripped(self.now.mono) {
             return Err(message(429, "You have exceeded your rate limit"));
         }
-        if private && !claims.is_service_role() {
-            return Err(message(403, "Unauthorized"));
-        }
-        self.limits.events.charge(self.now.mono, 1);
         let room = RoomKey {
             private,
             sub: topic.into(),
         };
-        self.route(
-            &room,
-            &BroadcastBody::User {
-                event,
-                encoding,
-                payload: body,
-            },
-            None,
-        );
-        Ok(())
+        let body = BroadcastBody::User {
+            event,
+            encoding,
+            payload: body,
+        };
+        if private && !claims.is_service_role() {
+            if !self.config.database {
+                return Err(message(403, "Unauthorized"));
+            }
+            self.ask_rest(req, claims, vec![(room, body)], true);
+            return Ok(Sent::Later);
+        }
+        self.limits.events.charge(self.now.mono, 1);
+        self.route(&room, &body, None);
+        Ok(Sent::Now)
     }
 
     fn rest_rate(&mut self, count: u64) -> Result<(), Answer> {

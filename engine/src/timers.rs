@@ -18,6 +18,8 @@ pub(crate) enum Timer {
     NoChannel(ConnId),
     /// Re-verify the token of channel instance `instance` on `conn`.
     TokenExpiry { conn: ConnId, instance: u64 },
+    /// Shut channel `instance` down if it still waits for the change stream.
+    ReplicationReady { conn: ConnId, instance: u64 },
     /// Send a presence heartbeat to peers.
     PeerHeartbeat,
     /// Ask visibility question `id` again after its `attempt`-th failure, unless it was

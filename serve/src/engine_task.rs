@@ -556,6 +556,7 @@ impl<R: Runtime> Driver<R> {
                 }
             }
             output @ (Output::Visibility(_)
+            | Output::Authorize(_)
             | Output::RefreshPublication
             | Output::WalProgress { .. }) => {
                 if let Some(database) = &self.options.database {

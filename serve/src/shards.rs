@@ -91,12 +91,17 @@ pub fn shard_links(nodes: &[NodeId]) -> Vec<PeerLink> {
         .collect()
 }
 
-/// Hands a database input to the shards it concerns: a visibility answer to the shard
-/// that asked, anything else (change batches, the publication) to every shard. `shards`
+/// Hands a database input to the shards it concerns: a visibility or authorization answer
+/// to the shard that asked, anything else (change batches, the publication) to every shard. `shards`
 /// is indexed by shard id.
 pub fn to_shards(shards: &[EngineHandle], input: Input) {
-    if let Input::Visibility { id, .. } = &input {
-        if let Some(shard) = shards.get(usize::from(id.shard.0)) {
+    let asker = match &input {
+        Input::Visibility { id, .. } => Some(id.shard),
+        Input::Authorized { id, .. } => Some(id.shard),
+        _ => None,
+    };
+    if let Some(shard) = asker {
+        if let Some(shard) = shards.get(usize::from(shard.0)) {
             shard.input(input);
         }
         return;

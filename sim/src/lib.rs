@@ -495,7 +495,7 @@ impl Scenario {
             presence_events_per_sec_max: 0,
             client_presence_calls_max: 1_000,
             concurrent_users_max: usize::MAX,
-            postgres_changes: true,
+            database: true,
             planted_bug: self.planted_bug,
             ..Config::default()
         }

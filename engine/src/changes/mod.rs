@@ -113,7 +113,7 @@ struct PendingBatch {
     verdicts: FxHashMap<(String, usize), Verdict>,
     awaiting: BTreeSet<u64>,
     /// Messages sent from SQL (`realtime.send`), by change index: broadcast in their place.
-    sent: FxHashMap<usize, (RoomKey, BroadcastBody)>,
+    sent: FxHashMap<usize, Sent>,
 }
 
 /// Questions sent and not yet answered: which group, which changes, and the query itself
@@ -282,10 +282,18 @@ fn subscription(
     })
 }
 
+/// A message sent from the database: its room, its broadcast and its row's id.
+#[derive(Debug)]
+struct Sent {
+    room: RoomKey,
+    body: BroadcastBody,
+    id: Option<String>,
+}
+
 /// A row `realtime.send` (or `broadcast_changes`) inserted into `realtime.messages`, as
 /// the broadcast it asks for: to the topic's private or public room, with `meta.id`, as
 /// upstream delivers it. `None` for any other change.
-fn sent_message(change: &Change) -> Option<(RoomKey, BroadcastBody)> {
+fn sent_message(change: &Change) -> Option<Sent> {
     if change.schema != "realtime" || change.table != "messages" {
         return None;
     }
@@ -300,11 +308,15 @@ fn sent_message(change: &Change) -> Option<(RoomKey, BroadcastBody)> {
         "payload": row.get("payload").cloned().unwrap_or(Value::Null),
         "meta": {"id": row.get("id").cloned().unwrap_or(Value::Null)},
     });
-    let key = RoomKey {
+    let room = RoomKey {
         private: row.get("private").and_then(Value::as_bool).unwrap_or(false),
         sub: Arc::from(topic),
     };
-    Some((key, BroadcastBody::Json(body.to_string().into())))
+    Some(Sent {
+        room,
+        body: BroadcastBody::Json(body.to_string().into()),
+        id: row.get("id").and_then(Value::as_str).map(str::to_owned),
+    })
 }
 
 /// `data` of a postgres_changes frame: identical for every recipient of a change.
@@ -377,7 +389,7 @@ impl Engine {
             return;
         }
         let key = (conn, instance);
-        let message = if !self.config.postgres_changes {
+        let message = if !self.config.database {
             Err(Refusal::Invalid(
                 "Realtime was unable to connect to the project database".to_owned(),
             ))
@@ -716,7 +728,7 @@ impl Engine {
             let pending = self.changes.batches.pop_front().expect("front exists");
             for (index, change) in pending.batch.changes.iter().enumerate() {
                 match pending.sent.get(&index) {
-                    Some((room, body)) => self.fan_out(room, body, None),
+                    Some(sent) => self.fan_out_stored(&sent.room, &sent.body, sent.id.as_deref()),
                     None => self.deliver_change(&pending, index, change),
                 }
             }

@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 use crate::connection::ReplyTo;
 use crate::peer::PeerMsg;
 use crate::protocol::{self, Inbound, InboundPayload, Vsn};
-use crate::room::RoomKey;
+use crate::room::{Kind, RoomKey};
 use crate::timers::Timer;
 use crate::{ConnId, Engine, NodeId, Output, To};
 use crdt::{Change, Entry, Meta, Side};
@@ -94,6 +94,14 @@ impl Engine {
             }
         };
         let channel = &self.conns[&conn].channels[index];
+        if channel
+            .permissions
+            .is_some_and(|p| p.presence_write != Some(true))
+        {
+            // Denied by the topic's policies: upstream answers a bare error.
+            self.reply(conn, vsn, reply_to, "error", "{}");
+            return;
+        }
         let (topic, instance) = (channel.topic.clone(), channel.instance);
         let size = serde_json::to_string(&payload).map_or(usize::MAX, |s| s.len());
         if size > self.config.payload_bytes_max() {
@@ -204,8 +212,10 @@ impl Engine {
                 continue;
             };
             let topic = local.topic.clone();
-            let lists: Vec<(Vsn, Arc<[ConnId]>)> =
-                Vsn::ALL.iter().map(|v| (*v, local.members(*v))).collect();
+            let lists: Vec<(Vsn, Arc<[ConnId]>)> = Vsn::ALL
+                .iter()
+                .map(|v| (*v, local.members(*v, Kind::Presence)))
+                .collect();
             let recipients: usize = lists.iter().map(|(_, list)| list.len()).sum();
             self.presence_events_charge(recipients as u64);
             for (vsn, list) in lists {

@@ -32,9 +32,9 @@ fn table(name: &str, rls: bool) -> Table {
     }
 }
 
-fn engine() -> TestEngine {
+pub(crate) fn engine() -> TestEngine {
     let mut config = test_config();
-    config.postgres_changes = true;
+    config.database = true;
     let mut t = TestEngine::with_config(config);
     t.handle(Input::Publication(vec![
         table("todos", false),
@@ -78,7 +78,7 @@ fn stamped(lsn: u64, mut changes: Vec<Change>) -> ChangeBatch {
     ChangeBatch { changes, lsn }
 }
 
-fn batch(t: &mut TestEngine, lsn: u64, changes: Vec<Change>) {
+pub(crate) fn batch(t: &mut TestEngine, lsn: u64, changes: Vec<Change>) {
     t.handle(Input::Changes(std::sync::Arc::new(stamped(lsn, changes))));
 }
 
@@ -517,7 +517,7 @@ fn unauthorized_verdict_sends_the_error_without_row_data() {
 #[test]
 fn refresh_resubscribes_and_publication_may_arrive_after_the_join() {
     let mut config = test_config();
-    config.postgres_changes = true;
+    config.database = true;
     let mut t = TestEngine::with_config(config);
     let conn = t.connect(Vsn::V2);
     let reply = t.join_with(conn, "r", json!({"config": {"postgres_changes": [{"event": "*", "schema": "public", "table": "todos"}]}}));
@@ -747,7 +747,7 @@ mod index {
 #[test]
 fn an_rls_subscription_made_before_the_publication_is_known_gets_its_changes() {
     let mut config = test_config();
-    config.postgres_changes = true;
+    config.database = true;
     let mut t = TestEngine::with_config(config);
     let conn = t.connect(Vsn::V2);
     let token = t.token("authenticated", 3600);
@@ -774,7 +774,7 @@ fn an_rls_subscription_made_before_the_publication_is_known_gets_its_changes() {
 }
 
 /// A row `realtime.send` inserted, as the WAL reader hands it over.
-fn sent(topic: &str, event: &str, private: bool, id: &str) -> Change {
+pub(crate) fn sent(topic: &str, event: &str, private: bool, id: &str) -> Change {
     Change {
         schema: "realtime".into(),
         table: "messages".into(),
@@ -794,12 +794,18 @@ fn messages_sent_from_sql_are_broadcast_to_their_room_once_in_commit_order() {
     let (public, private) = (t.connect(Vsn::V2), t.connect(Vsn::V2));
     t.join(public, "room", json!({}));
     let service = t.token("service_role", 3600);
-    let reply = t.join_with(
+    let ref_ = t.next_ref();
+    let payload = json!({"config": {"private": true}, "access_token": service});
+    t.send(
         private,
-        "room",
-        json!({"config": {"private": true}, "access_token": service}),
+        Some(&ref_),
+        &ref_,
+        "realtime:room",
+        "phx_join",
+        payload,
     );
-    assert_eq!(reply["status"], "ok");
+    t.authorize(|_| Some(super::authz::everything()));
+    assert_eq!(t.take(private)[0].payload()["status"], "ok");
     let todo = insert("todos", 1, "ann");
     batch(
         &mut t,

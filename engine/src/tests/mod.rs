@@ -1,6 +1,7 @@
 //! Scenario tests on virtual time: several simulated connections driven through
 //! `handle`/`poll_output`, with every output decoded as a client would see it.
 
+mod authz;
 mod broadcast;
 mod changes;
 mod channels;
@@ -68,6 +69,8 @@ pub(crate) struct TestEngine {
     pub(crate) visibility: Vec<crate::changes::VisibilityQuery>,
     /// WAL progress reported, in order.
     pub(crate) progress: Vec<u64>,
+    /// Authorization questions asked and not yet answered by [`TestEngine::authorize`].
+    pub(crate) authz: Vec<crate::authz::AuthzQuery>,
     /// Publication re-reads asked for.
     pub(crate) refreshes: usize,
     /// Messages for peer replicas, in order.
@@ -105,6 +108,7 @@ impl TestEngine {
             to_peers: Vec::new(),
             visibility: Vec::new(),
             progress: Vec::new(),
+            authz: Vec::new(),
             refreshes: 0,
             join_refs: BTreeMap::new(),
         }
@@ -213,6 +217,12 @@ impl TestEngine {
         reply.payload().clone()
     }
 
+    /// Records the join ref of a join sent by hand, for later pushes.
+    pub(crate) fn remember_join(&mut self, conn: ConnId, topic: &str, ref_: &str) {
+        self.join_refs
+            .insert((conn, topic.to_owned()), ref_.to_owned());
+    }
+
     pub(crate) fn join(&mut self, conn: ConnId, sub: &str, config: Value) -> Value {
         let reply = self.join_with(conn, sub, json!({ "config": config }));
         assert_eq!(reply["status"], "ok", "join {sub}: {reply}");
@@ -255,9 +265,32 @@ impl TestEngine {
     }
 
     pub(crate) fn rest(&mut self, request: RestRequest) -> (u16, Bytes) {
-        let req = ReqId(self.replies.len() as u64 + 1);
-        self.handle(Input::Rest { req, request });
+        let req = self.rest_later(request);
         self.replies[&req].clone()
+    }
+
+    /// Sends a REST request that may be answered later; its id.
+    pub(crate) fn rest_later(&mut self, request: RestRequest) -> ReqId {
+        let req = ReqId(self.replies.len() as u64 + 1000);
+        self.handle(Input::Rest { req, request });
+        req
+    }
+
+    /// Answers every authorization question asked so far with `policy` (`None` as if the
+    /// database were down), until no more are asked.
+    pub(crate) fn authorize(
+        &mut self,
+        policy: impl Fn(&crate::authz::AuthzQuery) -> Option<crate::authz::AuthzAnswer>,
+    ) {
+        while !self.authz.is_empty() {
+            for query in std::mem::take(&mut self.authz) {
+                let answer = policy(&query);
+                self.handle(Input::Authorized {
+                    id: query.id,
+                    answer,
+                });
+            }
+        }
     }
 
     /// Puts a frame back at the end of `conn`'s inbox.
@@ -311,6 +344,7 @@ impl TestEngine {
                 Output::ToPeers(msg) => self.to_peers.push((None, msg)),
                 Output::ToPeer { to, msg } => self.to_peers.push((Some(to), msg)),
                 Output::Visibility(query) => self.visibility.push(query),
+                Output::Authorize(query) => self.authz.push(query),
                 Output::WalProgress { lsn, .. } => self.progress.push(lsn),
                 Output::RefreshPublication => self.refreshes += 1,
                 Output::Accept { .. } => {}
