@@ -457,6 +457,7 @@ fn run(serve: Serve) -> anyhow::Result<()> {
         config.slot_name = serve.slot_name;
         config.visibility_connections = serve.visibility_connections;
         config.visibility_queries = metrics.visibility_queries.clone();
+        config.authorization_queries = metrics.authorization_queries.clone();
         config.shards = count;
         info!(
             publication = %config.publication,

@@ -91,6 +91,8 @@ pub struct Metrics {
     pub handle_seconds: Histogram,
     /// Visibility questions sent to the database, counted by the postgres subsystem.
     pub visibility_queries: Counter,
+    /// Batches of private channel authorization questions sent to the database.
+    pub authorization_queries: Counter,
     /// Connections the listener failed to accept (out of file descriptors, say).
     pub accept_errors: Counter,
 }
@@ -118,6 +120,7 @@ impl Metrics {
             slow_consumers: Counter::default(),
             handle_seconds: Histogram::new(exponential_buckets(1e-6, 4.0, 12)),
             visibility_queries: Counter::default(),
+            authorization_queries: Counter::default(),
             accept_errors: Counter::default(),
         };
         registry.register(
@@ -144,6 +147,11 @@ impl Metrics {
             "visibility_queries",
             "Row Level Security visibility questions sent to the database",
             metrics.visibility_queries.clone(),
+        );
+        registry.register(
+            "authorization_queries",
+            "Batches of private channel authorization questions sent to the database",
+            metrics.authorization_queries.clone(),
         );
         registry.register(
             "accept_errors",

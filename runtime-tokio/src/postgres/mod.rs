@@ -6,9 +6,11 @@
 //! positions the engine reports in [`Output::WalProgress`], so a crash replays what was not
 //! handed out rather than losing it.
 
+mod authz;
 mod catalog;
 mod decode;
 mod migrate;
+mod pool;
 mod rls;
 mod wal;
 
@@ -43,6 +45,8 @@ pub struct PostgresConfig {
     pub slot_name: String,
     /// Connections answering visibility questions concurrently.
     pub visibility_connections: usize,
+    /// Connections answering private channels' authorization questions concurrently.
+    pub authorization_connections: usize,
     /// Batches handed to the engine and not yet confirmed before the reader stops reading:
     /// bounds memory when clients or the database are slow.
     pub batches_in_flight_max: usize,
@@ -56,6 +60,8 @@ pub struct PostgresConfig {
     pub catalog_refresh: Duration,
     /// Counts visibility questions sent to the database (`/metrics`).
     pub visibility_queries: Counter,
+    /// Counts authorization batches sent to the database (`/metrics`).
+    pub authorization_queries: Counter,
     /// Shards fed by this reader: the slot is confirmed up to the lowest position all of
     /// them reported.
     pub shards: usize,
@@ -69,11 +75,13 @@ impl PostgresConfig {
             publication: "supabase_realtime".to_owned(),
             slot_name: "switchboard_slot".to_owned(),
             visibility_connections: 2,
+            authorization_connections: 2,
             batches_in_flight_max: 8,
             batch_changes_max: 500,
             batch_delay: Duration::from_millis(10),
             catalog_refresh: Duration::from_secs(10),
             visibility_queries: Counter::default(),
+            authorization_queries: Counter::default(),
             shards: 1,
         }
     }
@@ -111,11 +119,21 @@ pub fn start(
     let url: Arc<str> = config.database_url.as_str().into();
     let mut tasks = Vec::new();
     for _ in 0..config.visibility_connections.max(1) {
-        tasks.push(tokio::spawn(rls::worker(
+        tasks.push(tokio::spawn(pool::worker::<rls::Checker>(
             url.clone(),
             questions_rx.clone(),
             sink.clone(),
             config.visibility_queries.clone(),
+        )));
+    }
+    let (authz, authz_rx) = mpsc::unbounded_channel();
+    let authz_rx = Arc::new(Mutex::new(authz_rx));
+    for _ in 0..config.authorization_connections.max(1) {
+        tasks.push(tokio::spawn(pool::worker::<authz::Authorizer>(
+            url.clone(),
+            authz_rx.clone(),
+            sink.clone(),
+            config.authorization_queries.clone(),
         )));
     }
     let refresh = Arc::new(Notify::new());
@@ -131,6 +149,9 @@ pub fn start(
                 Output::Visibility(query) => {
                     let _ = questions.send(query);
                 }
+                Output::Authorize(query) => {
+                    let _ = authz.send(query);
+                }
                 // A permit is stored while the reader is between sessions.
                 Output::RefreshPublication => refresh.notify_one(),
                 Output::WalProgress { shard, lsn } => {
@@ -143,6 +164,24 @@ pub fn start(
         }
     }));
     Postgres { tasks }
+}
+
+/// Whether a failure is the connection's or the database's (it may pass if asked again),
+/// not the question's: no SQLSTATE (the connection broke), or the database is shutting
+/// down, starting, out of resources, cancelled the statement, or failed internally.
+pub(crate) fn transient(error: &tokio_postgres::Error) -> bool {
+    let Some(code) = error.code() else {
+        return true;
+    };
+    matches!(&code.code()[..2], "08" | "53" | "57" | "58" | "XX")
+}
+
+/// A claim as Postgres setting text: strings bare, anything else as JSON.
+pub(crate) fn text(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
 }
 
 /// Exponential backoff for reconnects: 100 ms doubling to 5 s.

@@ -18,27 +18,23 @@
 //! visibility wait and the policies in one pipeline, then one query per table.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus_client::metrics::counter::Counter;
 use serde_json::Value;
 use switchboard_engine::changes::{RowCheck, Verdict, VisibilityQuery};
 use switchboard_engine::Input;
-use tokio::sync::{mpsc, Mutex};
 use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 use tracing::{debug, warn};
 
-use super::{catalog, Backoff, Sink};
+use super::pool::Answerer;
+use super::{catalog, text};
 
 /// Longest one visibility statement may run. A stuck query fails its question, which the
 /// engine asks again later: it holds back its batch, never drops it.
 const STATEMENT_TIMEOUT: &str = "5s";
-/// Bound on the whole answer, for a connection that stops answering altogether.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an answer waits for the writing transactions to become visible to its
 /// snapshot before judging anyway. They normally are within milliseconds of the commit
 /// arriving; the rows themselves come from the WAL, so only policies that read other rows
@@ -47,64 +43,8 @@ const VISIBLE_WAIT: Duration = Duration::from_secs(5);
 /// Evaluation statements kept prepared per connection (one per table and set of policies).
 const PREPARED_MAX: usize = 256;
 
-/// Runs one worker of the pool: takes the next question from the shared queue, answers it
-/// on this worker's own connection, and reconnects after the connection fails.
-pub(crate) async fn worker(
-    url: Arc<str>,
-    queue: Arc<Mutex<mpsc::UnboundedReceiver<VisibilityQuery>>>,
-    sink: Sink,
-    queries: Counter,
-) {
-    let mut checker: Option<Checker> = None;
-    let mut backoff = Backoff::new();
-    // While the database is unreachable, questions fail at once rather than each waiting
-    // for a connect attempt; the engine asks them again after its own backoff.
-    let mut retry_at = Instant::now();
-    loop {
-        let Some(query) = queue.lock().await.recv().await else {
-            return;
-        };
-        if checker.as_ref().is_none_or(|c| c.client.is_closed()) && Instant::now() >= retry_at {
-            match Checker::connect(&url).await {
-                Ok(connected) => {
-                    checker = Some(connected);
-                    backoff = Backoff::new();
-                }
-                Err(error) => {
-                    warn!(%error, "visibility connection failed");
-                    checker = None;
-                    retry_at = Instant::now() + backoff.next_delay();
-                }
-            }
-        }
-        let verdicts = match checker.as_mut() {
-            Some(connection) if !connection.client.is_closed() => {
-                queries.inc();
-                match tokio::time::timeout(ANSWER_TIMEOUT, connection.answer(&query)).await {
-                    Ok(Ok(verdicts)) => Some(verdicts),
-                    Ok(Err(error)) => {
-                        warn!(%error, id = ?query.id, "visibility query failed; asking again");
-                        checker = None;
-                        None
-                    }
-                    Err(_) => {
-                        warn!(id = ?query.id, "visibility query timed out; asking again");
-                        checker = None;
-                        None
-                    }
-                }
-            }
-            _ => None,
-        };
-        sink(Input::Visibility {
-            id: query.id,
-            verdicts,
-        });
-    }
-}
-
 /// One connection of the pool, with its prepared statements.
-struct Checker {
+pub(crate) struct Checker {
     client: Client,
     settings: Statement,
     wait: Statement,
@@ -179,8 +119,45 @@ const POLICIES: &str = "select c.oid is not null,
 #[error(transparent)]
 struct Unanswered(#[from] tokio_postgres::Error);
 
-impl Checker {
+impl Answerer for Checker {
+    type Question = VisibilityQuery;
+    const WHAT: &'static str = "visibility";
+    // One question is one batch and claims group already.
+    const BATCH_MAX: usize = 1;
+
     async fn connect(url: &str) -> Result<Checker, tokio_postgres::Error> {
+        Checker::open(url).await
+    }
+
+    fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    async fn answer(
+        &mut self,
+        batch: &[VisibilityQuery],
+    ) -> Result<Vec<Input>, tokio_postgres::Error> {
+        let mut inputs = Vec::with_capacity(batch.len());
+        for query in batch {
+            let verdicts = self.verdicts(query).await.map_err(|Unanswered(e)| e)?;
+            inputs.push(Input::Visibility {
+                id: query.id,
+                verdicts: Some(verdicts),
+            });
+        }
+        Ok(inputs)
+    }
+
+    fn unanswered(query: &VisibilityQuery) -> Input {
+        Input::Visibility {
+            id: query.id,
+            verdicts: None,
+        }
+    }
+}
+
+impl Checker {
+    async fn open(url: &str) -> Result<Checker, tokio_postgres::Error> {
         let client = catalog::connect(url).await?;
         let (settings, wait, policies) = tokio::try_join!(
             client.prepare(SETTINGS),
@@ -197,7 +174,7 @@ impl Checker {
     }
 
     /// One verdict per check, in order.
-    async fn answer(&mut self, query: &VisibilityQuery) -> Result<Vec<Verdict>, Unanswered> {
+    async fn verdicts(&mut self, query: &VisibilityQuery) -> Result<Vec<Verdict>, Unanswered> {
         let tables = tables(&query.checks);
         let claims = serde_json::to_string(&*query.claims).expect("a JSON map serialises");
         let sub = query.claims.get("sub").map(text).unwrap_or_default();
@@ -386,20 +363,18 @@ fn evaluation(schema: &str, table: &str, policies: &Policies) -> String {
     )
 }
 
-/// Whether a failure may pass if the question is asked again: the connection broke, the
-/// database is shutting down, starting, out of resources, cancelled the statement, or
-/// gave up on a lock. Anything else is about the question (a missing role, a policy that
-/// raises or reads what the role may not) and would fail the same way again.
+/// Whether a failure may pass if the question is asked again: the connection or the
+/// database failed ([`super::transient`]), a lock was not available, or the statement was
+/// behind a failed one in a pipeline (the first failure decides). Anything else is about
+/// the question (a missing role, a policy that raises or reads what the role may not) and
+/// would fail the same way again.
 fn transient(error: &tokio_postgres::Error) -> bool {
-    let Some(code) = error.code() else {
-        // No SQLSTATE: the connection itself failed.
-        return true;
-    };
-    let class = &code.code()[..2];
-    matches!(class, "08" | "40" | "53" | "57" | "58" | "XX")
-        || *code == SqlState::LOCK_NOT_AVAILABLE
-        // Statements behind a failed one in a pipeline: the first failure decides.
-        || *code == SqlState::IN_FAILED_SQL_TRANSACTION
+    super::transient(error)
+        || error.code().is_some_and(|code| {
+            code.code().starts_with("40")
+                || *code == SqlState::LOCK_NOT_AVAILABLE
+                || *code == SqlState::IN_FAILED_SQL_TRANSACTION
+        })
 }
 
 /// Indices of the checks grouped by table, in first-seen order.
@@ -415,14 +390,6 @@ fn tables(checks: &[RowCheck]) -> Vec<Vec<usize>> {
     groups
 }
 
-/// A claim as Postgres setting text: strings bare, anything else as JSON.
-fn text(value: &Value) -> String {
-    match value {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
 /// A quoted identifier: names come from the catalog, but quoting keeps odd ones intact.
 fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -432,6 +399,7 @@ fn ident(name: &str) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::sync::Arc;
 
     fn check(table: &str) -> RowCheck {
         RowCheck {
@@ -462,12 +430,5 @@ mod tests {
             sql.ends_with("where ((a = 1) or (b)) and (c) and (d)"),
             "{sql}"
         );
-    }
-
-    #[test]
-    fn claims_become_setting_text() {
-        assert_eq!(text(&json!("a b")), "a b");
-        assert_eq!(text(&json!(12)), "12");
-        assert_eq!(text(&json!({"x": 1})), r#"{"x":1}"#);
     }
 }

@@ -76,6 +76,7 @@ pub(crate) async fn run(
             Err(error @ WalError::PublicationMissing(_)) => error!(%error, "WAL reader waiting"),
             Err(error) => warn!(%error, "WAL reader reconnecting"),
         }
+        (reader.sink)(Input::Replication(false));
         // Complete transactions need no connection to be handed out.
         reader.progress(*progress.borrow_and_update());
         if reader.in_flight.len() < reader.config.batches_in_flight_max {
@@ -168,6 +169,7 @@ impl Reader {
             publication = %self.config.publication,
             "streaming changes"
         );
+        (self.sink)(Input::Replication(true));
         *backoff = Backoff::new();
         self.relations.clear();
         self.transaction = None;
