@@ -308,11 +308,10 @@ impl Authorizer {
             .collect();
         let mut refused = vec![false; groups.len()];
         for ((step, _, _), result) in plan.iter().zip(results) {
-            if let Err(error) = &result {
-                if transient(error) {
-                    return Err(result.err().expect("an error"));
-                }
-            }
+            let result = match result {
+                Err(error) if transient(&error) => return Err(error),
+                result => result,
+            };
             match *step {
                 Step::Plain => {
                     result?;
