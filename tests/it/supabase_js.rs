@@ -68,3 +68,15 @@ fn supabase_js_postgres_changes() {
         &[("DATABASE_URL", pg.url())],
     );
 }
+
+#[test]
+fn supabase_js_private_channels_and_broadcast_from_the_database() {
+    let pg = TempPostgres::start();
+    let server = Server::start(&["--database-url", &pg.url()]);
+    node_tests(
+        &server,
+        &["private.test.mjs"],
+        60_000,
+        &[("DATABASE_URL", pg.url())],
+    );
+}
