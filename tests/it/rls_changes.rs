@@ -1,7 +1,9 @@
 //! postgres_changes on a table with Row Level Security, end to end: the real binary, a real
 //! Postgres, raw WebSocket subscribers in several claims groups. Every change a subscriber's
 //! policy allows arrives exactly once and in commit order, whatever happens to the database
-//! or to the server meanwhile; a plain table beside it is the control.
+//! or to the server meanwhile; a plain table beside it is the control. Messages sent from
+//! SQL with `realtime.send`, to a public and to a private topic, ride the same slot and are
+//! held to the same rule.
 //!
 //! The rates and durations are small for CI; `SWITCHBOARD_FAULT_RATE` (rows/s per table),
 //! `SWITCHBOARD_FAULT_SECS` and `SWITCHBOARD_FAULT_DOWN_SECS` scale them up (the figures in
@@ -17,7 +19,7 @@ use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::pg::TempPostgres;
-use crate::support::{Server, Ws, SECRET};
+use crate::support::{token as role_token, Server, Ws, SECRET};
 use crate::wal::wait_streaming;
 
 const USERS: [&str; 4] = [
@@ -55,15 +57,27 @@ fn user_token(sub: &str) -> String {
 /// One postgres_changes frame as a subscriber saw it: the event type and the row id.
 type Seen = (String, i64);
 
-/// Connects to `addr`, joins a channel bound to every change of `table` with `token`, and
-/// waits until the server says the subscription is live.
-async fn subscribe(addr: &str, table: &str, token: &str) -> Option<Ws> {
+/// What a subscriber watches: every change of a table, or the messages sent from SQL to the
+/// public or the private topic `feed`.
+#[derive(Clone, Copy, Debug)]
+enum Watch {
+    Table(&'static str),
+    Feed { private: bool },
+}
+
+/// Connects to `addr`, joins a channel for `watch` with `token`, and waits until the server
+/// says it is live.
+async fn subscribe(addr: &str, watch: Watch, token: &str) -> Option<Ws> {
     let url = format!("ws://{addr}/realtime/v1/websocket?apikey={token}&vsn=2.0.0");
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await.ok()?;
-    let join = json!(["1", "1", format!("realtime:{table}-{}", &token[token.len() - 8..]), "phx_join", {
-        "config": {"postgres_changes": [{"event": "*", "schema": "public", "table": table}]},
-        "access_token": token,
-    }]);
+    let (topic, config) = match watch {
+        Watch::Table(table) => (
+            format!("realtime:{table}-{}", &token[token.len() - 8..]),
+            json!({"postgres_changes": [{"event": "*", "schema": "public", "table": table}]}),
+        ),
+        Watch::Feed { private } => ("realtime:feed".to_owned(), json!({"private": private})),
+    };
+    let join = json!(["1", "1", topic, "phx_join", {"config": config, "access_token": token}]);
     ws.send(Message::Text(join.to_string().into())).await.ok()?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
@@ -75,6 +89,9 @@ async fn subscribe(addr: &str, table: &str, token: &str) -> Option<Ws> {
         let frame: Value = serde_json::from_str(&text).ok()?;
         if frame[3] == "phx_reply" {
             assert_eq!(frame[4]["status"], "ok", "join refused: {frame}");
+            if let Watch::Feed { .. } = watch {
+                return Some(ws);
+            }
         }
         if frame[3] == "system" && frame[4]["extension"] == "postgres_changes" {
             assert_eq!(frame[4]["status"], "ok", "subscription refused: {frame}");
@@ -85,6 +102,9 @@ async fn subscribe(addr: &str, table: &str, token: &str) -> Option<Ws> {
 }
 
 fn change(frame: &Value) -> Option<Seen> {
+    if frame[3] == "broadcast" {
+        return Some(("SENT".to_owned(), frame[4]["payload"]["n"].as_i64()?));
+    }
     if frame[3] != "postgres_changes" {
         return None;
     }
@@ -114,18 +134,17 @@ struct Subscriber {
 }
 
 impl Subscriber {
-    async fn start(addr: watch::Receiver<String>, table: &str, token: String) -> Subscriber {
+    async fn start(addr: watch::Receiver<String>, table: Watch, token: String) -> Subscriber {
         let subscriber = Subscriber {
             lives: Arc::default(),
         };
         let lives = subscriber.lives.clone();
-        let table = table.to_owned();
         let (ready, is_ready) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let mut ready = Some(ready);
             loop {
                 let at = addr.borrow().clone();
-                let Some(mut ws) = subscribe(&at, &table, &token).await else {
+                let Some(mut ws) = subscribe(&at, table, &token).await else {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 };
@@ -171,6 +190,17 @@ impl Subscriber {
         let lives = self.lives.lock().unwrap();
         lives.iter().flat_map(|l| l.seen.iter().cloned()).collect()
     }
+}
+
+/// Which committed rows a subscriber is owed.
+#[derive(Clone, Copy, Debug)]
+enum Truth {
+    /// Rows of `r` this user owns (its policy).
+    Owned(&'static str),
+    /// Every row of `t`.
+    Plain,
+    /// Every message sent to the public or the private `feed`.
+    Sent { private: bool },
 }
 
 /// A row the writer committed: its id, owner, and when its insert returned (`None` when
@@ -222,6 +252,17 @@ async fn write(
         if let Ok(row) = rls {
             times.insert(('r', row.get(0)), Instant::now());
         }
+        for (private, table) in [(false, 'm'), (true, 'p')] {
+            let sent = db
+                .execute(
+                    "select realtime.send(jsonb_build_object('n', $1::int8), 'row', 'feed', $2)",
+                    &[&n, &private],
+                )
+                .await;
+            if sent.is_ok() {
+                times.insert((table, n), Instant::now());
+            }
+        }
     }
     times
 }
@@ -251,14 +292,21 @@ async fn run(fault: Fault) {
     let mut subscribers = Vec::new();
     for user in USERS {
         subscribers.push((
-            Some(user),
-            Subscriber::start(addr.clone(), "r", user_token(user)).await,
+            Truth::Owned(user),
+            Subscriber::start(addr.clone(), Watch::Table("r"), user_token(user)).await,
         ));
     }
     subscribers.push((
-        None,
-        Subscriber::start(addr.clone(), "t", user_token(USERS[0])).await,
+        Truth::Plain,
+        Subscriber::start(addr.clone(), Watch::Table("t"), user_token(USERS[0])).await,
     ));
+    let service = role_token("service_role", 3600);
+    for private in [false, true] {
+        subscribers.push((
+            Truth::Sent { private },
+            Subscriber::start(addr.clone(), Watch::Feed { private }, service.clone()).await,
+        ));
+    }
     // Changes committed before the slot exists are never streamed.
     wait_streaming(&pg.client().await).await;
     let started = Instant::now();
@@ -324,6 +372,29 @@ async fn run(fault: Fault) {
     };
     let plain = rows('t', "select id, null::text from t order by id").await;
     let rls = rows('r', "select id, owner::text from r order by id").await;
+    let sent_public = rows(
+        'm',
+        "select (payload->>'n')::int8, null::text from realtime.messages \
+         where topic = 'feed' and not private order by 1",
+    )
+    .await;
+    let sent_private = rows(
+        'p',
+        "select (payload->>'n')::int8, null::text from realtime.messages \
+         where topic = 'feed' and private order by 1",
+    )
+    .await;
+    let owed_rows = |truth: Truth| -> Vec<&Row> {
+        match truth {
+            Truth::Owned(user) => rls
+                .iter()
+                .filter(|r| r.owner.as_deref() == Some(user))
+                .collect(),
+            Truth::Plain => plain.iter().collect(),
+            Truth::Sent { private: false } => sent_public.iter().collect(),
+            Truth::Sent { private: true } => sent_private.iter().collect(),
+        }
+    };
     let owed = |row: &Row, lives: &[Life]| match fault {
         // Subscribers never lost their connection: everything is owed.
         Fault::None | Fault::PostgresCrash | Fault::PostgresDown => true,
@@ -342,14 +413,8 @@ async fn run(fault: Fault) {
     // Everything owed has arrived, or 30 s have passed.
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut report = Vec::new();
-    for (user, subscriber) in &subscribers {
-        let mine: Vec<&Row> = match user {
-            Some(user) => rls
-                .iter()
-                .filter(|r| r.owner.as_deref() == Some(*user))
-                .collect(),
-            None => plain.iter().collect(),
-        };
+    for (truth, subscriber) in &subscribers {
+        let mine = owed_rows(*truth);
         loop {
             let missing = {
                 let lives = subscriber.lives.lock().unwrap();
@@ -370,17 +435,16 @@ async fn run(fault: Fault) {
     // Anything more would be a duplicate or a leak.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut failures = Vec::new();
-    for (user, subscriber) in &subscribers {
-        let mine: Vec<&Row> = match user {
-            Some(user) => rls
-                .iter()
-                .filter(|r| r.owner.as_deref() == Some(*user))
-                .collect(),
-            None => plain.iter().collect(),
-        };
+    for (truth, subscriber) in &subscribers {
+        let mine = owed_rows(*truth);
         let allowed: BTreeSet<i64> = mine.iter().map(|r| r.id).collect();
         let lives = subscriber.lives.lock().unwrap();
-        let name = user.map_or("plain t", |u| &u[..8]);
+        let name = match truth {
+            Truth::Owned(user) => &user[..8],
+            Truth::Plain => "plain t",
+            Truth::Sent { private: false } => "realtime.send public",
+            Truth::Sent { private: true } => "realtime.send private",
+        };
         let mut delivered = 0;
         for life in lives.iter() {
             let ids: Vec<i64> = life.seen.iter().map(|s| s.1).collect();
@@ -422,7 +486,10 @@ async fn run(fault: Fault) {
         report.join("\n  ")
     );
     assert!(failures.is_empty(), "{fault:?}: {failures:#?}");
-    assert!(!plain.is_empty() && !rls.is_empty(), "rows were written");
+    assert!(
+        !plain.is_empty() && !rls.is_empty() && !sent_public.is_empty() && !sent_private.is_empty(),
+        "rows were written"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -455,8 +522,8 @@ async fn rls_judges_each_change_by_the_row_it_wrote() {
     let server = Server::start(&["--database-url", &pg.url()]);
     let (_addr_tx, addr) = watch::channel(server.addr.clone());
     let [alice, bob, ..] = USERS;
-    let alice_sees = Subscriber::start(addr.clone(), "r", user_token(alice)).await;
-    let bob_sees = Subscriber::start(addr.clone(), "r", user_token(bob)).await;
+    let alice_sees = Subscriber::start(addr.clone(), Watch::Table("r"), user_token(alice)).await;
+    let bob_sees = Subscriber::start(addr.clone(), Watch::Table("r"), user_token(bob)).await;
     let db = pg.client().await;
     wait_streaming(&db).await;
     // Separate transactions, sent together: they commit microseconds apart, so every check
@@ -513,7 +580,7 @@ async fn rls_checks_never_read_the_table() {
     .expect("filling the table");
     let server = Server::start(&["--database-url", &pg.url()]);
     let (_addr_tx, addr) = watch::channel(server.addr.clone());
-    let alice = Subscriber::start(addr, "r", user_token(USERS[0])).await;
+    let alice = Subscriber::start(addr, Watch::Table("r"), user_token(USERS[0])).await;
     wait_streaming(&db).await;
     // Statistics reach the view after the backend reports them: settle first.
     db.batch_execute("select pg_stat_force_next_flush()")
@@ -560,7 +627,7 @@ async fn a_newly_published_table_can_be_subscribed_at_once() {
     .await
     .expect("publishing a new table");
     let (_addr_tx, addr) = watch::channel(server.addr.clone());
-    let watcher = Subscriber::start(addr, "fresh", user_token(USERS[0])).await;
+    let watcher = Subscriber::start(addr, Watch::Table("fresh"), user_token(USERS[0])).await;
     db.batch_execute("insert into fresh (n) select generate_series(1, 30)")
         .await
         .expect("inserting");
