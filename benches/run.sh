@@ -130,8 +130,10 @@ for entry in "${scenarios[@]}"; do
   done
 done
 
-# postgres_changes with RLS: 100 subscribers in 10 claims groups on a throwaway Postgres.
+# On a throwaway Postgres: postgres_changes with RLS (100 subscribers in 10 claims groups),
+# then the join rate of public and private channels (1000 connections × 5 channels).
 rls_line=""
+join_line=""
 pgbin=$(pg_config --bindir 2>/dev/null || true)
 if [ -x "$pgbin/initdb" ]; then
   pgdir=$(mktemp -d)
@@ -154,13 +156,15 @@ if [ -x "$pgbin/initdb" ]; then
   done
   rls_line=$("$bin/rls_load" --addr "$addr" --database-url "$dburl" --secret "$secret" \
     --subscribers 100 --groups 10 --rate 500 --duration "$secs" | tail -n 1)
+  join_line=$("$bin/join_load" --addr "$addr" --database-url "$dburl" --secret "$secret" | tail -n 1)
   stop
   "${as_pg[@]}" "$pgbin/pg_ctl" -D "$pgdir/data" -w stop > /dev/null
   rm -rf "$pgdir"
   echo "rls (${servers[0]})  $rls_line"
+  echo "joins (${servers[0]})  $join_line"
 fi
 
-python3 - "$log" "$out/$result.md" "$result" "$rls_line" <<'EOF'
+python3 - "$log" "$out/$result.md" "$result" "$rls_line" "$join_line" <<'EOF'
 import json, sys
 import statistics
 runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
@@ -222,6 +226,20 @@ if len(sys.argv) > 4 and sys.argv[4]:
         f"({r['delivered']} of {r['expected']} expected), {r['visibility_queries']:.0f} visibility queries for "
         f"{r['rows']} rows = {r['queries_per_change']:.3f} per change ({r['queries_per_change_per_group']:.4f} per change per claims group).",
     ]
+if len(sys.argv) > 5 and sys.argv[5]:
+    j = json.loads(sys.argv[5])
+    lines += [
+        "",
+        f"Join rate ({names[0]}): {j['connections']} connections × {j['channels']} channels joined at once, "
+        f"{j['users']} users, {j['topics']} topics; private channels authorised by a policy on realtime.messages.",
+        "",
+        "| channels | joins/s | p50 ms | p99 ms | authorization batches per join |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for kind in ("public", "private"):
+        r = j[kind]
+        batches = f"{r['batches_per_join']:.3f}" if kind == "private" else "–"
+        lines.append(f"| {kind} | {r['joins_per_sec']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {batches} |")
 open(sys.argv[2], "w").write("\n".join(lines) + "\n")
 with open(sys.argv[2] + ".dat", "w") as d:
     d.write("scenario " + " ".join(f'"{n}"' for n in names) + " floor\n")

@@ -104,3 +104,19 @@ pub fn deliveries(engine: &mut Engine) -> usize {
     }
     delivered
 }
+
+/// The value of a counter or gauge in the /metrics of the switchboard at `addr`, 0 when it
+/// cannot be read: the load generators report what the server did, not only what they saw.
+pub async fn metric(addr: &str, name: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+        return 0.0;
+    };
+    let request = format!("GET /metrics HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+    let _ = stream.write_all(request.as_bytes()).await;
+    let mut body = String::new();
+    let _ = stream.read_to_string(&mut body).await;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}

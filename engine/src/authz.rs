@@ -410,7 +410,12 @@ impl Engine {
             self.refuse_join(join.conn, join.vsn, &reply_to, reason, false);
             return;
         };
-        let permissions = answer.permissions;
+        #[allow(unused_mut)]
+        let mut permissions = answer.permissions;
+        #[cfg(feature = "planted-bugs")]
+        if self.planted(crate::PlantedBug::IgnoreReadPolicy) {
+            permissions.broadcast_read = Some(true);
+        }
         if !permissions.reads()
             || (join.config.replay.is_some() && permissions.broadcast_read != Some(true))
         {

@@ -111,10 +111,15 @@ impl Engine {
         inbound: &Inbound<'_>,
     ) {
         let channel = &self.conns[&conn].channels[index];
-        if channel
+        #[allow(unused_mut)]
+        let mut denied = channel
             .permissions
-            .is_some_and(|p| p.broadcast_write != Some(true))
-        {
+            .is_some_and(|p| p.broadcast_write != Some(true));
+        #[cfg(feature = "planted-bugs")]
+        if self.planted(crate::PlantedBug::IgnoreWritePolicy) {
+            denied = false;
+        }
+        if denied {
             // Denied by the topic's policies: dropped without a reply, as upstream does.
             return;
         }

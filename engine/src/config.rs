@@ -92,6 +92,10 @@ pub enum PlantedBug {
     DropFramesOfSlowConsumers,
     /// Silent sockets are never timed out, so a vanished client's presence stays.
     IgnoreHeartbeatTimeout,
+    /// Private joins are admitted whatever the read policy says.
+    IgnoreReadPolicy,
+    /// Private channels broadcast whatever the write policy says.
+    IgnoreWritePolicy,
     /// The replication slot is confirmed up to the most advanced shard's progress instead
     /// of the least (planted in [`crate::changes::Progress`]).
     ConfirmMaxProgress,

@@ -25,8 +25,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::oracle::{Ending, Event, Ms, Oracle, Who};
 
-/// Rooms clients use.
-pub const ROOMS: [&str; 2] = ["room0", "room1"];
+/// Rooms clients use: two public ones and the private one.
+pub const ROOMS: [&str; 3] = ["room0", "room1", crate::db::PRIVATE_ROOM];
 
 /// How often a client sends a heartbeat; one unanswered until the next is a timeout
 /// (realtime-js's rule, on a shorter period to fit the simulation).
@@ -135,6 +135,10 @@ enum Next {
 
 /// Runs a client to the end of the simulation.
 pub async fn run(plan: Plan, oracle: Oracle) -> turmoil::Result {
+    oracle.record(Event::Identity {
+        client: plan.index,
+        service: plan.service,
+    });
     let mut client = Client {
         rng: ChaCha8Rng::seed_from_u64(plan.seed),
         who: Who {
@@ -328,7 +332,8 @@ impl Client {
         (self.rng.next_u64() % n as u64) as usize
     }
 
-    /// Joins `room`; its postgres_changes binding and token come with room0.
+    /// Joins `room`; its postgres_changes binding and token come with room0, and the
+    /// private room is joined with the same token.
     async fn join(&mut self, ws: &mut Ws, room: String, self_broadcast: bool, ack: bool) {
         let topic = format!("realtime:{room}");
         let mut config = json!({"config": {"broadcast": {"ack": ack, "self": self_broadcast},
@@ -339,6 +344,10 @@ impl Client {
                 binding["filter"] = json!(format!("owner=eq.{owner}"));
             }
             config["config"]["postgres_changes"] = json!([binding]);
+            config["access_token"] = json!(self.plan.channel_token);
+        }
+        if room == crate::db::PRIVATE_ROOM {
+            config["config"]["private"] = json!(true);
             config["access_token"] = json!(self.plan.channel_token);
         }
         // A join's ref is its join_ref: the ref `send` is about to use.
@@ -552,6 +561,11 @@ impl Client {
             }
             "broadcast" => {
                 let body = &payload["payload"];
+                if let Some(id) = body["sql"].as_u64() {
+                    let at = now();
+                    self.oracle.record(Event::SqlSeen { who, room, id, at });
+                    return;
+                }
                 let (Some(from), Some(life), Some(seq)) = (
                     body["from"].as_u64(),
                     body["life"].as_u64(),
@@ -629,7 +643,12 @@ impl Client {
                 });
             }
             "system" => {
-                if payload["status"] == "error" {
+                // A private channel whose token could not be checked again (the database
+                // failed) is closed; the client joins it again later.
+                let unchecked = room == crate::db::PRIVATE_ROOM
+                    && payload["message"]
+                        == "Realtime was unable to connect to the project database";
+                if payload["status"] == "error" && !unchecked {
                     self.oracle.record(Event::Broken {
                         who,
                         what: format!("system error {payload}"),

@@ -1,7 +1,9 @@
 //! A simulated database: a commit log standing in for the WAL, a replication slot per
 //! node that advances only as far as the node confirms (the lowest position its shards
-//! report), and a simple RLS model answering
-//! visibility queries: a role sees a row when the row's `owner` is its `sub`.
+//! report), a simple RLS model answering visibility queries (a role sees a row when the
+//! row's `owner` is its `sub`), and policies on `realtime.messages` answering private
+//! channels' authorization questions ([`may_read`], [`may_write`]). Some commits are
+//! messages sent from SQL (`realtime.send`) to a public or a private room.
 //!
 //! The database misbehaves as the seed says: visibility answers are delayed, some fail,
 //! and during an outage every one fails and the change stream stops, as when Postgres is
@@ -14,6 +16,7 @@ use std::time::Duration;
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 use serde_json::{json, Value};
+use switchboard_engine::authz::{AuthzAnswer, AuthzQuery, Permissions};
 use switchboard_engine::changes::{
     Change, ChangeBatch, ChangeKind, Column, Progress, Table, Verdict,
 };
@@ -32,6 +35,26 @@ pub struct DbFaults {
     pub delay_ms_max: u64,
     /// Number of outages: every question fails and no change is streamed meanwhile.
     pub outages: u32,
+}
+
+/// The private room clients use: its policies are [`may_read`] and [`may_write`].
+pub const PRIVATE_ROOM: &str = "vault";
+
+/// Whether client `c<client>` may read the private room (broadcast and presence alike):
+/// two clients in three.
+pub fn may_read(client: usize) -> bool {
+    !client.is_multiple_of(3)
+}
+
+/// Whether client `c<client>` may broadcast in the private room (and track there, if it
+/// may read): every other client.
+pub fn may_write(client: usize) -> bool {
+    client.is_multiple_of(2)
+}
+
+/// The client index of a `sub` claim `c<index>`.
+fn client_of(sub: &str) -> Option<usize> {
+    sub.strip_prefix('c')?.parse().ok()
 }
 
 /// The one published table.
@@ -71,6 +94,8 @@ pub struct Commit {
     pub owner: String,
     /// Insert, update or delete.
     pub kind: ChangeKind,
+    /// A message sent from SQL instead of a row change: its room, and whether private.
+    pub sent: Option<(String, bool)>,
 }
 
 #[derive(Default)]
@@ -121,6 +146,21 @@ impl Db {
             id: lsn,
             owner,
             kind,
+            sent: None,
+        });
+    }
+
+    /// Sends a message from SQL to `room` at `at`, as `realtime.send` would.
+    pub fn send(&self, at: Ms, room: String, private: bool) {
+        let mut state = self.state.lock().expect("db lock");
+        let lsn = state.log.len() as u64 + 1;
+        state.log.push(Commit {
+            lsn,
+            at,
+            id: lsn,
+            owner: String::new(),
+            kind: ChangeKind::Insert,
+            sent: Some((room, private)),
         });
     }
 
@@ -203,6 +243,20 @@ impl Db {
                             asker.input(Input::Visibility { id: query.id, verdicts });
                         });
                     }
+                    Some(Output::Authorize(query)) => {
+                        let down = self.state.lock().expect("db lock").down;
+                        let failed = down || (rng.next_u64() % 1000) as f64 / 1000.0 < self.faults.fail;
+                        let answer = (!failed).then(|| authorize(&query));
+                        let delay = match self.faults.delay_ms_max {
+                            0 => 0,
+                            max => rng.next_u64() % max,
+                        };
+                        let asker = shards[usize::from(query.id.shard.0)].clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(delay)).await;
+                            asker.input(Input::Authorized { id: query.id, answer });
+                        });
+                    }
                     Some(Output::RefreshPublication) => engine(Input::Publication(vec![table()])),
                     Some(Output::WalProgress { shard, lsn }) => {
                         let shard = usize::from(shard.0);
@@ -228,7 +282,48 @@ impl Db {
     }
 }
 
+/// The policies' verdicts for what `query` asks: [`may_read`] and [`may_write`] on the
+/// private room, nothing elsewhere; `service_role` bypasses them.
+fn authorize(query: &AuthzQuery) -> AuthzAnswer {
+    let sub = query
+        .claims
+        .get("sub")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let service = query.role == "service_role";
+    let client = client_of(sub);
+    let room = &*query.topic == PRIVATE_ROOM;
+    let read = service || (room && client.is_some_and(may_read));
+    let write = service || (room && client.is_some_and(may_write));
+    let asked = query.asked;
+    AuthzAnswer {
+        permissions: Permissions {
+            broadcast_read: asked.broadcast_read.then_some(read),
+            presence_read: asked.presence_read.then_some(read),
+            broadcast_write: asked.broadcast_write.then_some(write),
+            presence_write: asked.presence_write.then_some(read),
+        },
+        replayed: query.replay.map(|_| Vec::new()),
+    }
+}
+
 fn change(commit: &Commit) -> Change {
+    if let Some((room, private)) = &commit.sent {
+        // The row realtime.send inserts into realtime.messages.
+        let row = json!({"id": format!("m{}", commit.id), "topic": room, "event": "sql",
+            "private": private, "extension": "broadcast", "payload": {"sql": commit.id}});
+        return Change {
+            schema: "realtime".into(),
+            table: "messages".into(),
+            kind: ChangeKind::Insert,
+            commit_timestamp: "2026-01-01T00:00:00.000Z".into(),
+            columns: Vec::new(),
+            record: row.as_object().cloned(),
+            old_record: None,
+            lsn: commit.lsn,
+            xid: commit.lsn as u32,
+        };
+    }
     let row = json!({"id": commit.id, "owner": commit.owner})
         .as_object()
         .cloned();

@@ -418,6 +418,20 @@ impl Scenario {
             schedule.push((at, Fault::Commit(owner, kind)));
             at += 100 + rng.next_u64() % 300;
         }
+        // Messages sent from SQL, every 200–800 ms, to a public or the private room (a
+        // stream of its own, so the draws above stay what they were).
+        let mut sends = ChaCha8Rng::seed_from_u64(self.seed ^ 0x5e4d);
+        let mut at = 700;
+        while at < chaos_ms {
+            let private = sends.next_u64().is_multiple_of(2);
+            let room = if private {
+                db::PRIVATE_ROOM
+            } else {
+                client::ROOMS[0]
+            };
+            schedule.push((at, Fault::Send(room.to_owned(), private)));
+            at += 200 + sends.next_u64() % 600;
+        }
         schedule.push((chaos_ms, Fault::HealAll));
         schedule.sort_by_key(|(at, _)| *at);
         let mut schedule = schedule.into_iter().peekable();
@@ -560,6 +574,7 @@ impl Links {
 #[derive(Clone, Debug)]
 enum Fault {
     Commit(String, ChangeKind),
+    Send(String, bool),
     Hold(usize),
     Release(usize),
     Cut(usize),
@@ -598,6 +613,7 @@ impl Fault {
                 links.vanished.insert(client);
             }
             Fault::Commit(owner, kind) => db.commit(now, owner, kind),
+            Fault::Send(room, private) => db.send(now, room, private),
             Fault::Partition(a, b) => bus.partition(a, b),
             Fault::Heal(a, b) => bus.heal(a, b),
             Fault::Crash(node) => {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use switchboard_engine::changes::ChangeKind;
 
-use crate::db::Commit;
+use crate::db::{self, Commit};
 use crate::TICK_MS;
 
 /// Milliseconds of simulated time.
@@ -102,6 +102,15 @@ pub enum Event {
     },
     /// A postgres change arrived.
     ChangeSeen { who: Who, room: String, id: u64 },
+    /// A message sent from SQL arrived.
+    SqlSeen {
+        who: Who,
+        room: String,
+        id: u64,
+        at: Ms,
+    },
+    /// Who a client is, for the private room's policies: a service_role client bypasses them.
+    Identity { client: usize, service: bool },
     /// Something the client itself found wrong.
     Broken { who: Who, what: String },
 }
@@ -230,7 +239,8 @@ fn check_changes(
             _ => {}
         }
     }
-    let by_id: BTreeMap<u64, &Commit> = commits.iter().map(|c| (c.id, c)).collect();
+    let commits: Vec<&Commit> = commits.iter().filter(|c| c.sent.is_none()).collect();
+    let by_id: BTreeMap<u64, &Commit> = commits.iter().map(|c| (c.id, *c)).collect();
     for s in &subscriptions {
         if s.seen.windows(2).any(|w| w[0] >= w[1]) {
             violations.push(format!(
@@ -248,7 +258,7 @@ fn check_changes(
         }
         if s.open && !disconnected.contains_key(&s.who) {
             let owed = |c: &&Commit| c.at > s.at + TICK_MS && s.allows(c);
-            for commit in commits.iter().filter(owed) {
+            for commit in commits.iter().copied().filter(owed) {
                 if !s.seen.contains(&commit.id) {
                     violations.push(format!(
                         "invariant 6: {} subscribed at {} missed change {} committed at {}",
@@ -360,7 +370,11 @@ pub fn check(events: &[Event], commits: &[Commit]) -> Vec<String> {
                 tracking.insert((*who, room.clone()), *value);
             }
             Event::View { who, room, view } => views.push((*who, room.clone(), view.clone())),
-            Event::Connected { .. } | Event::Subscribed { .. } | Event::ChangeSeen { .. } => {}
+            Event::Connected { .. }
+            | Event::Subscribed { .. }
+            | Event::ChangeSeen { .. }
+            | Event::SqlSeen { .. }
+            | Event::Identity { .. } => {}
             Event::Broken { who, what } => violations.push(format!("invariant 7: {who}: {what}")),
         }
     }
@@ -429,5 +443,109 @@ pub fn check(events: &[Event], commits: &[Commit]) -> Vec<String> {
         }
     }
     check_changes(events, commits, &disconnected, &mut violations);
+    check_private(events, &mut violations);
+    check_sent(events, commits, &membership, &disconnected, &mut violations);
     violations
+}
+
+/// Invariant 8: the private room admits only clients its read policy allows, and carries
+/// only broadcasts from clients its write policy allows.
+fn check_private(events: &[Event], violations: &mut Vec<String>) {
+    let service: BTreeSet<usize> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Identity {
+                client,
+                service: true,
+            } => Some(*client),
+            _ => None,
+        })
+        .collect();
+    let reads = |c: usize| service.contains(&c) || db::may_read(c);
+    let writes = |c: usize| service.contains(&c) || db::may_write(c);
+    for event in events {
+        match event {
+            Event::Joined { who, room, .. } if room == db::PRIVATE_ROOM && !reads(who.client) => {
+                violations.push(format!(
+                    "invariant 8: {who} joined {room}, which its read policy refuses"
+                ));
+            }
+            Event::Delivered {
+                who,
+                room,
+                from,
+                seq,
+                ..
+            } if room == db::PRIVATE_ROOM && !writes(from.client) => {
+                violations.push(format!(
+                    "invariant 8: {who} got {from}#{seq} in {room}, which {from}'s write policy refuses"
+                ));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Invariant 9: a message sent from SQL reaches only members of its room, at most once per
+/// connection and in commit order, and every member stably joined when it was committed.
+fn check_sent(
+    events: &[Event],
+    commits: &[Commit],
+    membership: &BTreeMap<(Who, String), Membership>,
+    disconnected: &BTreeMap<Who, Ms>,
+    violations: &mut Vec<String>,
+) {
+    let sent: BTreeMap<u64, (&Commit, &str)> = commits
+        .iter()
+        .filter_map(|c| c.sent.as_ref().map(|(room, _)| (c.id, (c, room.as_str()))))
+        .collect();
+    let mut seen: BTreeMap<(Who, String), Vec<u64>> = BTreeMap::new();
+    for event in events {
+        let Event::SqlSeen { who, room, id, at } = event else {
+            continue;
+        };
+        if sent.get(id).is_none_or(|(_, r)| r != room) {
+            violations.push(format!(
+                "invariant 9: {who} got SQL message {id} in {room}, sent elsewhere"
+            ));
+        }
+        let member = membership.get(&(*who, room.clone())).is_some_and(|m| {
+            m.spans
+                .iter()
+                .any(|(joined, left)| *joined <= *at && left.is_none_or(|left| *at <= left))
+        });
+        if !member {
+            violations.push(format!(
+                "invariant 9: {who} got SQL message {id} in {room} while not a member"
+            ));
+        }
+        seen.entry((*who, room.clone())).or_default().push(*id);
+    }
+    for ((who, room), ids) in &seen {
+        if ids.windows(2).any(|w| w[0] >= w[1]) {
+            violations.push(format!(
+                "invariant 9: {who} got SQL messages in {room} out of order or twice: {ids:?}"
+            ));
+        }
+    }
+    for ((who, room), m) in membership {
+        let Some(&(joined, None)) = m.spans.last() else {
+            continue;
+        };
+        if disconnected.contains_key(who) {
+            continue;
+        }
+        let got = seen.get(&(*who, room.clone()));
+        for (id, (commit, _)) in sent
+            .iter()
+            .filter(|(_, (c, r))| r == room && c.at > joined + TICK_MS)
+        {
+            if !got.is_some_and(|ids| ids.contains(id)) {
+                violations.push(format!(
+                    "invariant 9: {who} joined {room} at {joined} missed SQL message {id} sent at {}",
+                    commit.at
+                ));
+            }
+        }
+    }
 }

@@ -77,3 +77,30 @@ fn confirming_the_most_advanced_shard_is_caught() {
         "a slot confirmed past a slow shard went unnoticed for 20 seeds"
     );
 }
+
+#[test]
+fn admitting_joins_the_read_policy_refuses_is_caught() {
+    let seed = first_catch(PlantedBug::IgnoreReadPolicy, "invariant 8", 10);
+    assert!(
+        seed.is_some(),
+        "a private join its policy refuses went unnoticed for 10 seeds"
+    );
+}
+
+#[test]
+fn broadcasting_what_the_write_policy_refuses_is_caught() {
+    let seed = first_catch(PlantedBug::IgnoreWritePolicy, "invariant 8", 10);
+    assert!(
+        seed.is_some(),
+        "a broadcast its policy refuses went unnoticed for 10 seeds"
+    );
+}
+
+#[test]
+fn dropping_messages_sent_from_sql_is_caught() {
+    let seed = first_catch(PlantedBug::DropBroadcastOneIn(20), "invariant 9", 10);
+    assert!(
+        seed.is_some(),
+        "a dropped message from SQL went unnoticed for 10 seeds"
+    );
+}

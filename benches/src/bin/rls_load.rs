@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
+use switchboard_benches::metric;
 use switchboard_engine::auth;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 #[derive(Parser)]
@@ -84,20 +84,6 @@ async fn subscribe(addr: &str, token: &str, sub: &str) -> Result<Ws, String> {
             other => return Err(format!("socket ended while subscribing: {other:?}")),
         }
     }
-}
-
-/// The value of a counter in switchboard's /metrics.
-async fn metric(addr: &str, name: &str) -> f64 {
-    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
-        return 0.0;
-    };
-    let request = format!("GET /metrics HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
-    let _ = stream.write_all(request.as_bytes()).await;
-    let mut body = String::new();
-    let _ = stream.read_to_string(&mut body).await;
-    body.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
 }
 
 #[tokio::main]
