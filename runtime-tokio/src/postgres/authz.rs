@@ -69,6 +69,7 @@ pub(crate) struct Authorizer {
     select: Statement,
     write: Statement,
     back: Statement,
+    owner: Statement,
     replay: Statement,
     rollback: Statement,
 }
@@ -113,6 +114,7 @@ impl Answerer for Authorizer {
                 SELECT,
                 WRITE,
                 "rollback to savepoint switchboard_authz",
+                "select set_config('role', 'none', true)",
                 REPLAY,
                 "rollback",
             ]
@@ -120,7 +122,7 @@ impl Answerer for Authorizer {
         )
         .await;
         let mut statements = statements.into_iter();
-        let mut next = || statements.next().expect("nine statements");
+        let mut next = || statements.next().expect("ten statements");
         Ok(Authorizer {
             begin: next()?,
             probe: next()?,
@@ -129,6 +131,7 @@ impl Answerer for Authorizer {
             select: next()?,
             write: next()?,
             back: next()?,
+            owner: next()?,
             replay: next()?,
             rollback: next()?,
             client,
@@ -161,7 +164,15 @@ impl Answerer for Authorizer {
             });
             of_query.push(index);
         }
-        let answers = self.answer_groups(&groups).await?;
+        // Reads rarely fail: first without a savepoint per group (half the statements),
+        // and only if one did, once more with them.
+        let answers = match self.answer_groups(&groups, false).await? {
+            Some(answers) => answers,
+            None => self
+                .answer_groups(&groups, true)
+                .await?
+                .expect("a guarded batch is never spoiled"),
+        };
         Ok(batch
             .iter()
             .zip(of_query)
@@ -196,11 +207,14 @@ impl Authorizer {
         plan.push((Step::Plain, &self.back, Vec::new()));
     }
 
-    /// One answer per group; `None` for a group the database could not judge.
+    /// One answer per group (`None` for a group the database could not judge). With
+    /// `guard_reads` unset, reads run without savepoints, and a read that fails spoils
+    /// the transaction: then `None`, to be asked again with them.
     async fn answer_groups(
         &self,
         groups: &[Group<'_>],
-    ) -> Result<Vec<Option<AuthzAnswer>>, tokio_postgres::Error> {
+        guard_reads: bool,
+    ) -> Result<Option<Vec<Option<AuthzAnswer>>>, tokio_postgres::Error> {
         // First round trip: begin, and the read probes as the owner.
         let mut probes: Vec<(String, &'static str)> = Vec::new();
         for group in groups {
@@ -232,7 +246,7 @@ impl Authorizer {
                 // No realtime schema, or no partition for today: nothing can be judged.
                 warn!(%error, "authorization probes could not be inserted");
                 self.client.execute(&self.rollback, &[]).await?;
-                return Ok(vec![None; groups.len()]);
+                return Ok(Some(vec![None; groups.len()]));
             }
             Err(error) => return Err(error),
         };
@@ -260,7 +274,13 @@ impl Authorizer {
                     &self.select,
                     vec![Box::new(probe_ids) as _],
                 );
-                self.guarded(&mut plan, g, settings(), step);
+                if guard_reads {
+                    self.guarded(&mut plan, g, settings(), step);
+                } else {
+                    // The next group's settings replace this one's role.
+                    plan.push((Step::Settings(g), &self.settings, settings()));
+                    plan.push(step);
+                }
             }
             for (asked, broadcast) in [
                 (query.asked.broadcast_write, true),
@@ -282,6 +302,7 @@ impl Authorizer {
                 ];
                 // As the owner, in a savepoint too: a failure must not abort the rest.
                 plan.push((Step::Plain, &self.savepoint, Vec::new()));
+                plan.push((Step::Plain, &self.owner, Vec::new()));
                 plan.push((Step::Replay(g), &self.replay, params));
                 plan.push((Step::Plain, &self.back, Vec::new()));
             }
@@ -312,6 +333,14 @@ impl Authorizer {
                 Err(error) if transient(&error) => return Err(error),
                 result => result,
             };
+            if !guard_reads
+                && result.is_err()
+                && matches!(step, Step::Settings(_) | Step::Select(_))
+            {
+                // Unguarded, the transaction is spoiled from here on.
+                debug!("an unguarded read failed; asking again with savepoints");
+                return Ok(None);
+            }
             match *step {
                 Step::Plain => {
                     result?;
@@ -368,17 +397,19 @@ impl Authorizer {
                 }
             }
         }
-        Ok(answers
-            .into_iter()
-            .zip(groups)
-            .map(|(mut answer, group)| {
-                // Replayed messages only for those who may read them.
-                if answer.permissions.broadcast_read != Some(true) {
-                    answer.replayed = group.query.replay.map(|_| Vec::new());
-                }
-                Some(answer)
-            })
-            .collect())
+        Ok(Some(
+            answers
+                .into_iter()
+                .zip(groups)
+                .map(|(mut answer, group)| {
+                    // Replayed messages only for those who may read them.
+                    if answer.permissions.broadcast_read != Some(true) {
+                        answer.replayed = group.query.replay.map(|_| Vec::new());
+                    }
+                    Some(answer)
+                })
+                .collect(),
+        ))
     }
 }
 
