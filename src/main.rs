@@ -6,6 +6,8 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+mod jwks;
+
 use anyhow::Context;
 use clap::builder::RangedU64ValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -72,6 +74,15 @@ struct Serve {
     /// like upstream's API_JWT_JWKS.
     #[arg(long, env = "SWITCHBOARD_JWT_JWKS", hide_env_values = true)]
     jwt_jwks: Option<String>,
+    /// A URL serving a JWKS (a Supabase project's `https://<ref>.supabase.co/auth/v1/.well-known/jwks.json`):
+    /// fetched at start, fetched again when a token names a key it lacks, kept while the
+    /// URL is down. Adds to `--jwt-jwks`.
+    #[arg(long, env = "SWITCHBOARD_JWT_JWKS_URL")]
+    jwt_jwks_url: Option<String>,
+    /// Least time between two fetches of `--jwt-jwks-url`, in seconds.
+    #[arg(long, env = "SWITCHBOARD_JWT_JWKS_REFRESH_SECS", default_value_t = 30,
+          value_parser = RangedU64ValueParser::<u64>::new().range(1..))]
+    jwt_jwks_refresh_secs: u64,
     /// Postgres connection URL; enables postgres_changes.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
@@ -345,7 +356,18 @@ fn run(serve: Serve) -> anyhow::Result<()> {
     let addr = listeners[0]
         .local_addr()
         .context("reading the bound address")?;
-    let jwt_jwks = serve.jwt_jwks.as_deref().map(read_jwks).transpose()?;
+    let inline_jwks = serve.jwt_jwks.as_deref().map(read_jwks).transpose()?;
+    // The URL's keys are fetched before the shards start, so the first tokens find them; a
+    // URL that is down now is tried again in the background.
+    let fetched_jwks = serve.jwt_jwks_url.as_deref().and_then(|url| {
+        jwks::fetch(url)
+            .inspect_err(|error| warn!(error = format!("{error:#}"), "no JWKS yet; retrying"))
+            .ok()
+    });
+    let jwt_jwks = match &fetched_jwks {
+        Some(fetched) => Some(jwks::keys(inline_jwks.as_ref(), fetched)),
+        None => inline_jwks.clone(),
+    };
     let (jwt_secret, generated) = match serve.jwt_secret {
         Some(secret) => (secret, false),
         None => (random_secret()?, true),
@@ -411,6 +433,11 @@ fn run(serve: Serve) -> anyhow::Result<()> {
         options.database = Some(outputs);
         (url, receiver)
     });
+    let jwks_url = serve.jwt_jwks_url.map(|url| {
+        let (asks, asked) = tokio::sync::mpsc::unbounded_channel();
+        options.jwks_refresh = Some(asks);
+        (url, asked)
+    });
     let metrics = options.shared.metrics.clone();
     let count = listeners.len();
     let (servers, tasks): (Vec<_>, Vec<_>) = options
@@ -448,6 +475,18 @@ fn run(serve: Serve) -> anyhow::Result<()> {
             }
         };
         control.spawn(postgres::keep_schema(url.clone(), installed));
+    }
+    if let Some((url, asked)) = jwks_url {
+        let interval = std::time::Duration::from_secs(serve.jwt_jwks_refresh_secs);
+        let fetched = fetched_jwks.is_some();
+        control.spawn(jwks::keep(
+            url,
+            inline_jwks,
+            handles.clone(),
+            asked,
+            interval,
+            fetched,
+        ));
     }
     // Runs until the server stops; dropping it closes the database connections.
     let _postgres = database.map(|(url, outputs)| {

@@ -163,6 +163,13 @@ impl Jwks {
         Ok(jwks)
     }
 
+    /// `self`'s keys and `other`'s; on a `kid` both have, `other`'s wins.
+    pub fn merged(&self, other: &Jwks) -> Jwks {
+        let mut set = self.0.clone();
+        set.keys.extend(other.0.keys.iter().cloned());
+        Jwks(set)
+    }
+
     /// The keys tokens may choose, by `kid`. Keys without a `kid` can never be chosen, and
     /// keys of other types (X25519, say) are never picked by upstream: both are left out.
     fn prepared(&self) -> Result<FxHashMap<String, (KeyType, DecodingKey)>, BadJwks> {
@@ -580,6 +587,27 @@ mod tests {
                 "{alg:?}"
             );
         }
+    }
+
+    #[test]
+    fn an_unknown_kid_asks_for_the_jwks_once_a_second_and_new_keys_admit_it() {
+        use crate::tests::{TestEngine, EPOCH_MS};
+        let mut t = TestEngine::new();
+        let claims = json!({"role": "authenticated", "exp": EPOCH_MS / 1000 + 3600});
+        let token = signed(Algorithm::ES256, Some("rotated"), &claims);
+        let refused = t.try_connect(Some("2.0.0"), Some(token.clone()));
+        assert_eq!(t.rejected[&refused].0, 401);
+        t.try_connect(Some("2.0.0"), Some(token.clone()));
+        assert_eq!(t.jwks_refreshes, 1, "at most once a second");
+        t.advance(1_000);
+        t.try_connect(Some("2.0.0"), Some(token.clone()));
+        assert_eq!(t.jwks_refreshes, 2);
+        let jwks = json!({"keys": [public(Algorithm::ES256, "rotated")]});
+        let jwks = Jwks::parse(&jwks.to_string()).expect("a valid JWKS");
+        t.handle(crate::Input::Jwks(Arc::new(jwks)));
+        let admitted = t.try_connect(Some("2.0.0"), Some(token));
+        assert!(!t.rejected.contains_key(&admitted));
+        assert_eq!(t.jwks_refreshes, 2);
     }
 
     #[test]

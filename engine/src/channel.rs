@@ -211,11 +211,11 @@ impl Engine {
         }
         // The channel token: the join's own unless it is an opaque `sb_` key.
         let own_token = config.token.as_deref().filter(|t| !t.starts_with("sb_"));
+        let connection_claims = c.claims.clone();
         let verified = match own_token {
-            None => Ok((None, c.claims.clone())),
+            None => Ok((None, connection_claims)),
             Some(token) => self
-                .tokens
-                .verify(token, self.now.unix_ms)
+                .verify_token(token)
                 .map(|(token, claims)| (Some(token), claims)),
         };
         let (own_token, claims) = match verified {
@@ -512,7 +512,8 @@ impl Engine {
         if token.starts_with("sb_") || token == current {
             return;
         }
-        match self.tokens.verify(token, self.now.unix_ms) {
+        let topic = channel.topic.clone();
+        match self.verify_token(token) {
             Ok((token, claims)) => {
                 let c = self.conns.get_mut(&conn).expect("checked above");
                 let channel = &mut c.channels[index];
@@ -528,10 +529,7 @@ impl Engine {
                     self.ask_refresh(conn, index);
                 }
             }
-            Err(e) => {
-                let topic = channel.topic.clone();
-                self.shutdown_channel(conn, &topic, &refresh_message(&e));
-            }
+            Err(e) => self.shutdown_channel(conn, &topic, &refresh_message(&e)),
         }
     }
 

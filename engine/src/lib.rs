@@ -224,6 +224,8 @@ pub enum Input {
         /// The verdicts, and the replayed messages if the question asked for them.
         answer: Option<authz::AuthzAnswer>,
     },
+    /// Keys fetched from the JWKS URL: they replace the JWKS tokens are checked with.
+    Jwks(Arc<auth::Jwks>),
     /// The change stream started (`true`) or stopped (`false`) streaming from the database:
     /// `replication_ready` joins wait for it.
     Replication(bool),
@@ -314,6 +316,10 @@ pub enum Output {
     /// Ask the database which rows a claims group may see; answer with
     /// [`Input::Visibility`].
     Visibility(changes::VisibilityQuery),
+    /// A token named a key id the JWKS lacks: fetch the JWKS again if it comes from a URL,
+    /// and answer with [`Input::Jwks`]. Asked at most once a second by each engine; the
+    /// runtime keeps to its own interval.
+    RefreshJwks,
     /// Ask the database what a token may do on a private channel's topic; answer with
     /// [`Input::Authorized`].
     Authorize(authz::AuthzQuery),
@@ -415,6 +421,8 @@ pub struct Engine {
     planted_count: u64,
     stats: Stats,
     tokens: auth::Tokens,
+    /// When [`Output::RefreshJwks`] was last asked.
+    jwks_asked: Option<Instant>,
 }
 
 /// Where an engine sits: its replica id, its index among its process's shards, and the
@@ -502,6 +510,7 @@ impl Engine {
             planted_count: 0,
             stats: Stats::default(),
             tokens,
+            jwks_asked: None,
             config,
         }
     }
@@ -534,6 +543,13 @@ impl Engine {
             Input::Visibility { id, verdicts } => self.visibility(id, verdicts),
             Input::Authorized { id, answer } => self.authorized(id, answer),
             Input::Replication(live) => self.replication(live),
+            Input::Jwks(jwks) => {
+                self.tokens = auth::Tokens::new(auth::Verifier::with_jwks(
+                    &self.config.jwt_secret,
+                    Some(&jwks),
+                ));
+                self.config.jwt_jwks = Some((*jwks).clone());
+            }
             Input::Shutdown => self.shutdown(),
             Input::Tick => {}
         }
@@ -576,6 +592,22 @@ impl Engine {
             self.stats.messages_out += to.iter().count() as u64;
         }
         self.out.push_back(output);
+    }
+
+    /// Verifies `token` (cached); a key id the JWKS lacks asks for the JWKS again.
+    fn verify_token(
+        &mut self,
+        token: &str,
+    ) -> Result<(Arc<str>, Arc<auth::Claims>), auth::TokenError> {
+        let verified = self.tokens.verify(token, self.now.unix_ms);
+        if let Err(auth::TokenError::UnknownKid(_)) = &verified {
+            let now = self.now.mono;
+            if self.jwks_asked.is_none_or(|at| now.since(at) >= 1_000) {
+                self.jwks_asked = Some(now);
+                self.emit(Output::RefreshJwks);
+            }
+        }
+        verified
     }
 
     fn send_one(&mut self, conn: ConnId, msg: WsMessage) {

@@ -105,8 +105,7 @@ impl Engine {
 
     fn authorize(&mut self, auth: &RestAuth) -> Result<Arc<Claims>, Answer> {
         let token = auth.token().ok_or_else(|| message(401, "Unauthorized"))?;
-        self.tokens
-            .verify(token, self.now.unix_ms)
+        self.verify_token(token)
             .map(|(_, claims)| claims)
             .map_err(|_| message(401, "Unauthorized"))
     }

@@ -555,6 +555,11 @@ impl<R: Runtime> Driver<R> {
                     (peers.outgoing)(PeerOut { to: Some(to), msg });
                 }
             }
+            Output::RefreshJwks => {
+                if let Some(keys) = &self.options.jwks_refresh {
+                    let _ = keys.send(());
+                }
+            }
             output @ (Output::Visibility(_)
             | Output::Authorize(_)
             | Output::RefreshPublication

@@ -57,6 +57,9 @@ pub struct Options {
     /// Receives the database outputs (visibility queries, WAL progress) when a database
     /// is configured.
     pub database: Option<mpsc::UnboundedSender<Output>>,
+    /// Told when a token names a key id the JWKS lacks ([`Output::RefreshJwks`]), when the
+    /// keys come from a URL.
+    pub jwks_refresh: Option<mpsc::UnboundedSender<()>>,
     /// How long a socket the engine closed may take to flush what is queued and its close
     /// frame before it is dropped; shutdown waits at most this long.
     pub drain_timeout: Duration,
@@ -99,6 +102,7 @@ impl Options {
             clock: Clock::system(),
             peers: None,
             database: None,
+            jwks_refresh: None,
             drain_timeout: Duration::from_secs(2),
         }
     }

@@ -49,6 +49,7 @@ impl Options {
                 clock: self.clock.clone(),
                 peers,
                 database: self.database.clone(),
+                jwks_refresh: self.jwks_refresh.clone(),
                 drain_timeout: self.drain_timeout,
             })
             .collect()

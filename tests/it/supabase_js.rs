@@ -80,3 +80,41 @@ fn supabase_js_private_channels_and_broadcast_from_the_database() {
         &[("DATABASE_URL", pg.url())],
     );
 }
+
+/// ES256 and RS256 tokens, their keys in a JWKS file or at a JWKS URL the test serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supabase_js_asymmetric_tokens_from_a_jwks_file_and_url() {
+    use crate::jwks::{jwks_of, signed, JwksServer};
+    use jsonwebtoken::Algorithm;
+    let keys = jwks_of(&[(Algorithm::ES256, "es"), (Algorithm::RS256, "rs")]);
+    let tokens = vec![
+        (
+            "SWITCHBOARD_ES256_TOKEN",
+            signed(Algorithm::ES256, "es", "authenticated"),
+        ),
+        (
+            "SWITCHBOARD_RS256_TOKEN",
+            signed(Algorithm::RS256, "rs", "authenticated"),
+        ),
+    ];
+    let file =
+        std::env::temp_dir().join(format!("switchboard-js-jwks-{}.json", std::process::id()));
+    std::fs::write(&file, &keys).expect("writing the JWKS");
+    let served = JwksServer::start(keys).await;
+    for flag in [
+        ["--jwt-jwks", file.to_str().expect("a UTF-8 path")],
+        ["--jwt-jwks-url", served.url.as_str()],
+    ] {
+        let flag: Vec<String> = flag.iter().map(|s| s.to_string()).collect();
+        let tokens = tokens.clone();
+        tokio::task::spawn_blocking(move || {
+            let flag: Vec<&str> = flag.iter().map(String::as_str).collect();
+            let server = Server::start(&flag);
+            let env: Vec<(&str, String)> = tokens.iter().map(|(k, v)| (*k, v.clone())).collect();
+            node_tests(&server, &["jwks.test.mjs"], 60_000, &env);
+        })
+        .await
+        .expect("the node tests ran");
+    }
+    let _ = std::fs::remove_file(file);
+}

@@ -128,7 +128,7 @@ fn default_join_replies_ok_with_empty_postgres_changes() {
     let reply = t.join(
         conn,
         "room1",
-        json!({"broadcast": {"ack": false, "self": false}, "presence": {"key": "", "enabled": false}, "postgres_changes": [], "private": false}),
+        json!({"broadcast": {"ack": false, "self": false, "replication_ready": false}, "presence": {"key": "", "enabled": false}, "postgres_changes": [], "postgres_changes_options": {"all": true}, "private": false}),
     );
     assert_eq!(
         reply,

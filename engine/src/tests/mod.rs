@@ -73,6 +73,8 @@ pub(crate) struct TestEngine {
     pub(crate) authz: Vec<crate::authz::AuthzQuery>,
     /// Publication re-reads asked for.
     pub(crate) refreshes: usize,
+    /// JWKS fetches asked for.
+    pub(crate) jwks_refreshes: usize,
     /// Messages for peer replicas, in order.
     pub(crate) to_peers: Vec<(Option<NodeId>, crate::PeerMsg)>,
     /// Join refs of each connection's channels, by topic.
@@ -110,6 +112,7 @@ impl TestEngine {
             progress: Vec::new(),
             authz: Vec::new(),
             refreshes: 0,
+            jwks_refreshes: 0,
             join_refs: BTreeMap::new(),
         }
     }
@@ -345,6 +348,7 @@ impl TestEngine {
                 Output::ToPeer { to, msg } => self.to_peers.push((Some(to), msg)),
                 Output::Visibility(query) => self.visibility.push(query),
                 Output::Authorize(query) => self.authz.push(query),
+                Output::RefreshJwks => self.jwks_refreshes += 1,
                 Output::WalProgress { lsn, .. } => self.progress.push(lsn),
                 Output::RefreshPublication => self.refreshes += 1,
                 Output::Accept { .. } => {}
