@@ -118,3 +118,21 @@ async fn supabase_js_asymmetric_tokens_from_a_jwks_file_and_url() {
     }
     let _ = std::fs::remove_file(file);
 }
+
+/// The server killed with SIGKILL while rows are sent from SQL; supabase-js reconnects.
+#[test]
+fn supabase_js_messages_from_sql_survive_a_server_kill() {
+    let pg = TempPostgres::start();
+    let server = Server::start(&["--database-url", &pg.url()]);
+    let restart = serde_json::to_string(&server.restart_argv()).expect("JSON");
+    node_tests(
+        &server,
+        &["restart.test.mjs"],
+        60_000,
+        &[
+            ("DATABASE_URL", pg.url()),
+            ("SWITCHBOARD_PID", server.pid().to_string()),
+            ("SWITCHBOARD_RESTART", restart),
+        ],
+    );
+}

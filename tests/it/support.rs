@@ -27,6 +27,8 @@ pub struct Server {
     fd_limit: Option<u32>,
     /// Every line it logged so far (also echoed to the test's stderr).
     logs: Arc<Mutex<Vec<String>>>,
+    /// The program and arguments it runs with.
+    argv: Vec<String>,
 }
 
 impl Server {
@@ -57,7 +59,7 @@ impl Server {
             }
             None => Command::new(binary),
         };
-        let mut child = command
+        command
             .args(["serve", "--bind", bind, "--jwt-secret", SECRET])
             .args([
                 "--join-error-backoff-ms",
@@ -75,7 +77,12 @@ impl Server {
             .arg(std::env::var("SWITCHBOARD_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .args(default_arg(extra, "--shards", shards))
             .args(default_arg(extra, "--runtime", runtime))
-            .args(extra)
+            .args(extra);
+        let argv: Vec<String> = std::iter::once(command.get_program())
+            .chain(command.get_args())
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -108,7 +115,22 @@ impl Server {
             extra: extra.iter().map(|a| a.to_string()).collect(),
             fd_limit,
             logs,
+            argv,
         }
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// The program and arguments that start it again on the same address.
+    pub fn restart_argv(&self) -> Vec<String> {
+        let mut argv = self.argv.clone();
+        if let Some(bind) = argv.iter().position(|a| a == "--bind") {
+            argv[bind + 1] = self.addr.clone();
+        }
+        argv
     }
 
     /// The lines it logged so far that contain `text`.

@@ -111,6 +111,7 @@ export function decode(frame) {
 
 /** A readable line for a recorded frame, for assertion messages and SWITCHBOARD_JS_DEBUG. */
 export function show(frame) {
+  if (frame.dir === 'open') return '-- connection opened --'
   const d = decode(frame)
   const arrow = frame.dir === 'out' ? 'C→' : 'S→'
   if (!frame.binary) return `${arrow} ${frame.data}`
@@ -130,6 +131,8 @@ function recordingTransport(frames, label) {
   return class RecordingWebSocket extends WebSocket {
     constructor(...args) {
       super(...args)
+      // Each connection starts with a marker, so frames can be told apart by connection.
+      record({ dir: 'open', binary: false, data: '' })
       this.on('message', (data, isBinary) => {
         const bytes = Buffer.isBuffer(data) ? Buffer.from(data) : Array.isArray(data) ? Buffer.concat(data) : Buffer.from(new Uint8Array(data))
         record({ dir: 'in', binary: isBinary, data: isBinary ? bytes : bytes.toString('utf8') })
