@@ -636,14 +636,6 @@ pub(crate) struct Hears {
     pub(crate) presence: bool,
 }
 
-impl Hears {
-    /// A public channel's member hears everything.
-    pub(crate) const ALL: Hears = Hears {
-        broadcast: true,
-        presence: true,
-    };
-}
-
 impl Permissions {
     /// What a member with these permissions receives: only what it was allowed to read.
     pub(crate) fn hears(self) -> Hears {

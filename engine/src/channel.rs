@@ -28,7 +28,8 @@ pub(crate) struct Channel {
     pub(crate) self_broadcast: bool,
     /// `broadcast.ack`: reply to each broadcast push.
     pub(crate) ack: bool,
-    /// Whether the join asked for `presence_state`.
+    /// Whether the join asked for presence (`presence_state`, then diffs), or the channel
+    /// tracked since.
     pub(crate) presence_enabled: bool,
     /// The presence key: the configured one or a generated UUID.
     pub(crate) presence_key: Arc<str>,
@@ -327,7 +328,15 @@ impl Engine {
         };
         let response = join_response(&channel.bindings);
         let has_bindings = !channel.bindings.is_empty();
-        let hears = permissions.map_or(Hears::ALL, Permissions::hears);
+        // A channel that did not enable presence hears none until it tracks (realtime-js:
+        // the flag "only affects whether this client receives presence updates").
+        let hears = permissions.map_or(
+            Hears {
+                broadcast: true,
+                presence: channel.presence_enabled,
+            },
+            Permissions::hears,
+        );
         let presence_state = channel.presence_enabled && hears.presence;
         let awaiting_replication = channel.awaiting_replication;
         let c = self

@@ -145,7 +145,34 @@ impl Engine {
             );
             self.queue_diff(changes);
         }
+        self.enable_presence(conn, index);
         self.reply(conn, vsn, reply_to, "ok", "{}");
+    }
+
+    /// A track enables presence on the channel, as upstream's does: a public channel that
+    /// joined without it hears presence diffs from now on.
+    fn enable_presence(&mut self, conn: ConnId, index: usize) {
+        let channel = &mut self
+            .conns
+            .get_mut(&conn)
+            .expect("a live connection")
+            .channels[index];
+        if channel.presence_enabled {
+            return;
+        }
+        channel.presence_enabled = true;
+        if channel.permissions.is_none() {
+            let room = channel.room.clone();
+            if let Some(room) = self.rooms.get_mut(&room) {
+                room.hears(
+                    conn,
+                    crate::authz::Hears {
+                        broadcast: true,
+                        presence: true,
+                    },
+                );
+            }
+        }
     }
 
     /// Pushes the room's full state to a channel that just joined with presence enabled.

@@ -84,7 +84,7 @@ fn joiner_gets_full_state_right_after_the_ok_reply() {
 }
 
 #[test]
-fn track_sends_a_diff_to_every_member_including_the_tracker() {
+fn track_sends_a_diff_to_every_member_with_presence_including_the_tracker() {
     let mut t = TestEngine::new();
     let (a, b, c) = (t.connect(Vsn::V2), t.connect(Vsn::V1), t.connect(Vsn::V2));
     t.join(a, "r", presence_config("alice"));
@@ -94,13 +94,22 @@ fn track_sends_a_diff_to_every_member_including_the_tracker() {
         t.take(conn);
     }
     track(&mut t, a, "r", json!({"a": 1}));
-    for conn in [a, b, c] {
+    for conn in [a, b] {
         let got = diffs(&mut t, conn);
         assert_eq!(got.len(), 1, "one diff for {conn:?}");
         assert_eq!(got[0]["leaves"], json!({}));
         let joined = metas(&got[0]["joins"], "alice");
         assert_eq!(joined[0]["a"], 1);
     }
+    // c did not enable presence: no presence work for it, until it tracks itself.
+    assert!(diffs(&mut t, c).is_empty());
+    track(&mut t, c, "r", json!({"c": 1}));
+    track(&mut t, a, "r", json!({"a": 2}));
+    assert_eq!(
+        diffs(&mut t, c).len(),
+        2,
+        "its own track and alice's update"
+    );
 }
 
 #[test]
