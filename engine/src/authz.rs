@@ -138,6 +138,8 @@ pub(crate) struct State {
     next: u64,
     pending: FxHashMap<u64, Pending>,
     rests: FxHashMap<u64, PendingRest>,
+    /// Pending joins with a replay: stored messages to their rooms are kept for them.
+    replaying: usize,
 }
 
 #[derive(Debug)]
@@ -172,6 +174,10 @@ pub(crate) struct PendingJoin {
     pub(crate) claims: Arc<Claims>,
     pub(crate) own_token: Option<Arc<str>>,
     pub(crate) config: JoinConfig,
+    /// With a replay: messages sent from the database to the room while the join waits,
+    /// with their ids. Committed after the replay's snapshot or not, they reach the member
+    /// once it joins, unless the replay already sent them.
+    pub(crate) stored: Vec<(Option<String>, BroadcastBody)>,
 }
 
 /// A REST request waiting for the write checks of its private topics.
@@ -227,6 +233,7 @@ impl Engine {
             ..Asked::default()
         };
         let replay = join.config.replay.and_then(Result::ok);
+        self.authz.replaying += usize::from(replay.is_some());
         let claims = join.claims.clone();
         self.ask(
             Arc::from(sub),
@@ -383,7 +390,10 @@ impl Engine {
             return;
         };
         match pending {
-            Pending::Join(join) => self.join_answered(*join, answer),
+            Pending::Join(join) => {
+                self.authz.replaying -= usize::from(join.config.replay.is_some());
+                self.join_answered(*join, answer)
+            }
             Pending::Refresh {
                 conn,
                 instance,
@@ -455,7 +465,7 @@ impl Engine {
             join.config,
             Some(permissions),
         );
-        if !joined || replayed.is_empty() {
+        if !joined {
             return;
         }
         let ids: Box<[Box<str>]> = replayed.iter().map(|m| Box::from(m.id.as_str())).collect();
@@ -463,7 +473,9 @@ impl Engine {
             private: true,
             sub: Arc::from(sub),
         }) {
-            room.replayed(join.conn, ids);
+            if !ids.is_empty() {
+                room.replayed(join.conn, ids.clone());
+            }
         }
         for message in replayed {
             let object = serde_json::json!({
@@ -481,6 +493,35 @@ impl Engine {
                 &object.to_string(),
             );
             self.send_one(join.conn, msg);
+        }
+        // Then what the database sent while the join waited, less what the replay covered.
+        for (id, body) in join.stored {
+            if id.is_some_and(|id| ids.iter().any(|i| **i == *id)) {
+                continue;
+            }
+            if let Some(msg) = body.encode(join.vsn, &join.topic) {
+                self.send_one(join.conn, msg);
+            }
+        }
+    }
+
+    /// A message sent from the database to `room`: pending replay joins to it keep it.
+    pub(crate) fn keep_for_replays(
+        &mut self,
+        room: &RoomKey,
+        body: &BroadcastBody,
+        id: Option<&str>,
+    ) {
+        if self.authz.replaying == 0 || !room.private {
+            return;
+        }
+        for pending in self.authz.pending.values_mut() {
+            if let Pending::Join(join) = pending {
+                let sub = join.topic.strip_prefix("realtime:").unwrap_or(&join.topic);
+                if join.config.replay.is_some() && *sub == *room.sub {
+                    join.stored.push((id.map(str::to_owned), body.clone()));
+                }
+            }
         }
     }
 

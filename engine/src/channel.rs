@@ -238,6 +238,7 @@ impl Engine {
                 claims,
                 own_token,
                 config,
+                stored: Vec::new(),
             });
             return;
         }

@@ -140,6 +140,7 @@ impl Engine {
     /// Delivers a stored message (sent from the database) with id `id`: members a replay
     /// already sent it to do not get it again.
     pub(crate) fn fan_out_stored(&mut self, key: &RoomKey, body: &BroadcastBody, id: Option<&str>) {
+        self.keep_for_replays(key, body, id);
         let skip = match (self.rooms.get(key), id) {
             (Some(room), Some(id)) if !room.replayed.is_empty() => room.replayed_to(id),
             _ => Vec::new(),

@@ -18,6 +18,8 @@ pub struct Engine {
     outputs: mpsc::UnboundedSender<Output>,
     /// The running subsystem; dropping it stops the reader without confirming more.
     _postgres: Postgres,
+    /// What the reader last said of the change stream ([`Input::Replication`]).
+    live: bool,
 }
 
 impl Engine {
@@ -35,15 +37,23 @@ impl Engine {
             inputs,
             outputs,
             _postgres: postgres,
+            live: false,
         }
     }
 
-    /// The next input, within 10 s.
+    /// The next input, within 10 s, after any news of the stream going live or down
+    /// (kept in `live`).
     pub async fn next(&mut self) -> Input {
-        tokio::time::timeout(Duration::from_secs(10), self.inputs.recv())
-            .await
-            .expect("an input within 10 s")
-            .expect("the subsystem is running")
+        loop {
+            let input = tokio::time::timeout(Duration::from_secs(10), self.inputs.recv())
+                .await
+                .expect("an input within 10 s")
+                .expect("the subsystem is running");
+            match input {
+                Input::Replication(live) => self.live = live,
+                input => return input,
+            }
+        }
     }
 
     /// Sends an output as the engine would.
@@ -398,6 +408,7 @@ async fn the_engine_hears_of_a_new_table_before_its_changes() {
     let Input::Publication(tables) = engine.next().await else {
         panic!("the new table before its change");
     };
+    assert!(engine.live, "the reader said the stream is live");
     let later = Table {
         schema: "public".into(),
         name: "later".into(),
