@@ -130,6 +130,60 @@ pub struct AuthzAnswer {
     /// With a replay, when broadcast read was granted: the messages, oldest first, or
     /// `None` when reading them failed.
     pub replayed: Option<Vec<Stored>>,
+    /// The replay query's snapshot: the stored messages it could see were its to send or
+    /// to leave out; those it could not follow the replay.
+    pub snapshot: Option<XidSnapshot>,
+}
+
+/// What a replay covered for its member: the messages it sent, and every message its
+/// snapshot could see (sent or left out by `since` and `limit`). Neither is sent to the
+/// member again when the stream delivers it.
+#[derive(Debug)]
+pub(crate) struct Covered {
+    ids: Box<[Box<str>]>,
+    snapshot: Option<XidSnapshot>,
+}
+
+impl Covered {
+    /// Whether stored message `id`, sent by transaction `xid`, was the replay's.
+    pub(crate) fn covers(&self, id: Option<&str>, xid: u32) -> bool {
+        self.snapshot.as_ref().is_some_and(|s| s.sees(xid))
+            || id.is_some_and(|id| self.ids.iter().any(|i| **i == *id))
+    }
+}
+
+/// A Postgres snapshot (`pg_current_snapshot()`), in the 32-bit transaction ids pgoutput
+/// sends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XidSnapshot {
+    /// Every transaction before it had ended.
+    pub xmin: u32,
+    /// No transaction from it on had ended.
+    pub xmax: u32,
+    /// Transactions between the two still in progress.
+    pub xip: Vec<u32>,
+}
+
+impl XidSnapshot {
+    /// Parses `xmin:xmax:xip,xip,…` (64-bit ids, kept to their low 32 bits).
+    pub fn parse(text: &str) -> Option<XidSnapshot> {
+        let mut parts = text.split(':');
+        let low = |t: &str| t.trim().parse::<u64>().ok().map(|x| x as u32);
+        let xmin = low(parts.next()?)?;
+        let xmax = low(parts.next()?)?;
+        let xip = match parts.next() {
+            None | Some("") => Vec::new(),
+            Some(list) => list.split(',').map(low).collect::<Option<_>>()?,
+        };
+        Some(XidSnapshot { xmin, xmax, xip })
+    }
+
+    /// Whether transaction `xid` had committed (or ended) for this snapshot.
+    pub fn sees(&self, xid: u32) -> bool {
+        // Modulo 2³², as Postgres compares 32-bit ids.
+        let precedes = |a: u32, b: u32| (a.wrapping_sub(b) as i32) < 0;
+        precedes(xid, self.xmin) || (precedes(xid, self.xmax) && !self.xip.contains(&xid))
+    }
 }
 
 /// Questions out and what waits on each.
@@ -175,9 +229,9 @@ pub(crate) struct PendingJoin {
     pub(crate) own_token: Option<Arc<str>>,
     pub(crate) config: JoinConfig,
     /// With a replay: messages sent from the database to the room while the join waits,
-    /// with their ids. Committed after the replay's snapshot or not, they reach the member
-    /// once it joins, unless the replay already sent them.
-    pub(crate) stored: Vec<(Option<String>, BroadcastBody)>,
+    /// with their ids and transactions. Those the replay's snapshot could not see reach
+    /// the member after the replay; the others were the replay's to send or leave out.
+    pub(crate) stored: Vec<(Option<String>, u32, BroadcastBody)>,
 }
 
 /// A REST request waiting for the write checks of its private topics.
@@ -435,6 +489,8 @@ impl Engine {
             self.refuse_join(join.conn, join.vsn, &reply_to, &reason, false);
             return;
         }
+        let snapshot = answer.snapshot;
+        let replaying = join.config.replay.is_some();
         let replayed = match (join.config.replay, answer.replayed) {
             (Some(_), None) => {
                 let reason = "UnableToReplayMessages: Realtime was unable to replay messages";
@@ -468,15 +524,13 @@ impl Engine {
         if !joined {
             return;
         }
-        let ids: Box<[Box<str>]> = replayed.iter().map(|m| Box::from(m.id.as_str())).collect();
-        if let Some(room) = self.rooms.get_mut(&RoomKey {
-            private: true,
-            sub: Arc::from(sub),
-        }) {
-            if !ids.is_empty() {
-                room.replayed(join.conn, ids.clone());
-            }
+        if !replaying {
+            return;
         }
+        let covered = Covered {
+            ids: replayed.iter().map(|m| Box::from(m.id.as_str())).collect(),
+            snapshot,
+        };
         for message in replayed {
             let object = serde_json::json!({
                 "type": "broadcast",
@@ -495,13 +549,21 @@ impl Engine {
             self.send_one(join.conn, msg);
         }
         // Then what the database sent while the join waited, less what the replay covered.
-        for (id, body) in join.stored {
-            if id.is_some_and(|id| ids.iter().any(|i| **i == *id)) {
+        for (id, xid, body) in join.stored {
+            if covered.covers(id.as_deref(), xid) {
                 continue;
             }
             if let Some(msg) = body.encode(join.vsn, &join.topic) {
                 self.send_one(join.conn, msg);
             }
+        }
+        // And from now on, live: the room skips what the replay covered for this member.
+        let key = RoomKey {
+            private: true,
+            sub: Arc::from(sub),
+        };
+        if let Some(room) = self.rooms.get_mut(&key) {
+            room.replayed(join.conn, covered);
         }
     }
 
@@ -511,6 +573,7 @@ impl Engine {
         room: &RoomKey,
         body: &BroadcastBody,
         id: Option<&str>,
+        xid: u32,
     ) {
         if self.authz.replaying == 0 || !room.private {
             return;
@@ -519,7 +582,7 @@ impl Engine {
             if let Pending::Join(join) = pending {
                 let sub = join.topic.strip_prefix("realtime:").unwrap_or(&join.topic);
                 if join.config.replay.is_some() && *sub == *room.sub {
-                    join.stored.push((id.map(str::to_owned), body.clone()));
+                    join.stored.push((id.map(str::to_owned), xid, body.clone()));
                 }
             }
         }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
-use crate::authz::Hears;
+use crate::authz::{Covered, Hears};
 use crate::broadcast::BroadcastBody;
 use crate::protocol::Vsn;
 use crate::{ConnId, Engine, Output, To};
@@ -31,7 +31,7 @@ pub(crate) struct Room {
     cache: [Option<Arc<[ConnId]>>; 4],
     /// Members that joined with a replay, and the ids of the stored messages it sent
     /// them: the same messages arriving live are not sent to them twice.
-    replayed: Vec<(ConnId, Box<[Box<str>]>)>,
+    replayed: Vec<(ConnId, Covered)>,
     /// Members that hear broadcasts, kept so a fan-out counts them without a scan.
     hearing: usize,
 }
@@ -88,16 +88,16 @@ impl Room {
         }
     }
 
-    /// Records the stored messages a member was sent on joining.
-    pub(crate) fn replayed(&mut self, conn: ConnId, ids: Box<[Box<str>]>) {
-        self.replayed.push((conn, ids));
+    /// Records what a member's replay covered on joining.
+    pub(crate) fn replayed(&mut self, conn: ConnId, covered: Covered) {
+        self.replayed.push((conn, covered));
     }
 
-    /// Members that were already sent stored message `id` by a replay.
-    fn replayed_to(&self, id: &str) -> Vec<ConnId> {
+    /// Members whose replay covered stored message `id` of transaction `xid`.
+    fn replayed_to(&self, id: Option<&str>, xid: u32) -> Vec<ConnId> {
         self.replayed
             .iter()
-            .filter(|(_, ids)| ids.iter().any(|i| &**i == id))
+            .filter(|(_, covered)| covered.covers(id, xid))
             .map(|(conn, _)| *conn)
             .collect()
     }
@@ -137,12 +137,18 @@ impl Engine {
         self.fan_out_except(key, body, except, &[]);
     }
 
-    /// Delivers a stored message (sent from the database) with id `id`: members a replay
-    /// already sent it to do not get it again.
-    pub(crate) fn fan_out_stored(&mut self, key: &RoomKey, body: &BroadcastBody, id: Option<&str>) {
-        self.keep_for_replays(key, body, id);
-        let skip = match (self.rooms.get(key), id) {
-            (Some(room), Some(id)) if !room.replayed.is_empty() => room.replayed_to(id),
+    /// Delivers a stored message (sent from the database by transaction `xid`) with id
+    /// `id`: members a replay already sent it to do not get it again.
+    pub(crate) fn fan_out_stored(
+        &mut self,
+        key: &RoomKey,
+        body: &BroadcastBody,
+        id: Option<&str>,
+        xid: u32,
+    ) {
+        self.keep_for_replays(key, body, id, xid);
+        let skip = match self.rooms.get(key) {
+            Some(room) if !room.replayed.is_empty() => room.replayed_to(id, xid),
             _ => Vec::new(),
         };
         self.fan_out_except(key, body, None, &skip);

@@ -304,6 +304,7 @@ fn authorize(query: &AuthzQuery) -> AuthzAnswer {
             presence_write: asked.presence_write.then_some(read),
         },
         replayed: query.replay.map(|_| Vec::new()),
+        snapshot: None,
     }
 }
 

@@ -288,6 +288,8 @@ struct Sent {
     room: RoomKey,
     body: BroadcastBody,
     id: Option<String>,
+    /// The transaction that sent it.
+    xid: u32,
 }
 
 /// A row `realtime.send` (or `broadcast_changes`) inserted into `realtime.messages`, as
@@ -316,6 +318,7 @@ fn sent_message(change: &Change) -> Option<Sent> {
         room,
         body: BroadcastBody::Json(body.to_string().into()),
         id: row.get("id").and_then(Value::as_str).map(str::to_owned),
+        xid: change.xid,
     })
 }
 
@@ -728,7 +731,9 @@ impl Engine {
             let pending = self.changes.batches.pop_front().expect("front exists");
             for (index, change) in pending.batch.changes.iter().enumerate() {
                 match pending.sent.get(&index) {
-                    Some(sent) => self.fan_out_stored(&sent.room, &sent.body, sent.id.as_deref()),
+                    Some(sent) => {
+                        self.fan_out_stored(&sent.room, &sent.body, sent.id.as_deref(), sent.xid)
+                    }
                     None => self.deliver_change(&pending, index, change),
                 }
             }

@@ -20,7 +20,9 @@ use std::collections::HashMap;
 
 use futures_util::future::join_all;
 use serde_json::Value;
-use switchboard_engine::authz::{Asked, AuthzAnswer, AuthzQuery, Permissions, Replay, Stored};
+use switchboard_engine::authz::{
+    Asked, AuthzAnswer, AuthzQuery, Permissions, Replay, Stored, XidSnapshot,
+};
 use switchboard_engine::Input;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
@@ -48,13 +50,17 @@ const SELECT: &str = "select extension from realtime.messages where id = any($1:
 /// A write probe under the current role.
 const WRITE: &str = "insert into realtime.messages (topic, extension) values ($1, $2)";
 
-/// Upstream's replay query (`Realtime.Messages.replay`): partitions more than a minute in
-/// the future are not searched.
-const REPLAY: &str = "select id::text, event, payload::text from realtime.messages \
-    where topic = $1 and private is true and extension = 'broadcast' \
-      and inserted_at >= to_timestamp($2::float8 / 1000)::timestamp \
-      and inserted_at < (now() + interval '1 minute')::timestamp \
-    order by inserted_at desc limit $3";
+/// Upstream's replay query (`Realtime.Messages.replay`: partitions more than a minute in
+/// the future are not searched), with the snapshot it ran on: the messages it could see are
+/// the replay's to send or leave out, the others follow it live. Always one row at least.
+const REPLAY: &str = "select pg_current_snapshot()::text, m.id::text, m.event, m.payload::text \
+    from (select 1) as one left join lateral ( \
+      select id, event, payload, inserted_at from realtime.messages \
+      where topic = $1 and private is true and extension = 'broadcast' \
+        and inserted_at >= to_timestamp($2::float8 / 1000)::timestamp \
+        and inserted_at < (now() + interval '1 minute')::timestamp \
+      order by inserted_at desc limit $3) as m on true \
+    order by m.inserted_at desc";
 
 /// Questions answered in one transaction at most.
 const BATCH: usize = 256;
@@ -325,6 +331,7 @@ impl Authorizer {
             .map(|_| AuthzAnswer {
                 permissions: Permissions::default(),
                 replayed: None,
+                snapshot: None,
             })
             .collect();
         let mut refused = vec![false; groups.len()];
@@ -386,15 +393,16 @@ impl Authorizer {
                         permissions.presence_write = Some(allowed);
                     }
                 }
-                Step::Replay(g) => {
-                    answers[g].replayed = match result {
-                        Ok(rows) => Some(stored(&rows)),
-                        Err(error) => {
-                            warn!(topic = %groups[g].query.topic, %error, "replay failed");
-                            None
-                        }
-                    };
-                }
+                Step::Replay(g) => match result {
+                    Ok(rows) => {
+                        answers[g].snapshot =
+                            rows.first().and_then(|row| XidSnapshot::parse(row.get(0)));
+                        answers[g].replayed = Some(stored(&rows));
+                    }
+                    Err(error) => {
+                        warn!(topic = %groups[g].query.topic, %error, "replay failed");
+                    }
+                },
             }
         }
         Ok(Some(
@@ -421,19 +429,22 @@ fn reads(asked: Asked) -> [(bool, &'static str); 2] {
     ]
 }
 
-/// Replayed rows, newest first as selected, turned oldest first.
+/// Replayed rows, newest first as selected, turned oldest first (the one row without a
+/// message, when there are none, left out).
 fn stored(rows: &[Row]) -> Vec<Stored> {
     rows.iter()
         .rev()
-        .map(|row| Stored {
-            id: row.get(0),
-            event: row
-                .get::<_, Option<String>>(1)
-                .map_or(Value::Null, Value::String),
-            payload: row
-                .get::<_, Option<String>>(2)
-                .and_then(|p| serde_json::from_str(&p).ok())
-                .unwrap_or(Value::Null),
+        .filter_map(|row| {
+            Some(Stored {
+                id: row.get::<_, Option<String>>(1)?,
+                event: row
+                    .get::<_, Option<String>>(2)
+                    .map_or(Value::Null, Value::String),
+                payload: row
+                    .get::<_, Option<String>>(3)
+                    .and_then(|p| serde_json::from_str(&p).ok())
+                    .unwrap_or(Value::Null),
+            })
         })
         .collect()
 }
