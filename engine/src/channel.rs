@@ -346,10 +346,18 @@ impl Engine {
             .expect("join runs on a live connection");
         c.channels.push(channel);
         c.empty_since = None;
-        self.rooms
-            .entry(room.clone())
-            .or_insert_with(|| Room::new(topic.clone()))
-            .add(conn, vsn, hears);
+        let mut interested = false;
+        let local = self.rooms.entry(room.clone()).or_insert_with(|| {
+            interested = true;
+            Room::new(topic.clone())
+        });
+        local.add(conn, vsn, hears);
+        if interested {
+            self.emit(Output::Interest {
+                room: room.clone(),
+                members: true,
+            });
+        }
         self.stats.channels += 1;
         self.arm_expiry(conn, instance, exp);
         self.reply(conn, vsn, reply_to, "ok", &response);
@@ -476,6 +484,10 @@ impl Engine {
             room.remove(conn);
             if room.is_empty() {
                 self.rooms.remove(&channel.room);
+                self.emit(Output::Interest {
+                    room: channel.room.clone(),
+                    members: false,
+                });
             }
         }
         self.stats.channels -= 1;

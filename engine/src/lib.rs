@@ -305,6 +305,15 @@ pub enum Output {
     },
     /// Send a message to every peer replica.
     ToPeers(PeerMsg),
+    /// `room` gained its first member on this replica (`members`), or lost its last: a
+    /// cluster link subscribes to the room's traffic only while some replica of its node
+    /// has members there, so a node receives only the broadcasts it delivers.
+    Interest {
+        /// The room.
+        room: RoomKey,
+        /// Whether the replica has members in it now.
+        members: bool,
+    },
     /// Send a message to one peer replica: snapshots and repairs go only to who needs them,
     /// so a new replica costs one snapshot from each peer, not one from each to each.
     ToPeer {
@@ -458,6 +467,16 @@ impl NodeId {
     /// are (they fit 48 bits).
     pub fn replica(process: u64, shard: ShardId) -> NodeId {
         NodeId(process << 16 | u64::from(shard.0))
+    }
+
+    /// The process of a replica id made by [`NodeId::replica`].
+    pub fn process(self) -> u64 {
+        self.0 >> 16
+    }
+
+    /// The shard of a replica id made by [`NodeId::replica`].
+    pub fn shard(self) -> ShardId {
+        ShardId(self.0 as u16)
     }
 }
 

@@ -491,3 +491,20 @@ fn shutdown_tells_every_channel_then_closes_with_1012() {
     assert_eq!(t.closed[&conn].0, 1012);
     assert_eq!(t.engine.stats().connections, 0);
 }
+
+#[test]
+fn interest_follows_the_first_and_last_member_of_a_room() {
+    let mut t = TestEngine::new();
+    let (a, b) = (t.connect(Vsn::V2), t.connect(Vsn::V2));
+    let room = crate::RoomKey {
+        private: false,
+        sub: "r".into(),
+    };
+    t.join(a, "r", json!({}));
+    t.join(b, "r", json!({}));
+    assert_eq!(t.interest, vec![(room.clone(), true)], "once, for the first");
+    t.push(a, "r", "phx_leave", json!({}));
+    assert_eq!(t.interest.len(), 1, "b is still there");
+    t.handle(Input::Closed { conn: b });
+    assert_eq!(t.interest, vec![(room.clone(), true), (room, false)]);
+}

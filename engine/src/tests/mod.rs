@@ -75,6 +75,8 @@ pub(crate) struct TestEngine {
     pub(crate) refreshes: usize,
     /// JWKS fetches asked for.
     pub(crate) jwks_refreshes: usize,
+    /// Rooms gaining their first or losing their last member ([`Output::Interest`]).
+    pub(crate) interest: Vec<(crate::RoomKey, bool)>,
     /// Messages for peer replicas, in order.
     pub(crate) to_peers: Vec<(Option<NodeId>, crate::PeerMsg)>,
     /// Join refs of each connection's channels, by topic.
@@ -113,6 +115,7 @@ impl TestEngine {
             authz: Vec::new(),
             refreshes: 0,
             jwks_refreshes: 0,
+            interest: Vec::new(),
             join_refs: BTreeMap::new(),
         }
     }
@@ -351,6 +354,7 @@ impl TestEngine {
                 Output::RefreshJwks => self.jwks_refreshes += 1,
                 Output::WalProgress { lsn, .. } => self.progress.push(lsn),
                 Output::RefreshPublication => self.refreshes += 1,
+                Output::Interest { room, members } => self.interest.push((room, members)),
                 Output::Accept { .. } => {}
             }
         }
