@@ -12,9 +12,10 @@ use anyhow::Context;
 use clap::builder::RangedU64ValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use switchboard_engine::{auth, Config};
+use switchboard_tokio::cluster::{self, ClusterConfig};
 use switchboard_tokio::postgres::{self, PostgresConfig};
 use switchboard_tokio::{to_shards, Options, Server};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// jemalloc, with its background threads returning freed memory to the system within
 /// seconds. glibc's allocator kept what a burst of large messages had used: after clients
@@ -103,6 +104,30 @@ struct Serve {
     /// Database connections answering Row Level Security visibility checks.
     #[arg(long, env = "SWITCHBOARD_VISIBILITY_CONNECTIONS", default_value_t = 2)]
     visibility_connections: usize,
+    /// Joins a cluster through this NATS server (`nats://host:port`): broadcast and
+    /// presence reach the members on every node. Every node needs the same JWT settings
+    /// and database.
+    #[arg(long, env = "SWITCHBOARD_CLUSTER_NATS")]
+    cluster_nats: Option<String>,
+    /// First token of the cluster's NATS subjects: clusters sharing a broker differ here.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_CLUSTER_PREFIX",
+        default_value = "switchboard",
+        value_parser = subject_prefix
+    )]
+    cluster_prefix: String,
+    /// This node's name in the cluster's logs; default: host name and process id.
+    #[arg(long, env = "SWITCHBOARD_CLUSTER_NODE_NAME")]
+    cluster_node_name: Option<String>,
+    /// How often a node tells the cluster it is alive, in milliseconds.
+    #[arg(long, env = "SWITCHBOARD_CLUSTER_HEARTBEAT_MS", default_value_t = 1_000,
+          value_parser = RangedU64ValueParser::<u64>::new().range(10..))]
+    cluster_heartbeat_ms: u64,
+    /// Silence after which a node counts as down and its presence leaves, in milliseconds.
+    #[arg(long, env = "SWITCHBOARD_CLUSTER_DOWN_MS", default_value_t = 5_000,
+          value_parser = RangedU64ValueParser::<u64>::new().range(10..))]
+    cluster_down_ms: u64,
     /// Runtime that drives the engines.
     #[arg(long, env = "SWITCHBOARD_RUNTIME", value_enum, default_value = "tokio")]
     runtime: Runtime,
@@ -279,6 +304,21 @@ fn run_migrate(database_url: &str) -> anyhow::Result<()> {
 }
 
 /// The JWKS of `--jwt-jwks`: the JSON itself when it is an object, else a file holding it.
+/// A NATS subject prefix: tokens without wildcards or spaces, none empty.
+fn subject_prefix(given: &str) -> Result<String, String> {
+    let valid = given.split('.').all(|token| {
+        !token.is_empty()
+            && !token
+                .chars()
+                .any(|c| c.is_whitespace() || c == '*' || c == '>')
+    });
+    if valid {
+        Ok(given.to_owned())
+    } else {
+        Err("a subject prefix is dot-separated tokens without spaces, '*' or '>'".into())
+    }
+}
+
 fn read_jwks(given: &str) -> anyhow::Result<auth::Jwks> {
     let json = if given.trim_start().starts_with('{') {
         given.to_owned()
@@ -440,11 +480,10 @@ fn run(serve: Serve) -> anyhow::Result<()> {
     });
     let metrics = options.shared.metrics.clone();
     let count = listeners.len();
-    let (servers, tasks): (Vec<_>, Vec<_>) = options
-        .shards(process, shards)
-        .into_iter()
-        .map(Server::new)
-        .unzip();
+    let (to_cluster, from_shards) = tokio::sync::mpsc::unbounded_channel();
+    let cluster = serve.cluster_nats.is_some().then_some(to_cluster);
+    let set = options.shards(process, shards, cluster);
+    let (servers, tasks): (Vec<_>, Vec<_>) = set.options.into_iter().map(Server::new).unzip();
     let handles: Vec<_> = servers.iter().map(Server::handle).collect();
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let shutdown = move || async move {
@@ -475,6 +514,29 @@ fn run(serve: Serve) -> anyhow::Result<()> {
             }
         };
         control.spawn(postgres::keep_schema(url.clone(), installed));
+    }
+    if let Some(url) = serve.cluster_nats {
+        let name = serve.cluster_node_name.unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        });
+        let config = ClusterConfig {
+            url,
+            prefix: serve.cluster_prefix,
+            name,
+            heartbeat: std::time::Duration::from_millis(serve.cluster_heartbeat_ms),
+            down_after: std::time::Duration::from_millis(serve.cluster_down_ms),
+        };
+        let local = cluster::Local {
+            process,
+            inboxes: set.inboxes,
+        };
+        let metrics = metrics.clone();
+        control.spawn(async move {
+            if let Err(e) = cluster::run(config, local, from_shards, metrics).await {
+                error!(error = %e, "the cluster link stopped");
+            }
+        });
     }
     if let Some((url, asked)) = jwks_url {
         let interval = std::time::Duration::from_secs(serve.jwt_jwks_refresh_secs);

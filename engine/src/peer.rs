@@ -226,7 +226,11 @@ mod tests {
             (".{0,20}", any::<bool>(), any::<Vec<u8>>()).prop_map(|(event, json, payload)| {
                 BroadcastBody::User {
                     event,
-                    encoding: if json { Encoding::Json } else { Encoding::Binary },
+                    encoding: if json {
+                        Encoding::Json
+                    } else {
+                        Encoding::Binary
+                    },
                     payload: Bytes::from(payload),
                 }
             }),
@@ -289,6 +293,9 @@ mod tests {
                 body: BroadcastBody::Json(body.clone()),
             },
         };
-        assert_eq!(encode(&envelope).len(), 8 + 8 + 1 + 1 + 2 + 4 + 1 + body.len());
+        assert_eq!(
+            encode(&envelope).len(),
+            8 + 8 + 1 + 1 + 2 + 4 + 1 + body.len()
+        );
     }
 }

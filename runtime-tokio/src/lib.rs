@@ -7,13 +7,14 @@
 //! connection. Every protocol decision is the engine's. [`Accepting`] takes any tokio
 //! listener, so the simulator runs this very code on turmoil's simulated network.
 
+pub mod cluster;
 mod listener;
 pub mod postgres;
 
 pub use listener::{Accepting, Listener};
 pub use switchboard_serve::{
-    shard_links, to_shards, Clock, EngineHandle, Metrics, Options, PeerEvent, PeerLink, PeerOut,
-    Server, ServerTask, Shared, WallClock,
+    peer_links, to_shards, Clock, EngineHandle, Metrics, Options, PeerEvent, PeerLink, PeerOut,
+    Server, ServerTask, ShardSet, Shared, ToCluster, WallClock,
 };
 
 use std::future::Future;

@@ -13,8 +13,8 @@ use async_tungstenite::tungstenite::{Message, Utf8Bytes};
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
 use switchboard_engine::{
-    ConnId, ConnectParams, Engine, Input, NodeId, Output, PeerMsg, ReqId, RestRequest, Stats,
-    WsMessage,
+    ConnId, ConnectParams, Engine, Input, NodeId, Output, PeerMsg, ReqId, RestRequest, RoomKey,
+    Stats, WsMessage,
 };
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
@@ -90,6 +90,9 @@ pub struct PeerLink {
     /// Hands a message to the bus, which must not block: in-process shards queue it for
     /// the addressees at once, the simulated bus holds it across partitions.
     pub outgoing: Box<dyn Fn(PeerOut) + Send + Sync>,
+    /// Told when a room gains its first or loses its last member here: a cluster link
+    /// subscribes to a room's traffic only while its node has members there.
+    pub interest: Option<Box<dyn Fn(RoomKey, bool) + Send + Sync>>,
     /// Membership changes and messages from peers.
     pub incoming: mpsc::UnboundedReceiver<PeerEvent>,
 }
@@ -553,6 +556,11 @@ impl<R: Runtime> Driver<R> {
             Output::ToPeer { to, msg } => {
                 if let Some(peers) = peers {
                     (peers.outgoing)(PeerOut { to: Some(to), msg });
+                }
+            }
+            Output::Interest { room, members } => {
+                if let Some(interest) = peers.and_then(|p| p.interest.as_ref()) {
+                    interest(room, members);
                 }
             }
             Output::RefreshJwks => {

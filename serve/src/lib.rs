@@ -23,7 +23,7 @@ pub use engine_task::{EngineHandle, PeerEvent, PeerLink, PeerOut, SocketEnd, Upg
 pub use http::{Listener, Server, ServerTask};
 pub use metrics::Metrics;
 pub use runtime::{Runtime, Timer};
-pub use shards::{shard_links, to_shards};
+pub use shards::{peer_links, to_shards, ShardSet, ToCluster};
 use ws::socket;
 pub use ws::Budget;
 

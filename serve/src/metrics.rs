@@ -95,6 +95,14 @@ pub struct Metrics {
     pub authorization_queries: Counter,
     /// Connections the listener failed to accept (out of file descriptors, say).
     pub accept_errors: Counter,
+    /// Messages this node published to the cluster broker.
+    pub cluster_published: Counter,
+    /// Messages this node received from the cluster broker.
+    pub cluster_received: Counter,
+    /// Peer messages not published because the broker was unreachable.
+    pub cluster_dropped: Counter,
+    /// Other nodes this node sees up.
+    pub cluster_nodes: Gauge,
 }
 
 impl Metrics {
@@ -122,6 +130,10 @@ impl Metrics {
             visibility_queries: Counter::default(),
             authorization_queries: Counter::default(),
             accept_errors: Counter::default(),
+            cluster_published: Counter::default(),
+            cluster_received: Counter::default(),
+            cluster_dropped: Counter::default(),
+            cluster_nodes: Gauge::default(),
         };
         registry.register(
             "sockets",
@@ -157,6 +169,26 @@ impl Metrics {
             "accept_errors",
             "Connections the listener failed to accept, such as for want of file descriptors",
             metrics.accept_errors.clone(),
+        );
+        registry.register(
+            "cluster_messages_published",
+            "Messages published to the cluster broker",
+            metrics.cluster_published.clone(),
+        );
+        registry.register(
+            "cluster_messages_received",
+            "Messages received from the cluster broker",
+            metrics.cluster_received.clone(),
+        );
+        registry.register(
+            "cluster_messages_dropped",
+            "Peer messages dropped while the cluster broker was unreachable",
+            metrics.cluster_dropped.clone(),
+        );
+        registry.register(
+            "cluster_nodes",
+            "Other nodes of the cluster seen up",
+            metrics.cluster_nodes.clone(),
         );
         Metrics {
             registry,

@@ -1,27 +1,68 @@
 //! The shards of one process as peers: in-process links between their engines, and the
 //! routing of database inputs to them. The same [`PeerLink`] seam carries the simulator's
-//! bus and, later, a cluster broker: to an engine a shard and a node are both peers.
+//! bus and the cluster broker: to an engine a shard and a node are both peers.
 
-use switchboard_engine::{Input, NodeId, Replica, ShardId};
+use switchboard_engine::{Input, NodeId, Replica, RoomKey, ShardId};
 use tokio::sync::mpsc;
 
 use crate::engine_task::{EngineHandle, PeerEvent, PeerLink, PeerOut};
 use crate::Options;
 
+/// What a process's shards hand to its cluster link (a broker client on another task).
+#[derive(Debug)]
+pub enum ToCluster {
+    /// A message for replicas of other processes: for every one (`out.to` is `None`) or
+    /// for its addressee.
+    Message {
+        /// The sending shard's replica.
+        from: NodeId,
+        /// The message.
+        out: PeerOut,
+    },
+    /// A shard's room gained its first member or lost its last one.
+    Interest {
+        /// The room.
+        room: RoomKey,
+        /// Whether the shard has members there now.
+        members: bool,
+    },
+}
+
+/// A process's shards, ready to serve, and where a cluster link reports peers to them.
+pub struct ShardSet {
+    /// Each shard's options, in shard order.
+    pub options: Vec<Options>,
+    /// Each shard's queue of peer events, in shard order: a cluster link reports remote
+    /// replicas up and down and hands their messages here.
+    pub inboxes: Vec<mpsc::UnboundedSender<PeerEvent>>,
+}
+
 impl Options {
     /// The options of each of `shards` shards of process `process` (48 bits, unique among
     /// the processes that will ever be peers): replica ids from both, and in-process links
-    /// making every shard a peer of the others ([`Options::replicas`]).
-    pub fn shards(self, process: u64, shards: u16) -> Vec<Options> {
+    /// making every shard a peer of the others ([`Options::replicas`]). With `cluster`,
+    /// what concerns other processes goes there too.
+    pub fn shards(
+        self,
+        process: u64,
+        shards: u16,
+        cluster: Option<mpsc::UnboundedSender<ToCluster>>,
+    ) -> ShardSet {
         let nodes: Vec<NodeId> = (0..shards.max(1))
             .map(|shard| NodeId::replica(process, ShardId(shard)))
             .collect();
-        let links: Vec<Option<PeerLink>> = if nodes.len() > 1 {
-            shard_links(&nodes).into_iter().map(Some).collect()
-        } else {
-            vec![None]
-        };
-        self.replicas(nodes.into_iter().zip(links))
+        if nodes.len() == 1 && cluster.is_none() {
+            let (inbox, _) = mpsc::unbounded_channel();
+            return ShardSet {
+                options: self.replicas(nodes.into_iter().zip([None])),
+                inboxes: vec![inbox],
+            };
+        }
+        let (links, inboxes) = peer_links(&nodes, cluster);
+        ShardSet {
+            options: self.replicas(nodes.into_iter().zip(links.into_iter().map(Some))),
+            inboxes,
+        }
     }
 
     /// The options of each replica of one process, given its id and its peer link, shard
@@ -56,10 +97,15 @@ impl Options {
     }
 }
 
-/// One link per replica in `nodes`, each peer of all the others: a message goes straight
-/// into its addressees' queues, with no task in between. Every link starts with the others
-/// reported up; shards of one process never go down alone.
-pub fn shard_links(nodes: &[NodeId]) -> Vec<PeerLink> {
+/// One link per replica in `nodes` (the shards of one process), each peer of all the
+/// others, and each link's queue of events: a message goes straight into its addressees'
+/// queues, with no task in between. Every link starts with the others reported up; shards
+/// of one process never go down alone. With `cluster`, messages for other processes and
+/// the rooms' interest go there.
+pub fn peer_links(
+    nodes: &[NodeId],
+    cluster: Option<mpsc::UnboundedSender<ToCluster>>,
+) -> (Vec<PeerLink>, Vec<mpsc::UnboundedSender<PeerEvent>>) {
     let (inboxes, incomings): (Vec<_>, Vec<_>) =
         nodes.iter().map(|_| mpsc::unbounded_channel()).unzip();
     for (inbox, me) in inboxes.iter().zip(nodes) {
@@ -67,7 +113,7 @@ pub fn shard_links(nodes: &[NodeId]) -> Vec<PeerLink> {
             let _ = inbox.send(PeerEvent::Up(*node));
         }
     }
-    incomings
+    let links = incomings
         .into_iter()
         .zip(nodes)
         .map(|(incoming, &me)| {
@@ -77,19 +123,32 @@ pub fn shard_links(nodes: &[NodeId]) -> Vec<PeerLink> {
                 .zip(inboxes.iter().cloned())
                 .filter(|(node, _)| *node != me)
                 .collect();
+            let remote = cluster.clone();
             let outgoing = move |out: PeerOut| {
                 for (node, inbox) in &others {
                     if out.to.is_none_or(|to| to == *node) {
                         let _ = inbox.send(PeerEvent::Message(me, out.msg.clone()));
                     }
                 }
+                if let Some(cluster) = &remote {
+                    if out.to.is_none_or(|to| to.process() != me.process()) {
+                        let _ = cluster.send(ToCluster::Message { from: me, out });
+                    }
+                }
             };
+            let interest = cluster.clone().map(|cluster| {
+                Box::new(move |room: RoomKey, members: bool| {
+                    let _ = cluster.send(ToCluster::Interest { room, members });
+                }) as Box<dyn Fn(RoomKey, bool) + Send + Sync>
+            });
             PeerLink {
                 outgoing: Box::new(outgoing),
+                interest,
                 incoming,
             }
         })
-        .collect()
+        .collect();
+    (links, inboxes)
 }
 
 /// Hands a database input to the shards it concerns: a visibility or authorization answer
@@ -129,7 +188,7 @@ mod tests {
     #[test]
     fn shards_see_each_other_up_and_messages_reach_their_addressees() {
         let nodes = [NodeId(10), NodeId(11), NodeId(12)];
-        let mut links = shard_links(&nodes);
+        let (mut links, _) = peer_links(&nodes, None);
         for (link, me) in links.iter_mut().zip(nodes) {
             let ups = drain(link);
             assert_eq!(ups.len(), 2);

@@ -69,6 +69,8 @@ impl Bus {
             id,
             PeerLink {
                 outgoing: Box::new(outgoing),
+                // The simulated bus carries every message to every replica.
+                interest: None,
                 incoming,
             },
         )

@@ -2,8 +2,10 @@
 //! WebSocket clients and by the real supabase-js client under node.
 
 mod bad_input;
+mod cluster;
 mod jwks;
 mod migrate;
+mod nats;
 mod pg;
 mod rls;
 mod rls_changes;

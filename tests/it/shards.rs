@@ -4,12 +4,10 @@
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::Message;
+use serde_json::json;
 
 use crate::pg::TempPostgres;
-use crate::support::{connect, http, recv, send, token, Server, Ws, SECRET};
+use crate::support::{connect, http, meta_ref, recv, send, token, until, Server, Ws, SECRET};
 use crate::wal::wait_streaming;
 
 /// The shard of the replica that made `phx_ref`: refs are the replica id in hex, then 12 hex
@@ -17,36 +15,6 @@ use crate::wal::wait_streaming;
 fn shard_of(phx_ref: &str) -> u16 {
     let node = &phx_ref[..phx_ref.len() - 12];
     (u64::from_str_radix(node, 16).expect("a hex replica id") & 0xffff) as u16
-}
-
-/// Reads frames until `found` picks something out of one, within 10 s; a failure lists
-/// the frames that came instead.
-async fn until<T>(ws: &mut Ws, mut found: impl FnMut(&Value) -> Option<T>) -> T {
-    let mut passed = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let frame = match tokio::time::timeout_at(deadline, ws.next()).await {
-            Ok(Some(Ok(Message::Text(text)))) => serde_json::from_str(&text).expect("JSON"),
-            Ok(Some(Ok(_))) => continue,
-            other => panic!("not found within 10 s ({other:?}); got instead: {passed:#?}"),
-        };
-        if let Some(t) = found(&frame) {
-            return t;
-        }
-        passed.push(frame);
-    }
-}
-
-/// The phx_ref of `key`'s meta if `frame` is a presence frame that names it.
-fn meta_ref(frame: &Value, key: &str) -> Option<String> {
-    let payload = match frame[3].as_str()? {
-        "presence_diff" => &frame[4]["joins"],
-        "presence_state" => &frame[4],
-        _ => return None,
-    };
-    payload[key]["metas"][0]["phx_ref"]
-        .as_str()
-        .map(str::to_owned)
 }
 
 /// Sockets, one on each of `shards` shards: each tracks itself in a probe channel, and the

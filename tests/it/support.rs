@@ -324,3 +324,33 @@ pub async fn metric(server: &Server, name: &str) -> String {
         .unwrap_or_else(|| panic!("{name} in {body}"))
         .to_owned()
 }
+
+/// Reads frames until `found` picks something out of one, within 10 s; a failure lists
+/// the frames that came instead.
+pub async fn until<T>(ws: &mut Ws, mut found: impl FnMut(&Value) -> Option<T>) -> T {
+    let mut passed = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => serde_json::from_str(&text).expect("JSON"),
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("not found within 10 s ({other:?}); got instead: {passed:#?}"),
+        };
+        if let Some(t) = found(&frame) {
+            return t;
+        }
+        passed.push(frame);
+    }
+}
+
+/// The phx_ref of `key`'s meta if `frame` is a presence frame that names it.
+pub fn meta_ref(frame: &Value, key: &str) -> Option<String> {
+    let payload = match frame[3].as_str()? {
+        "presence_diff" => &frame[4]["joins"],
+        "presence_state" => &frame[4],
+        _ => return None,
+    };
+    payload[key]["metas"][0]["phx_ref"]
+        .as_str()
+        .map(str::to_owned)
+}

@@ -502,7 +502,11 @@ fn interest_follows_the_first_and_last_member_of_a_room() {
     };
     t.join(a, "r", json!({}));
     t.join(b, "r", json!({}));
-    assert_eq!(t.interest, vec![(room.clone(), true)], "once, for the first");
+    assert_eq!(
+        t.interest,
+        vec![(room.clone(), true)],
+        "once, for the first"
+    );
     t.push(a, "r", "phx_leave", json!({}));
     assert_eq!(t.interest.len(), 1, "b is still there");
     t.handle(Input::Closed { conn: b });

@@ -1,0 +1,387 @@
+//! A cluster of switchboard nodes over NATS core pub/sub: to the engines a remote node's
+//! shards are peers like the local ones, and this link carries what concerns them.
+//!
+//! Subjects, under a prefix (`switchboard` by default):
+//! - `<prefix>.room.<o|p><topic>`: broadcasts of one room (`o` public, `p` private), the
+//!   topic percent-encoded into one subject token. A node subscribes only while one of its
+//!   shards has members there ([`ToCluster::Interest`]), so a broadcast costs one publish
+//!   and reaches only the nodes that deliver it.
+//! - `<prefix>.node.<process>`: messages addressed to one node's replica (presence
+//!   snapshots and their requests), so a new or repaired node is not a flood.
+//! - `<prefix>.all`: messages for every replica (presence deltas and clocks).
+//! - `<prefix>.alive`: each node's heartbeat. A node silent for the down timeout is
+//!   reported down to the local engines, which drop its presence in one `leaves` diff; its
+//!   next heartbeat reports it up again and the engines resync by snapshot.
+//!
+//! Messages are dropped, not queued, while the broker is unreachable: they are
+//! ephemeral, and presence repairs itself by clocks and snapshots once the link is back.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::{Client, ConnectOptions, Message, Subscriber};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use serde_json::{json, Value};
+use switchboard_engine::peer::wire::{self, Envelope};
+use switchboard_engine::{NodeId, PeerMsg, RoomKey, ShardId};
+use switchboard_serve::{Metrics, PeerEvent, ToCluster};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+/// How a node joins its cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// The NATS server, `nats://host:port`.
+    pub url: String,
+    /// The first token of every subject: clusters sharing a broker use different ones.
+    pub prefix: String,
+    /// This node's name in logs and heartbeats.
+    pub name: String,
+    /// How often this node says it is alive.
+    pub heartbeat: Duration,
+    /// Silence after which another node counts as down.
+    pub down_after: Duration,
+}
+
+/// Characters kept as they are in a subject token; the rest become `%XX`, so topics with
+/// `.`, `*`, `>` or spaces stay one token.
+const TOKEN: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_');
+
+impl ClusterConfig {
+    /// The subject of a room's broadcasts.
+    pub fn room_subject(&self, room: &RoomKey) -> String {
+        let kind = if room.private { 'p' } else { 'o' };
+        let topic = utf8_percent_encode(&room.sub, TOKEN);
+        format!("{}.room.{kind}{topic}", self.prefix)
+    }
+
+    fn node_subject(&self, process: u64) -> String {
+        format!("{}.node.{process:x}", self.prefix)
+    }
+
+    fn all_subject(&self) -> String {
+        format!("{}.all", self.prefix)
+    }
+
+    fn alive_subject(&self) -> String {
+        format!("{}.alive", self.prefix)
+    }
+}
+
+/// This node: its process id (the high bits of its replicas' ids) and its shards' queues.
+pub struct Local {
+    /// The process id given to [`switchboard_serve::Options::shards`].
+    pub process: u64,
+    /// Each shard's queue of peer events, in shard order.
+    pub inboxes: Vec<mpsc::UnboundedSender<PeerEvent>>,
+}
+
+/// Another node, as its heartbeats describe it.
+struct Seen {
+    shards: u16,
+    name: String,
+    last: Instant,
+}
+
+/// Runs the node's cluster link until the shards stop: connects to NATS (retrying while it
+/// is down), publishes what the shards hand over, and hands them what other nodes send.
+pub async fn run(
+    config: ClusterConfig,
+    local: Local,
+    from_shards: mpsc::UnboundedReceiver<ToCluster>,
+    metrics: Arc<Metrics>,
+) -> Result<(), async_nats::ConnectError> {
+    let client = ConnectOptions::new()
+        .name(&config.name)
+        .no_echo()
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis((100 * attempts as u64).min(1_000))
+        })
+        .event_callback(|event| async move { info!(%event, "cluster broker") })
+        .connect(config.url.as_str())
+        .await?;
+    let (received, inbound) = mpsc::unbounded_channel();
+    let mut standing = Vec::new();
+    for subject in [
+        config.node_subject(local.process),
+        config.all_subject(),
+        config.alive_subject(),
+    ] {
+        match client.subscribe(subject.clone()).await {
+            Ok(subscriber) => standing.push(forward(subscriber, received.clone())),
+            Err(e) => warn!(%subject, error = %e, "subscribing to the cluster failed"),
+        }
+    }
+    let mut link = Link {
+        config,
+        local,
+        client,
+        metrics,
+        received,
+        rooms: HashMap::new(),
+        nodes: HashMap::new(),
+    };
+    info!(name = %link.config.name, process = %format_args!("{:x}", link.local.process), "joining the cluster");
+    link.serve(from_shards, inbound).await;
+    for task in standing {
+        task.abort();
+    }
+    Ok(())
+}
+
+/// Hands a subscription's messages to the link's queue.
+fn forward(mut subscriber: Subscriber, to: mpsc::UnboundedSender<Message>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(message) = subscriber.next().await {
+            if to.send(message).is_err() {
+                break;
+            }
+        }
+    })
+}
+
+struct Link {
+    config: ClusterConfig,
+    local: Local,
+    client: Client,
+    metrics: Arc<Metrics>,
+    received: mpsc::UnboundedSender<Message>,
+    /// Rooms some shard has members in: how many shards, and the subscription's task.
+    rooms: HashMap<RoomKey, (usize, JoinHandle<()>)>,
+    /// Other nodes seen alive, by process id.
+    nodes: HashMap<u64, Seen>,
+}
+
+impl Link {
+    async fn serve(
+        &mut self,
+        mut from_shards: mpsc::UnboundedReceiver<ToCluster>,
+        mut inbound: mpsc::UnboundedReceiver<Message>,
+    ) {
+        let mut ticks = tokio::time::interval(self.config.heartbeat);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                item = from_shards.recv() => match item {
+                    Some(item) => self.outbound(item).await,
+                    None => break,
+                },
+                Some(message) = inbound.recv() => self.inbound(message),
+                _ = ticks.tick() => self.tick().await,
+            }
+        }
+        for (_, (_, task)) in self.rooms.drain() {
+            task.abort();
+        }
+    }
+
+    fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    async fn publish(&self, subject: String, payload: Bytes) {
+        if !self.connected() {
+            self.metrics.cluster_dropped.inc();
+            return;
+        }
+        match self.client.publish(subject, payload).await {
+            Ok(()) => {
+                self.metrics.cluster_published.inc();
+            }
+            Err(e) => {
+                self.metrics.cluster_dropped.inc();
+                debug!(error = %e, "publishing to the cluster failed");
+            }
+        }
+    }
+
+    async fn outbound(&mut self, item: ToCluster) {
+        match item {
+            ToCluster::Message { from, out } => {
+                let subject = match (&out.to, &out.msg) {
+                    (Some(to), _) => self.config.node_subject(to.process()),
+                    (None, PeerMsg::Broadcast { room, .. }) => self.config.room_subject(room),
+                    (None, _) => self.config.all_subject(),
+                };
+                let envelope = Envelope {
+                    from,
+                    to: out.to,
+                    msg: out.msg,
+                };
+                self.publish(subject, wire::encode(&envelope)).await;
+            }
+            ToCluster::Interest { room, members } => self.interest(room, members).await,
+        }
+    }
+
+    /// Counts the shards with members in `room`: subscribes to its subject at the first,
+    /// unsubscribes after the last.
+    async fn interest(&mut self, room: RoomKey, members: bool) {
+        if members {
+            if let Some((count, _)) = self.rooms.get_mut(&room) {
+                *count += 1;
+                return;
+            }
+            let subject = self.config.room_subject(&room);
+            match self.client.subscribe(subject.clone()).await {
+                Ok(subscriber) => {
+                    let task = forward(subscriber, self.received.clone());
+                    self.rooms.insert(room, (1, task));
+                }
+                Err(e) => warn!(%subject, error = %e, "subscribing to a room failed"),
+            }
+        } else if let Some((count, _)) = self.rooms.get_mut(&room) {
+            *count -= 1;
+            if *count == 0 {
+                if let Some((_, task)) = self.rooms.remove(&room) {
+                    // Dropping the subscriber unsubscribes.
+                    task.abort();
+                }
+            }
+        }
+    }
+
+    fn inbound(&mut self, message: Message) {
+        self.metrics.cluster_received.inc();
+        if message.subject.as_str() == self.config.alive_subject() {
+            self.alive(&message.payload);
+            return;
+        }
+        let envelope = match wire::decode(&message.payload) {
+            Ok(envelope) => envelope,
+            Err(e) => {
+                warn!(subject = %message.subject, error = %e, "dropping a cluster message");
+                return;
+            }
+        };
+        if envelope.from.process() == self.local.process {
+            return;
+        }
+        match envelope.to {
+            Some(to) if to.process() == self.local.process => {
+                if let Some(inbox) = self.local.inboxes.get(usize::from(to.shard().0)) {
+                    let _ = inbox.send(PeerEvent::Message(envelope.from, envelope.msg));
+                }
+            }
+            Some(_) => {}
+            None => {
+                if let Some((last, others)) = self.local.inboxes.split_last() {
+                    for inbox in others {
+                        let _ = inbox.send(PeerEvent::Message(envelope.from, envelope.msg.clone()));
+                    }
+                    let _ = last.send(PeerEvent::Message(envelope.from, envelope.msg));
+                }
+            }
+        }
+    }
+
+    /// Another node's heartbeat: up if it was not.
+    fn alive(&mut self, payload: &[u8]) {
+        let Ok(heartbeat) = serde_json::from_slice::<Value>(payload) else {
+            return;
+        };
+        let (Some(process), Some(shards)) = (
+            heartbeat["process"].as_u64(),
+            heartbeat["shards"]
+                .as_u64()
+                .and_then(|s| u16::try_from(s).ok()),
+        ) else {
+            return;
+        };
+        if process == self.local.process {
+            return;
+        }
+        let name = heartbeat["name"].as_str().unwrap_or_default().to_owned();
+        let now = Instant::now();
+        if let Some(seen) = self.nodes.get_mut(&process) {
+            seen.last = now;
+            return;
+        }
+        info!(node = %name, shards, "cluster node up");
+        self.report(process, shards, PeerEvent::Up);
+        self.nodes.insert(
+            process,
+            Seen {
+                shards,
+                name,
+                last: now,
+            },
+        );
+        self.metrics.cluster_nodes.set(self.nodes.len() as i64);
+    }
+
+    /// Says this node is alive, and reports down the nodes silent for too long.
+    async fn tick(&mut self) {
+        let heartbeat = json!({
+            "process": self.local.process,
+            "shards": self.local.inboxes.len(),
+            "name": self.config.name,
+        });
+        self.publish(
+            self.config.alive_subject(),
+            Bytes::from(heartbeat.to_string()),
+        )
+        .await;
+        let now = Instant::now();
+        let down_after = self.config.down_after;
+        let silent: Vec<u64> = self
+            .nodes
+            .iter()
+            .filter(|(_, seen)| now.duration_since(seen.last) >= down_after)
+            .map(|(process, _)| *process)
+            .collect();
+        for process in silent {
+            if let Some(seen) = self.nodes.remove(&process) {
+                warn!(node = %seen.name, silent_ms = down_after.as_millis() as u64, "cluster node down");
+                self.report(process, seen.shards, PeerEvent::Down);
+            }
+        }
+        self.metrics.cluster_nodes.set(self.nodes.len() as i64);
+    }
+
+    /// Tells every local shard about each replica of a node.
+    fn report(&self, process: u64, shards: u16, event: fn(NodeId) -> PeerEvent) {
+        for shard in 0..shards {
+            let replica = NodeId::replica(process, ShardId(shard));
+            for inbox in &self.local.inboxes {
+                let _ = inbox.send(event(replica));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_become_one_subject_token() {
+        let config = ClusterConfig {
+            url: String::new(),
+            prefix: "sb".into(),
+            name: String::new(),
+            heartbeat: Duration::from_secs(1),
+            down_after: Duration::from_secs(5),
+        };
+        let room = |private, sub: &str| RoomKey {
+            private,
+            sub: sub.into(),
+        };
+        assert_eq!(config.room_subject(&room(false, "chat")), "sb.room.ochat");
+        assert_eq!(
+            config.room_subject(&room(true, "a.b *>c")),
+            "sb.room.pa%2Eb%20%2A%3Ec"
+        );
+        assert_eq!(config.room_subject(&room(false, "")), "sb.room.o");
+        assert_eq!(
+            config.room_subject(&room(false, "é_x-1")),
+            "sb.room.o%C3%A9_x-1"
+        );
+    }
+}

@@ -1,0 +1,269 @@
+//! Several switchboard processes on loopback joined through a real `nats-server`: members
+//! on different nodes share broadcasts, REST broadcasts and presence; a node that dies, or
+//! is cut from NATS, has its presence leave everywhere else; NATS restarting repairs it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::nats::{Nats, Proxy};
+use crate::support::{connect, http, metric, send, token, until, Server, Ws};
+
+/// Fast heartbeats, so a silent node is down within 2 s.
+const DOWN_MS: u64 = 2_000;
+
+/// A node of the cluster behind `nats_url`.
+fn node(nats_url: &str, name: &str) -> Server {
+    Server::start(&[
+        "--cluster-nats",
+        nats_url,
+        "--cluster-node-name",
+        name,
+        "--cluster-heartbeat-ms",
+        "200",
+        "--cluster-down-ms",
+        &DOWN_MS.to_string(),
+    ])
+}
+
+/// Waits until every node sees all the others up.
+async fn formed(nodes: &[&Server]) {
+    let others = (nodes.len() - 1).to_string();
+    for _ in 0..200 {
+        let mut seen = Vec::new();
+        for node in nodes {
+            seen.push(metric(node, "switchboard_cluster_nodes").await);
+        }
+        if seen.iter().all(|s| *s == others) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the cluster did not form");
+}
+
+/// A socket on `server` joined to `room` with presence key `key` and `self`/`ack` on.
+async fn member(server: &Server, room: &str, key: &str) -> Ws {
+    let mut ws = connect(server, "2.0.0").await;
+    let config = json!({"broadcast": {"self": false, "ack": true}, "presence": {"key": key, "enabled": true}});
+    crate::support::join(&mut ws, room, config).await;
+    ws
+}
+
+async fn track(ws: &mut Ws, room: &str, payload: Value) {
+    let frame = json!(["1", "t", format!("realtime:{room}"), "presence",
+        {"type": "presence", "event": "track", "payload": payload}]);
+    send(ws, frame).await;
+}
+
+/// Applies presence frames to `roster` (metas per key) until its keys are `expected`.
+async fn roster_becomes(ws: &mut Ws, roster: &mut BTreeMap<String, usize>, expected: &[&str]) {
+    let done = |roster: &BTreeMap<String, usize>| {
+        roster
+            .keys()
+            .map(String::as_str)
+            .eq(expected.iter().copied())
+    };
+    if done(roster) {
+        return;
+    }
+    until(ws, |frame| {
+        let count = |side: &Value| -> Vec<(String, usize)> {
+            side.as_object()
+                .map(|o| {
+                    o.iter()
+                        .map(|(k, v)| (k.clone(), v["metas"].as_array().map_or(0, Vec::len)))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        match frame[3].as_str() {
+            Some("presence_state") => {
+                roster.clear();
+                roster.extend(count(&frame[4]));
+            }
+            Some("presence_diff") => {
+                for (key, n) in count(&frame[4]["joins"]) {
+                    *roster.entry(key).or_default() += n;
+                }
+                for (key, n) in count(&frame[4]["leaves"]) {
+                    let left = roster.entry(key.clone()).or_default();
+                    *left = left.saturating_sub(n);
+                    if *left == 0 {
+                        roster.remove(&key);
+                    }
+                }
+            }
+            _ => return None,
+        }
+        done(roster).then_some(())
+    })
+    .await;
+}
+
+/// The payload of the next broadcast `ws` receives.
+async fn next_broadcast(ws: &mut Ws) -> Value {
+    until(ws, |frame| {
+        (frame[3] == "broadcast").then(|| frame[4]["payload"].clone())
+    })
+    .await
+}
+
+async fn broadcast(ws: &mut Ws, room: &str, n: u64) {
+    let frame = json!(["1", format!("b{n}"), format!("realtime:{room}"), "broadcast",
+        {"type": "broadcast", "event": "e", "payload": {"n": n}}]);
+    send(ws, frame).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_share_broadcasts_rest_and_presence_with_interest_routing() {
+    let nats = Nats::start();
+    let (a, b, c) = (
+        node(&nats.url(), "a"),
+        node(&nats.url(), "b"),
+        node(&nats.url(), "c"),
+    );
+    formed(&[&a, &b, &c]).await;
+    let mut wa = member(&a, "lobby", "ka").await;
+    let mut wb = member(&b, "lobby", "kb").await;
+    let mut wc = member(&c, "lobby", "kc").await;
+    for (ws, key) in [(&mut wa, "ka"), (&mut wb, "kb"), (&mut wc, "kc")] {
+        track(ws, "lobby", json!({"who": key})).await;
+    }
+    for ws in [&mut wa, &mut wb, &mut wc] {
+        roster_becomes(ws, &mut BTreeMap::new(), &["ka", "kb", "kc"]).await;
+    }
+
+    // A broadcast with ack on node a reaches b and c, once each.
+    broadcast(&mut wa, "lobby", 1).await;
+    until(&mut wa, |f| {
+        (f[1] == "b1" && f[4]["status"] == "ok").then_some(())
+    })
+    .await;
+    broadcast(&mut wa, "lobby", 2).await;
+    for ws in [&mut wb, &mut wc] {
+        assert_eq!(next_broadcast(ws).await["n"], 1);
+        assert_eq!(next_broadcast(ws).await["n"], 2, "each broadcast once");
+    }
+
+    // REST broadcast on node b reaches members on a and c, and on b itself.
+    let service = token("service_role", 3600);
+    let body = json!({"messages": [{"topic": "lobby", "event": "e", "payload": {"n": 3}}]});
+    let (status, _, _) = http(
+        &b.addr,
+        "POST",
+        "/realtime/v1/api/broadcast",
+        &[
+            ("apikey", service.as_str()),
+            ("content-type", "application/json"),
+        ],
+        body.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 202);
+    for ws in [&mut wa, &mut wb, &mut wc] {
+        assert_eq!(next_broadcast(ws).await["n"], 3);
+    }
+
+    // Interest routing: broadcasts in a room with no member on c never reach c.
+    let mut pa = member(&a, "pair", "pa").await;
+    let mut pb = member(&b, "pair", "pb").await;
+    let before: u64 = metric(&c, "switchboard_cluster_messages_received_total")
+        .await
+        .parse()
+        .unwrap();
+    for n in 0..100 {
+        broadcast(&mut pa, "pair", n).await;
+    }
+    for n in 0..100 {
+        assert_eq!(next_broadcast(&mut pb).await["n"], n);
+    }
+    let after: u64 = metric(&c, "switchboard_cluster_messages_received_total")
+        .await
+        .parse()
+        .unwrap();
+    assert!(
+        after - before < 50,
+        "c received {} messages while a sent 100 broadcasts to a room c has no members in",
+        after - before
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nodes_presence_leaves_and_its_clients_rejoin_elsewhere() {
+    let nats = Nats::start();
+    let a = node(&nats.url(), "a");
+    let b = node(&nats.url(), "b");
+    formed(&[&a, &b]).await;
+    let mut watcher = member(&a, "room", "watcher").await;
+    let mut victim = member(&b, "room", "victim").await;
+    track(&mut watcher, "room", json!({})).await;
+    track(&mut victim, "room", json!({})).await;
+    let mut roster = BTreeMap::new();
+    roster_becomes(&mut watcher, &mut roster, &["victim", "watcher"]).await;
+
+    drop(b); // SIGKILL
+    drop(victim);
+    roster_becomes(&mut watcher, &mut roster, &["watcher"]).await;
+
+    // The victim's client reconnects to the node still up and tracks again.
+    let mut back = member(&a, "room", "victim").await;
+    track(&mut back, "room", json!({})).await;
+    roster_becomes(&mut watcher, &mut roster, &["victim", "watcher"]).await;
+    roster_becomes(&mut back, &mut BTreeMap::new(), &["victim", "watcher"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_repaired_after_nats_restarts() {
+    let mut nats = Nats::start();
+    let a = node(&nats.url(), "a");
+    let b = node(&nats.url(), "b");
+    formed(&[&a, &b]).await;
+    let mut wa = member(&a, "room", "ka").await;
+    let mut wb = member(&b, "room", "kb").await;
+    track(&mut wa, "room", json!({})).await;
+    track(&mut wb, "room", json!({})).await;
+    let (mut ra, mut rb) = (BTreeMap::new(), BTreeMap::new());
+    roster_becomes(&mut wa, &mut ra, &["ka", "kb"]).await;
+    roster_becomes(&mut wb, &mut rb, &["ka", "kb"]).await;
+
+    nats.stop();
+    roster_becomes(&mut wa, &mut ra, &["ka"]).await;
+    roster_becomes(&mut wb, &mut rb, &["kb"]).await;
+    nats.restart();
+    roster_becomes(&mut wa, &mut ra, &["ka", "kb"]).await;
+    roster_becomes(&mut wb, &mut rb, &["ka", "kb"]).await;
+
+    // Broadcasts flow again once presence is back.
+    broadcast(&mut wb, "room", 7).await;
+    assert_eq!(next_broadcast(&mut wa).await["n"], 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_from_nats_while_up_loses_and_regains_the_others_presence() {
+    let nats = Nats::start();
+    let proxy = Proxy::start(nats.port);
+    let a = node(&nats.url(), "a");
+    let b = node(&proxy.url(), "b");
+    formed(&[&a, &b]).await;
+    let mut wa = member(&a, "room", "ka").await;
+    let mut wb = member(&b, "room", "kb").await;
+    track(&mut wa, "room", json!({})).await;
+    track(&mut wb, "room", json!({})).await;
+    let (mut ra, mut rb) = (BTreeMap::new(), BTreeMap::new());
+    roster_becomes(&mut wa, &mut ra, &["ka", "kb"]).await;
+    roster_becomes(&mut wb, &mut rb, &["ka", "kb"]).await;
+
+    proxy.pause();
+    roster_becomes(&mut wa, &mut ra, &["ka"]).await;
+    roster_becomes(&mut wb, &mut rb, &["kb"]).await;
+    // Meanwhile b's own members still hear each other.
+    let mut wb2 = member(&b, "room", "kb2").await;
+    track(&mut wb2, "room", json!({})).await;
+    roster_becomes(&mut wb, &mut rb, &["kb", "kb2"]).await;
+
+    proxy.resume();
+    roster_becomes(&mut wa, &mut ra, &["ka", "kb", "kb2"]).await;
+    roster_becomes(&mut wb, &mut rb, &["ka", "kb", "kb2"]).await;
+}
