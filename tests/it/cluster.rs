@@ -27,6 +27,15 @@ fn node(nats_url: &str, name: &str) -> Server {
     ])
 }
 
+/// [`formed`], for tests without a runtime of their own.
+pub fn wait_formed(nodes: &[&Server]) {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(formed(nodes));
+}
+
 /// Waits until every node sees all the others up.
 async fn formed(nodes: &[&Server]) {
     let others = (nodes.len() - 1).to_string();

@@ -136,3 +136,22 @@ fn supabase_js_messages_from_sql_survive_a_server_kill() {
         ],
     );
 }
+
+#[test]
+fn supabase_js_across_two_cluster_nodes() {
+    let nats = crate::nats::Nats::start();
+    let cluster = [
+        "--cluster-nats",
+        &nats.url(),
+        "--cluster-heartbeat-ms",
+        "200",
+    ];
+    let (first, second) = (Server::start(&cluster), Server::start(&cluster));
+    crate::cluster::wait_formed(&[&first, &second]);
+    node_tests(
+        &first,
+        &["cluster.test.mjs"],
+        60_000,
+        &[("SWITCHBOARD_URL_2", format!("http://{}", second.addr))],
+    );
+}

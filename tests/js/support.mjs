@@ -163,13 +163,13 @@ let clientCount = 0
 
 /**
  * A supabase-js client as an app creates it (node 20 needs `ws` as the transport). `realtime`
- * options are merged in (e.g. `{ vsn: '1.0.0' }`). The client gets a `frames` array with every
+ * options are merged in (e.g. `{ vsn: '1.0.0' }`); `url` is another server's (a cluster node's). The client gets a `frames` array with every
  * WebSocket frame it sent (`dir: 'out'`) and received (`dir: 'in'`).
  */
-export function client(key = ANON_KEY, realtime = {}) {
+export function client(key = ANON_KEY, realtime = {}, url = URL) {
   const frames = []
   const label = `client ${++clientCount}${realtime.vsn ? ` vsn ${realtime.vsn}` : ''}`
-  const c = createClient(URL, key, {
+  const c = createClient(url, key, {
     realtime: { transport: recordingTransport(frames, label), heartbeatIntervalMs, ...realtime },
     auth: { persistSession: false, autoRefreshToken: false },
   })
@@ -181,8 +181,8 @@ export function client(key = ANON_KEY, realtime = {}) {
  * A client that `t` cleans up when the test ends (channels removed, socket closed), so that
  * node exits and nothing leaks into the next test.
  */
-export function app(t, key = ANON_KEY, realtime = {}) {
-  const c = client(key, realtime)
+export function app(t, key = ANON_KEY, realtime = {}, url = URL) {
+  const c = client(key, realtime, url)
   t.after(() => cleanup(c))
   return c
 }
