@@ -515,6 +515,15 @@ fn run(serve: Serve) -> anyhow::Result<()> {
         };
         control.spawn(postgres::keep_schema(url.clone(), installed));
     }
+    // In a cluster the slot holder's reader feeds every node through the cluster link.
+    let (cluster_db, local_db) = match (&serve.cluster_nats, &database) {
+        (Some(_), Some(_)) => {
+            let handles = handles.clone();
+            let (db, local) = cluster::database_link(move |input| to_shards(&handles, input));
+            (Some(db), Some(local))
+        }
+        _ => (None, None),
+    };
     if let Some(url) = serve.cluster_nats {
         let name = serve.cluster_node_name.unwrap_or_else(|| {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
@@ -530,6 +539,7 @@ fn run(serve: Serve) -> anyhow::Result<()> {
         let local = cluster::Local {
             process,
             inboxes: set.inboxes,
+            database: local_db,
         };
         let metrics = metrics.clone();
         control.spawn(async move {
@@ -559,13 +569,19 @@ fn run(serve: Serve) -> anyhow::Result<()> {
         config.visibility_connections = serve.visibility_connections;
         config.visibility_queries = metrics.visibility_queries.clone();
         config.authorization_queries = metrics.authorization_queries.clone();
+        config.slot_held = metrics.slot_held.clone();
         config.shards = count;
         info!(
             publication = %config.publication,
             slot = %config.slot_name,
             "postgres_changes enabled"
         );
-        postgres::start(config, move |input| to_shards(&handles, input), outputs)
+        postgres::start(
+            config,
+            move |input| to_shards(&handles, input),
+            outputs,
+            cluster_db,
+        )
     });
     // Tests and scripts wait for this line; stdout may be a pipe, so flush it now.
     println!("switchboard listening on http://{addr}");

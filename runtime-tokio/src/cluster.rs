@@ -13,10 +13,25 @@
 //!   reported down to the local engines, which drop its presence in one `leaves` diff; its
 //!   next heartbeat reports it up again and the engines resync by snapshot.
 //!
-//! Messages are dropped, not queued, while the broker is unreachable: they are
+//! - `<prefix>.db.feed`, `<prefix>.db.progress`, `<prefix>.db.refresh`: with a database,
+//!   what the slot holder's WAL reader produced (change batches, the publication, whether
+//!   the stream is live), each node's progress back to the holder, and requests to read
+//!   the publication again (see [`crate::postgres::ClusterDb`]).
+//!
+//! Peer messages are dropped, not queued, while the broker is unreachable: they are
 //! ephemeral, and presence repairs itself by clocks and snapshots once the link is back.
+//!
+//! **When a change counts as handed out.** The holder confirms a batch to Postgres only
+//! once every node that was up when the batch went out has reported handing it out, or
+//! has gone down since. A node that dies takes its clients with it, and they rejoin
+//! elsewhere; a node that lives on has delivered. If the holder dies, the next one resumes
+//! from the slot's confirmed position: batches after it are read again, and every
+//! surviving node skips what it already accepted (the engine ignores changes at or below
+//! the highest position it was given), so their subscribers see no duplicate. Only
+//! subscribers of a node that restarts (a fresh engine) can see a change twice: at most
+//! the batches in flight, as after a single-node crash.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,11 +39,15 @@ use async_nats::{Client, ConnectOptions, Message, Subscriber};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+
+use crate::postgres::{ClusterDb, DbEvent};
+use switchboard_engine::changes::{ChangeBatch, Table};
 use switchboard_engine::peer::wire::{self, Envelope};
-use switchboard_engine::{NodeId, PeerMsg, RoomKey, ShardId};
+use switchboard_engine::{Input, NodeId, PeerMsg, RoomKey, ShardId};
 use switchboard_serve::{Metrics, PeerEvent, ToCluster};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -70,14 +89,93 @@ impl ClusterConfig {
     fn alive_subject(&self) -> String {
         format!("{}.alive", self.prefix)
     }
+
+    fn db_subject(&self, what: &str) -> String {
+        format!("{}.db.{what}", self.prefix)
+    }
 }
 
-/// This node: its process id (the high bits of its replicas' ids) and its shards' queues.
+/// This node: its process id (the high bits of its replicas' ids), its shards' queues and
+/// its database side.
 pub struct Local {
     /// The process id given to [`switchboard_serve::Options::shards`].
     pub process: u64,
     /// Each shard's queue of peer events, in shard order.
     pub inboxes: Vec<mpsc::UnboundedSender<PeerEvent>>,
+    /// With a database: the link's end of [`ClusterDb`].
+    pub database: Option<LocalDb>,
+}
+
+/// The cluster link's end of a node's database side.
+pub struct LocalDb {
+    events: mpsc::UnboundedReceiver<DbEvent>,
+    confirmable: watch::Sender<u64>,
+    refresh: Arc<Notify>,
+    inputs: Box<dyn Fn(Input) + Send + Sync>,
+}
+
+/// The two ends between a node's database side and its cluster link; `inputs` hands what
+/// the slot holder sends to this node's shards.
+pub fn database_link(inputs: impl Fn(Input) + Send + Sync + 'static) -> (ClusterDb, LocalDb) {
+    let (to_link, events) = mpsc::unbounded_channel();
+    let (confirmable, confirmable_rx) = watch::channel(0);
+    let refresh = Arc::new(Notify::new());
+    let database = ClusterDb {
+        to_link,
+        confirmable: confirmable_rx,
+        refresh: refresh.clone(),
+    };
+    let local = LocalDb {
+        events,
+        confirmable,
+        refresh,
+        inputs: Box::new(inputs),
+    };
+    (database, local)
+}
+
+/// What the slot holder's reader produced, as it travels to the other nodes.
+#[derive(Serialize, Deserialize)]
+enum Feed {
+    Publication(Vec<Table>),
+    Changes(Arc<ChangeBatch>),
+    Replication(bool),
+}
+
+/// A node's progress report to the holder.
+#[derive(Serialize, Deserialize)]
+struct Report {
+    process: u64,
+    lsn: u64,
+}
+
+/// The holder's view of what every node handed out: batches published and not yet
+/// confirmable, each with the nodes that were up when it went out.
+#[derive(Default)]
+struct Confirming {
+    pending: VecDeque<(u64, Vec<u64>)>,
+    reported: HashMap<u64, u64>,
+    /// The last stream state this node's reader fed, to tell nodes that come up later.
+    live: Option<bool>,
+}
+
+impl Confirming {
+    /// The highest batch position every node that was up for it has handed out, or has
+    /// gone down since; pops the batches up to it.
+    fn advance(&mut self, up: impl Fn(u64) -> bool) -> Option<u64> {
+        let mut confirmable = None;
+        while let Some((lsn, nodes)) = self.pending.front() {
+            let done = nodes
+                .iter()
+                .all(|n| !up(*n) || self.reported.get(n).is_some_and(|r| r >= lsn));
+            if !done {
+                break;
+            }
+            confirmable = Some(*lsn);
+            self.pending.pop_front();
+        }
+        confirmable
+    }
 }
 
 /// Another node, as its heartbeats describe it.
@@ -91,7 +189,7 @@ struct Seen {
 /// is down), publishes what the shards hand over, and hands them what other nodes send.
 pub async fn run(
     config: ClusterConfig,
-    local: Local,
+    mut local: Local,
     from_shards: mpsc::UnboundedReceiver<ToCluster>,
     metrics: Arc<Metrics>,
 ) -> Result<(), async_nats::ConnectError> {
@@ -108,11 +206,16 @@ pub async fn run(
         .await?;
     let (received, inbound) = mpsc::unbounded_channel();
     let mut standing = Vec::new();
-    for subject in [
+    let mut subjects = vec![
         config.node_subject(local.process),
         config.all_subject(),
         config.alive_subject(),
-    ] {
+    ];
+    let db_events = local.database.as_mut().map(|db| {
+        subjects.extend(["feed", "progress", "refresh"].map(|what| config.db_subject(what)));
+        std::mem::replace(&mut db.events, mpsc::unbounded_channel().1)
+    });
+    for subject in subjects {
         match client.subscribe(subject.clone()).await {
             Ok(subscriber) => standing.push(forward(subscriber, received.clone())),
             Err(e) => warn!(%subject, error = %e, "subscribing to the cluster failed"),
@@ -126,13 +229,22 @@ pub async fn run(
         received,
         rooms: HashMap::new(),
         nodes: HashMap::new(),
+        confirming: Confirming::default(),
     };
     info!(name = %link.config.name, process = %format_args!("{:x}", link.local.process), "joining the cluster");
-    link.serve(from_shards, inbound).await;
+    link.serve(from_shards, inbound, db_events).await;
     for task in standing {
         task.abort();
     }
     Ok(())
+}
+
+/// The next event of the database side, if there is one.
+async fn recv_db(events: &mut Option<mpsc::UnboundedReceiver<DbEvent>>) -> Option<DbEvent> {
+    match events {
+        Some(events) => events.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Hands a subscription's messages to the link's queue.
@@ -156,6 +268,7 @@ struct Link {
     rooms: HashMap<RoomKey, (usize, JoinHandle<()>)>,
     /// Other nodes seen alive, by process id.
     nodes: HashMap<u64, Seen>,
+    confirming: Confirming,
 }
 
 impl Link {
@@ -163,7 +276,9 @@ impl Link {
         &mut self,
         mut from_shards: mpsc::UnboundedReceiver<ToCluster>,
         mut inbound: mpsc::UnboundedReceiver<Message>,
+        db_events: Option<mpsc::UnboundedReceiver<DbEvent>>,
     ) {
+        let mut db_events = db_events;
         let mut ticks = tokio::time::interval(self.config.heartbeat);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -172,7 +287,8 @@ impl Link {
                     Some(item) => self.outbound(item).await,
                     None => break,
                 },
-                Some(message) = inbound.recv() => self.inbound(message),
+                Some(message) = inbound.recv() => self.inbound(message).await,
+                Some(event) = recv_db(&mut db_events) => self.database(event).await,
                 _ = ticks.tick() => self.tick().await,
             }
         }
@@ -247,10 +363,15 @@ impl Link {
         }
     }
 
-    fn inbound(&mut self, message: Message) {
+    async fn inbound(&mut self, message: Message) {
         self.metrics.cluster_received.inc();
-        if message.subject.as_str() == self.config.alive_subject() {
-            self.alive(&message.payload);
+        let subject = message.subject.as_str();
+        if subject == self.config.alive_subject() {
+            self.alive(&message.payload).await;
+            return;
+        }
+        if let Some(what) = subject.strip_prefix(&self.config.db_subject("")) {
+            self.database_message(what, &message.payload);
             return;
         }
         let envelope = match wire::decode(&message.payload) {
@@ -282,7 +403,7 @@ impl Link {
     }
 
     /// Another node's heartbeat: up if it was not.
-    fn alive(&mut self, payload: &[u8]) {
+    async fn alive(&mut self, payload: &[u8]) {
         let Ok(heartbeat) = serde_json::from_slice::<Value>(payload) else {
             return;
         };
@@ -305,6 +426,12 @@ impl Link {
         }
         info!(node = %name, shards, "cluster node up");
         self.report(process, shards, PeerEvent::Up);
+        if self.confirming.live == Some(true) {
+            // A node that came up after the stream went live hears it from the holder.
+            let feed = serde_json::to_vec(&Feed::Replication(true)).expect("feeds serialize");
+            self.publish(self.config.db_subject("feed"), Bytes::from(feed))
+                .await;
+        }
         self.nodes.insert(
             process,
             Seen {
@@ -343,6 +470,88 @@ impl Link {
             }
         }
         self.metrics.cluster_nodes.set(self.nodes.len() as i64);
+        self.confirm();
+    }
+
+    /// From this node's database side.
+    async fn database(&mut self, event: DbEvent) {
+        match event {
+            DbEvent::Feed(input) => {
+                let feed = match input {
+                    Input::Changes(batch) => {
+                        let mut nodes: Vec<u64> = self.nodes.keys().copied().collect();
+                        nodes.push(self.local.process);
+                        self.confirming.pending.push_back((batch.lsn, nodes));
+                        Feed::Changes(batch)
+                    }
+                    Input::Publication(tables) => Feed::Publication(tables),
+                    Input::Replication(live) => {
+                        self.confirming.live = Some(live);
+                        Feed::Replication(live)
+                    }
+                    _ => return,
+                };
+                let feed = serde_json::to_vec(&feed).expect("feeds serialize");
+                self.publish(self.config.db_subject("feed"), Bytes::from(feed))
+                    .await;
+            }
+            DbEvent::Progress(lsn) => {
+                self.progress(self.local.process, lsn);
+                let report = Report {
+                    process: self.local.process,
+                    lsn,
+                };
+                let report = serde_json::to_vec(&report).expect("reports serialize");
+                self.publish(self.config.db_subject("progress"), Bytes::from(report))
+                    .await;
+            }
+            DbEvent::Refresh => {
+                self.publish(self.config.db_subject("refresh"), Bytes::new())
+                    .await;
+            }
+        }
+    }
+
+    /// From another node's database side.
+    fn database_message(&mut self, what: &str, payload: &[u8]) {
+        let Some(db) = &self.local.database else {
+            return;
+        };
+        match what {
+            "feed" => match serde_json::from_slice(payload) {
+                Ok(Feed::Changes(batch)) => (db.inputs)(Input::Changes(batch)),
+                Ok(Feed::Publication(tables)) => (db.inputs)(Input::Publication(tables)),
+                Ok(Feed::Replication(live)) => (db.inputs)(Input::Replication(live)),
+                Err(e) => warn!(error = %e, "dropping a malformed change feed message"),
+            },
+            "progress" => match serde_json::from_slice::<Report>(payload) {
+                Ok(report) if report.process != self.local.process => {
+                    self.progress(report.process, report.lsn)
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "dropping a malformed progress report"),
+            },
+            "refresh" => db.refresh.notify_one(),
+            _ => {}
+        }
+    }
+
+    /// A node's progress; the holder may confirm further.
+    fn progress(&mut self, process: u64, lsn: u64) {
+        let reported = self.confirming.reported.entry(process).or_default();
+        *reported = (*reported).max(lsn);
+        self.confirm();
+    }
+
+    /// Tells the holder's reader what every node handed out.
+    fn confirm(&mut self) {
+        let (me, nodes) = (self.local.process, &self.nodes);
+        let up = |process: u64| process == me || nodes.contains_key(&process);
+        if let Some(lsn) = self.confirming.advance(up) {
+            if let Some(db) = &self.local.database {
+                db.confirmable.send_replace(lsn);
+            }
+        }
     }
 
     /// Tells every local shard about each replica of a node.

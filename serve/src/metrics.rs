@@ -103,6 +103,9 @@ pub struct Metrics {
     pub cluster_dropped: Counter,
     /// Other nodes this node sees up.
     pub cluster_nodes: Gauge,
+    /// 1 while this process reads the replication slot: always with a database and no
+    /// cluster; in a cluster, on the one node holding the slot's lock.
+    pub slot_held: Gauge,
 }
 
 impl Metrics {
@@ -134,6 +137,7 @@ impl Metrics {
             cluster_received: Counter::default(),
             cluster_dropped: Counter::default(),
             cluster_nodes: Gauge::default(),
+            slot_held: Gauge::default(),
         };
         registry.register(
             "sockets",
@@ -184,6 +188,11 @@ impl Metrics {
             "cluster_messages_dropped",
             "Peer messages dropped while the cluster broker was unreachable",
             metrics.cluster_dropped.clone(),
+        );
+        registry.register(
+            "replication_slot_held",
+            "1 while this process reads the replication slot",
+            metrics.slot_held.clone(),
         );
         registry.register(
             "cluster_nodes",

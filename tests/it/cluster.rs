@@ -276,3 +276,124 @@ async fn a_node_cut_from_nats_while_up_loses_and_regains_the_others_presence() {
     roster_becomes(&mut wa, &mut ra, &["ka", "kb", "kb2"]).await;
     roster_becomes(&mut wb, &mut rb, &["ka", "kb", "kb2"]).await;
 }
+
+/// The table the failover test inserts into, published.
+const ITEMS: &str = "
+create table public.items (id bigserial primary key, n int not null);
+grant all on public.items to anon, authenticated, service_role;
+alter publication supabase_realtime add table public.items;
+";
+
+/// A node of the cluster behind `nats_url` that reads changes from `database_url`.
+fn database_node(nats_url: &str, name: &str, database_url: &str) -> Server {
+    Server::start(&[
+        "--cluster-nats",
+        nats_url,
+        "--cluster-node-name",
+        name,
+        "--cluster-heartbeat-ms",
+        "200",
+        "--cluster-down-ms",
+        &DOWN_MS.to_string(),
+        "--database-url",
+        database_url,
+    ])
+}
+
+/// Which of `nodes` holds the replication slot, once exactly one does.
+async fn holder(nodes: &[&Server]) -> usize {
+    for _ in 0..400 {
+        let mut held = Vec::new();
+        for (index, node) in nodes.iter().enumerate() {
+            if metric(node, "switchboard_replication_slot_held").await == "1" {
+                held.push(index);
+            }
+        }
+        if let [one] = held[..] {
+            return one;
+        }
+        assert!(held.len() < 2, "two nodes hold the slot: {held:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no node took the replication slot");
+}
+
+/// The `n` of the next inserted row `ws` hears of.
+async fn next_n(ws: &mut Ws) -> i64 {
+    until(ws, |f| {
+        (f[3] == "postgres_changes").then(|| f[4]["data"]["record"]["n"].clone())
+    })
+    .await
+    .as_i64()
+    .expect("n")
+}
+
+/// A socket on `server` subscribed to inserts into public.items.
+async fn items_subscriber(server: &Server) -> Ws {
+    let mut ws = connect(server, "2.0.0").await;
+    send(
+        &mut ws,
+        json!(["1", "1", "realtime:items", "phx_join", {
+            "config": {"postgres_changes": [{"event": "INSERT", "schema": "public", "table": "items"}]},
+        }]),
+    )
+    .await;
+    let status = until(&mut ws, |f| {
+        (f[3] == "system" && f[4]["extension"] == "postgres_changes")
+            .then(|| f[4]["status"].clone())
+    })
+    .await;
+    assert_eq!(status, "ok");
+    ws
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_reach_every_node_and_survive_the_slot_holders_death_in_order() {
+    let pg = crate::pg::TempPostgres::start();
+    pg.psql(ITEMS);
+    let nats = Nats::start();
+    let mut nodes = vec![
+        database_node(&nats.url(), "a", &pg.url()),
+        database_node(&nats.url(), "b", &pg.url()),
+    ];
+    formed(&[&nodes[0], &nodes[1]]).await;
+    let held = holder(&[&nodes[0], &nodes[1]]).await;
+    crate::wal::wait_streaming(&pg.client().await).await;
+    let survivor = 1 - held;
+    let mut on_survivor = items_subscriber(&nodes[survivor]).await;
+    let mut on_holder = items_subscriber(&nodes[held]).await;
+
+    // Inserts go on, one transaction each, while the holder is killed midway.
+    const ROWS: i64 = 300;
+    let client = pg.client().await;
+    let inserts = tokio::spawn(async move {
+        for n in 0..ROWS {
+            client
+                .execute("insert into public.items (n) values ($1)", &[&(n as i32)])
+                .await
+                .expect("insert");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    // Both nodes deliver while the holder lives.
+    for expected in 0..50 {
+        assert_eq!(next_n(&mut on_holder).await, expected);
+    }
+    let killed = nodes.remove(held);
+    drop(killed); // SIGKILL
+    drop(on_holder);
+    let mut got = Vec::new();
+    while got.len() < ROWS as usize {
+        got.push(next_n(&mut on_survivor).await);
+    }
+    inserts.await.expect("inserts");
+    assert_eq!(
+        got,
+        (0..ROWS).collect::<Vec<_>>(),
+        "every row once, in commit order"
+    );
+    assert_eq!(holder(&[&nodes[0]]).await, 0, "the survivor took the slot");
+    // Nothing more: no row came twice.
+    let extra = tokio::time::timeout(Duration::from_millis(500), next_n(&mut on_survivor)).await;
+    assert!(extra.is_err(), "a row came twice: {extra:?}");
+}

@@ -32,6 +32,7 @@ impl Engine {
                 let _ = input.send(i);
             },
             output,
+            None,
         );
         Engine {
             inputs,

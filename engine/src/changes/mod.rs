@@ -403,6 +403,11 @@ impl Engine {
                 .map(|b| subscription(b, tables))
                 .collect::<Result<Vec<_>, _>>()
         } else {
+            // Not read yet. A cluster node that came up after the slot holder read it asks;
+            // a lone process's reader sends it as it starts, so the ask costs one re-read.
+            if self.changes.waiting.is_empty() {
+                self.emit(Output::RefreshPublication);
+            }
             if !self.changes.waiting.contains(&key) {
                 self.changes.waiting.push(key);
             }

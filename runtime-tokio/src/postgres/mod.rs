@@ -9,6 +9,7 @@
 mod authz;
 mod catalog;
 mod decode;
+mod holder;
 mod migrate;
 mod pool;
 mod rls;
@@ -22,6 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use switchboard_engine::changes::Progress;
 use switchboard_engine::{Input, Output};
 use tokio::sync::{mpsc, watch, Mutex, Notify};
@@ -62,6 +64,8 @@ pub struct PostgresConfig {
     pub visibility_queries: Counter,
     /// Counts authorization batches sent to the database (`/metrics`).
     pub authorization_queries: Counter,
+    /// 1 while this process reads the replication slot (`/metrics`).
+    pub slot_held: Gauge,
     /// Shards fed by this reader: the slot is confirmed up to the lowest position all of
     /// them reported.
     pub shards: usize,
@@ -82,6 +86,7 @@ impl PostgresConfig {
             catalog_refresh: Duration::from_secs(10),
             visibility_queries: Counter::default(),
             authorization_queries: Counter::default(),
+            slot_held: Gauge::default(),
             shards: 1,
         }
     }
@@ -101,15 +106,45 @@ impl Drop for Postgres {
     }
 }
 
+/// What the database side of a cluster node exchanges with its cluster link
+/// ([`crate::cluster`]): only the node holding the replication slot reads the WAL, and the
+/// link carries what it reads to the other nodes and their progress back.
+pub struct ClusterDb {
+    /// The reader's inputs while this node holds the slot, this node's progress, and its
+    /// engines' requests to read the publication again.
+    pub to_link: mpsc::UnboundedSender<DbEvent>,
+    /// The position every node that was up when a batch went out has handed out: what the
+    /// holder confirms to Postgres.
+    pub confirmable: watch::Receiver<u64>,
+    /// Notified when another node's engine asks for the publication again.
+    pub refresh: Arc<Notify>,
+}
+
+/// From a node's database side to its cluster link.
+#[derive(Debug)]
+pub enum DbEvent {
+    /// What the WAL reader produced, for every node (this one has it already).
+    Feed(Input),
+    /// This node's shards have handed out every change up to this position.
+    Progress(u64),
+    /// An engine of this node asked for the publication again: the holder reads it.
+    Refresh,
+}
+
 /// Starts the WAL reader, the catalog reads and the visibility pool. `inputs` receives
 /// every [`Input`] for the engines, in order ([`crate::to_shards`] spreads them over a
 /// process's shards); `outputs` carries every shard's [`Output::Visibility`],
 /// [`Output::RefreshPublication`] and [`Output::WalProgress`] (others are ignored). The
 /// subsystem ends when `outputs` closes.
+///
+/// In a `cluster`, the reader runs only while this node holds the slot's advisory lock,
+/// and its inputs also go to the link; the slot is confirmed up to what the link says
+/// every node handed out.
 pub fn start(
     config: PostgresConfig,
     inputs: impl Fn(Input) + Send + Sync + 'static,
     mut outputs: mpsc::UnboundedReceiver<Output>,
+    cluster: Option<ClusterDb>,
 ) -> Postgres {
     let sink: Sink = Arc::new(inputs);
     let (progress, progress_rx) = watch::channel(0u64);
@@ -136,13 +171,30 @@ pub fn start(
             config.authorization_queries.clone(),
         )));
     }
-    let refresh = Arc::new(Notify::new());
-    tasks.push(tokio::spawn(wal::run(
-        config,
-        sink,
-        progress_rx,
-        refresh.clone(),
-    )));
+    let refresh = match &cluster {
+        Some(cluster) => cluster.refresh.clone(),
+        None => Arc::new(Notify::new()),
+    };
+    let to_link = cluster.as_ref().map(|c| c.to_link.clone());
+    match cluster {
+        None => tasks.push(tokio::spawn({
+            config.slot_held.set(1);
+            wal::run(config, sink, progress_rx, refresh.clone())
+        })),
+        Some(cluster) => {
+            let link = cluster.to_link.clone();
+            let feed: Sink = Arc::new(move |input: Input| {
+                let _ = link.send(DbEvent::Feed(input.clone()));
+                sink(input);
+            });
+            tasks.push(tokio::spawn(holder::run(
+                config,
+                feed,
+                cluster.confirmable,
+                refresh.clone(),
+            )));
+        }
+    }
     tasks.push(tokio::spawn(async move {
         while let Some(output) = outputs.recv().await {
             match output {
@@ -153,10 +205,23 @@ pub fn start(
                     let _ = authz.send(query);
                 }
                 // A permit is stored while the reader is between sessions.
-                Output::RefreshPublication => refresh.notify_one(),
+                Output::RefreshPublication => match &to_link {
+                    Some(link) => {
+                        let _ = link.send(DbEvent::Refresh);
+                        refresh.notify_one();
+                    }
+                    None => refresh.notify_one(),
+                },
                 Output::WalProgress { shard, lsn } => {
                     if let Some(lsn) = shards.report(usize::from(shard.0), lsn) {
-                        progress.send_replace(lsn);
+                        match &to_link {
+                            Some(link) => {
+                                let _ = link.send(DbEvent::Progress(lsn));
+                            }
+                            None => {
+                                progress.send_replace(lsn);
+                            }
+                        }
                     }
                 }
                 _ => {}
