@@ -1,7 +1,9 @@
 //! The simulated peer bus between replicas: the same [`PeerLink`] seam that shards and
-//! NATS use, with partitions between hosts (messages held until healed) and host crashes
-//! (every shard of the host is declared down everywhere) under the simulation's control.
-//! The shards of one host are peers on it too, never partitioned from each other.
+//! NATS use, with partitions between hosts (messages held until healed), severed links as
+//! the NATS link sees them (each side declares the other's replicas down, messages in
+//! between are lost, and both come up again when the link mends) and host crashes (every
+//! shard of the host is declared down everywhere) under the simulation's control. The
+//! shards of one host are peers on it too, never partitioned from each other.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -26,6 +28,8 @@ struct State {
     held: BTreeSet<(usize, usize)>,
     /// Held messages in send order: from, to, message.
     queued: Vec<(Member, Member, NodeId, PeerMsg)>,
+    /// Host index pairs (low, high) whose link is severed.
+    severed: BTreeSet<(usize, usize)>,
     incarnations: u64,
 }
 
@@ -39,6 +43,19 @@ fn pair(a: usize, b: usize) -> (usize, usize) {
     (a.min(b), a.max(b))
 }
 
+impl State {
+    /// Tells every replica of host `a` about every replica of host `b`, and back.
+    fn announce(&self, a: usize, b: usize, event: fn(NodeId) -> PeerEvent) {
+        for (x, y) in [(a, b), (b, a)] {
+            for (_, to) in self.nodes.range((x, 0)..=(x, u16::MAX)) {
+                for (_, about) in self.nodes.range((y, 0)..=(y, u16::MAX)) {
+                    let _ = to.inbox.send(event(about.id));
+                }
+            }
+        }
+    }
+}
+
 impl Bus {
     /// Registers a (re)started shard `shard` of the node at host index `host`: a fresh
     /// replica id and a link for its engine.
@@ -50,7 +67,10 @@ impl Bus {
             state.incarnations += 1;
             // A restarted node is a new replica: its old metas must not come back.
             let id = NodeId(state.incarnations * 100 + host as u64);
-            for node in state.nodes.values() {
+            for (member, node) in &state.nodes {
+                if state.severed.contains(&pair(host, member.0)) {
+                    continue;
+                }
                 let _ = node.inbox.send(PeerEvent::Up(id));
                 let _ = to_engine.send(PeerEvent::Up(node.id));
             }
@@ -89,6 +109,9 @@ impl Bus {
             .map(|(m, _)| *m)
             .collect();
         for to in targets {
+            if state.severed.contains(&pair(from.0, to.0)) {
+                continue; // lost, as NATS drops what a cut link publishes
+            }
             if state.held.contains(&pair(from.0, to.0)) {
                 state.queued.push((from, to, id, msg.clone()));
             } else if let Some(node) = state.nodes.get(&to) {
@@ -116,6 +139,30 @@ impl Bus {
                 state.queued.push((from, to, id, msg));
             }
         }
+    }
+
+    /// Severs the link between two hosts: each declares the other's replicas down, and
+    /// messages between them are lost until [`Bus::mend`].
+    pub fn sever(&self, a: usize, b: usize) {
+        let mut state = self.state.lock().expect("bus lock");
+        if a == b || !state.severed.insert(pair(a, b)) {
+            return;
+        }
+        state.announce(a, b, PeerEvent::Down);
+    }
+
+    /// Mends a severed link: both sides see each other up again.
+    pub fn mend(&self, a: usize, b: usize) {
+        let mut state = self.state.lock().expect("bus lock");
+        if state.severed.remove(&pair(a, b)) {
+            state.announce(a, b, PeerEvent::Up);
+        }
+    }
+
+    /// The severed links, to mend at the end of the chaos.
+    pub fn severed(&self) -> Vec<(usize, usize)> {
+        let state = self.state.lock().expect("bus lock");
+        state.severed.iter().copied().collect()
     }
 
     /// Heals every partition.

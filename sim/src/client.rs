@@ -688,7 +688,12 @@ impl Client {
             }
         } else if let Some((room, seq)) = self.session.awaiting.remove(&ref_) {
             if ok {
-                self.oracle.record(Event::Acked { who, room, seq });
+                self.oracle.record(Event::Acked {
+                    who,
+                    room,
+                    seq,
+                    at: now(),
+                });
             }
         } else if let Some((room, value)) = self.session.tracking.remove(&ref_) {
             if ok {

@@ -134,6 +134,8 @@ pub struct Faults {
     pub partitions: u32,
     /// Whether one node crashes and restarts.
     pub node_crash: bool,
+    /// Number of severed links between nodes (as a cluster link cut from NATS).
+    pub severs: u32,
     /// How the database misbehaves.
     pub db: DbFaults,
 }
@@ -205,6 +207,11 @@ impl Scenario {
             stalls: 1 + pick(4) as u32,
             partitions: if nodes > 1 { pick(3) as u32 } else { 0 },
             node_crash: nodes > 1 && pick(4) == 0,
+            // A stream of its own, so the draws above stay what they were.
+            severs: match ChaCha8Rng::seed_from_u64(seed ^ 0x5e7e).next_u64() % 3 {
+                n if nodes > 1 => n as u32,
+                _ => 0,
+            },
             db: {
                 // A stream of its own, so the draws above stay what they were.
                 let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xdb);
@@ -395,6 +402,17 @@ impl Scenario {
                 Fault::Heal(a, b),
             ));
         }
+        let mut severs = ChaCha8Rng::seed_from_u64(self.seed ^ 0x5e7e5);
+        for _ in 0..self.faults.severs {
+            let a = (severs.next_u64() % self.nodes as u64) as usize;
+            let b = (a + 1 + (severs.next_u64() % (self.nodes as u64 - 1)) as usize) % self.nodes;
+            let start = severs.next_u64() % chaos_ms;
+            schedule.push((start, Fault::Sever(a, b)));
+            schedule.push((
+                (start + 500 + severs.next_u64() % 5_000).min(chaos_ms),
+                Fault::Mend(a, b),
+            ));
+        }
         for _ in 0..self.faults.db.outages {
             let start = rng.next_u64() % chaos_ms;
             schedule.push((start, Fault::DbDown));
@@ -444,7 +462,7 @@ impl Scenario {
         loop {
             let now = sim.elapsed().as_millis() as u64;
             while let Some((_, fault)) = schedule.next_if(|(at, _)| *at <= now) {
-                fault.apply(&mut sim, &bus, &db, &mut links, now);
+                fault.apply(&mut sim, &bus, &db, &mut links, &oracle, now);
             }
             match sim.step() {
                 Ok(true) => break,
@@ -582,6 +600,8 @@ enum Fault {
     Vanish(usize),
     Partition(usize, usize),
     Heal(usize, usize),
+    Sever(usize, usize),
+    Mend(usize, usize),
     Crash(usize),
     Restart(usize),
     DbDown,
@@ -590,7 +610,15 @@ enum Fault {
 }
 
 impl Fault {
-    fn apply(self, sim: &mut turmoil::Sim<'_>, bus: &Bus, db: &Db, links: &mut Links, now: u64) {
+    fn apply(
+        self,
+        sim: &mut turmoil::Sim<'_>,
+        bus: &Bus,
+        db: &Db,
+        links: &mut Links,
+        oracle: &Oracle,
+        now: u64,
+    ) {
         match self {
             Fault::Hold(client) => {
                 links.each(client, |a, b| sim.hold(a, b));
@@ -616,6 +644,14 @@ impl Fault {
             Fault::Send(room, private) => db.send(now, room, private),
             Fault::Partition(a, b) => bus.partition(a, b),
             Fault::Heal(a, b) => bus.heal(a, b),
+            Fault::Sever(a, b) => {
+                bus.sever(a, b);
+                oracle.record(Event::Severed { a, b, at: now });
+            }
+            Fault::Mend(a, b) => {
+                bus.mend(a, b);
+                oracle.record(Event::Mended { a, b, at: now });
+            }
             Fault::Crash(node) => {
                 bus.crash(node);
                 links.crash(sim, node);
@@ -624,6 +660,10 @@ impl Fault {
             Fault::DbDown => db.set_down(true),
             Fault::DbUp => db.set_down(false),
             Fault::HealAll => {
+                for (a, b) in bus.severed() {
+                    bus.mend(a, b);
+                    oracle.record(Event::Mended { a, b, at: now });
+                }
                 bus.heal_all();
                 db.set_down(false);
                 links.held.clear();

@@ -69,7 +69,17 @@ pub enum Event {
         at: Ms,
     },
     /// The server acknowledged that push.
-    Acked { who: Who, room: String, seq: u64 },
+    Acked {
+        who: Who,
+        room: String,
+        seq: u64,
+        at: Ms,
+    },
+    /// The link between two nodes was severed: they declared each other down, and what
+    /// one sent the other was lost.
+    Severed { a: usize, b: usize, at: Ms },
+    /// A severed link mended: the nodes see each other up again.
+    Mended { a: usize, b: usize, at: Ms },
     /// A broadcast arrived.
     Delivered {
         who: Who,
@@ -283,7 +293,10 @@ pub fn check(events: &[Event], commits: &[Commit]) -> Vec<String> {
     let mut membership: BTreeMap<(Who, String), Membership> = BTreeMap::new();
     let mut disconnected: BTreeMap<Who, Ms> = BTreeMap::new();
     let mut sent: BTreeMap<Message, Ms> = BTreeMap::new();
-    let mut acked: BTreeSet<Message> = BTreeSet::new();
+    let mut acked: BTreeMap<Message, Ms> = BTreeMap::new();
+    // Each connection's node, and when each pair of nodes was severed.
+    let mut nodes: BTreeMap<Who, usize> = BTreeMap::new();
+    let mut severed: BTreeMap<(usize, usize), Vec<(Ms, Option<Ms>)>> = BTreeMap::new();
     let mut delivered: BTreeMap<(Who, Message), usize> = BTreeMap::new();
     // Per receiver, room and sender connection: the seqs received, and when.
     let mut received: BTreeMap<(Who, String, Who), Vec<(u64, Ms)>> = BTreeMap::new();
@@ -314,8 +327,25 @@ pub fn check(events: &[Event], commits: &[Commit]) -> Vec<String> {
             Event::Sent { who, room, seq, at } => {
                 sent.insert((*who, room.clone(), *seq), *at);
             }
-            Event::Acked { who, room, seq } => {
-                acked.insert((*who, room.clone(), *seq));
+            Event::Acked { who, room, seq, at } => {
+                acked.insert((*who, room.clone(), *seq), *at);
+            }
+            Event::Connected { who, node, .. } => {
+                nodes.insert(*who, *node);
+            }
+            Event::Severed { a, b, at } => {
+                severed
+                    .entry(((*a).min(*b), (*a).max(*b)))
+                    .or_default()
+                    .push((*at, None));
+            }
+            Event::Mended { a, b, at } => {
+                if let Some(span) = severed
+                    .get_mut(&((*a).min(*b), (*a).max(*b)))
+                    .and_then(|spans| spans.last_mut())
+                {
+                    span.1.get_or_insert(*at);
+                }
             }
             Event::Delivered {
                 who,
@@ -370,8 +400,7 @@ pub fn check(events: &[Event], commits: &[Commit]) -> Vec<String> {
                 tracking.insert((*who, room.clone()), *value);
             }
             Event::View { who, room, view } => views.push((*who, room.clone(), view.clone())),
-            Event::Connected { .. }
-            | Event::Subscribed { .. }
+            Event::Subscribed { .. }
             | Event::ChangeSeen { .. }
             | Event::SqlSeen { .. }
             | Event::Identity { .. } => {}
@@ -380,8 +409,20 @@ pub fn check(events: &[Event], commits: &[Commit]) -> Vec<String> {
     }
     // 1: an acknowledged broadcast reaches every stable member exactly once, and no member
     // misses one between two broadcasts of the same sender it did receive.
-    for message @ (from, room, seq) in &acked {
+    for (message @ (from, room, seq), &acked_at) in &acked {
         let at = sent[message];
+        // Whether the link between the sender's node and `member`'s was severed while the
+        // sender's node handled the push (between the send and its ack): lost, by design.
+        let lost = |member: &Who| {
+            let (Some(&a), Some(&b)) = (nodes.get(from), nodes.get(member)) else {
+                return false;
+            };
+            severed.get(&(a.min(b), a.max(b))).is_some_and(|spans| {
+                spans.iter().any(|(start, end)| {
+                    *start <= acked_at + TICK_MS && end.is_none_or(|end| end + TICK_MS >= at)
+                })
+            })
+        };
         for ((member, member_room), m) in &membership {
             if member_room != room || (member == from && !m.self_broadcast) {
                 continue;
@@ -412,7 +453,7 @@ pub fn check(events: &[Event], commits: &[Commit]) -> Vec<String> {
                         *s > *seq && *got >= joined && left.is_none_or(|left| *got <= left)
                     })
                 });
-            if count == 0 && (stable || later) {
+            if count == 0 && (stable || later) && !lost(member) {
                 let why = if stable { "stable member" } else { "member" };
                 violations.push(format!(
                     "invariant 1: {from}#{seq} in {room} never reached {why} {member}, joined at {joined}"

@@ -91,6 +91,27 @@ struct Args {
     /// with the TIME_WAIT sockets of earlier runs too.
     #[arg(long, default_value_t = 16)]
     source_ips: u8,
+    /// Another node of the same cluster: every other subscriber connects there, publishers
+    /// stay on `--addr`, and latency is reported for them apart (cross-node delivery).
+    #[arg(long)]
+    remote_addr: Option<String>,
+    /// The other node's process id, so server CPU covers both.
+    #[arg(long)]
+    remote_pid: Option<u32>,
+}
+
+impl Args {
+    /// Where connection `index` goes: subscribers alternate between the nodes.
+    fn addr_of(&self, index: usize) -> &str {
+        match &self.remote_addr {
+            Some(remote) if self.is_remote(index) => remote,
+            _ => &self.addr,
+        }
+    }
+
+    fn is_remote(&self, index: usize) -> bool {
+        self.remote_addr.is_some() && index >= self.publishers && index % 2 == 1
+    }
 }
 
 type Sink = SplitSink<WebSocketStream<TcpStream>, Message>;
@@ -110,6 +131,11 @@ fn cpu_secs(pid: Option<u32>) -> Option<f64> {
 /// `switchboard_engine_handle_seconds` histogram's sum on `/metrics`); `None` for a server
 /// without that metric (the floor).
 async fn engine_secs(addr: &str) -> Option<f64> {
+    metric(addr, "switchboard_engine_handle_seconds_sum").await
+}
+
+/// An unlabelled metric of the server at `addr`, from `/metrics`.
+async fn metric(addr: &str, name: &str) -> Option<f64> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = TcpStream::connect(addr).await.ok()?;
     let request = format!("GET /metrics HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
@@ -118,7 +144,7 @@ async fn engine_secs(addr: &str) -> Option<f64> {
     stream.read_to_string(&mut response).await.ok()?;
     response
         .lines()
-        .find_map(|line| line.strip_prefix("switchboard_engine_handle_seconds_sum "))
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|value| value.trim().parse().ok())
 }
 
@@ -159,7 +185,7 @@ fn bind_address_no_port(socket: &TcpSocket) -> std::io::Result<()> {
 /// Connects from loopback source address `127.0.0.<2 + index % source_ips>`.
 async fn tcp(args: &Args, index: usize) -> std::io::Result<TcpStream> {
     let server: SocketAddr = args
-        .addr
+        .addr_of(index)
         .parse()
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let socket = TcpSocket::new_v4()?;
@@ -181,7 +207,8 @@ async fn open(args: &Args, index: usize, room: usize) -> Result<(Sink, Source), 
             };
             format!(
                 "ws://{}/realtime/v1/websocket?apikey={}&vsn={vsn}",
-                args.addr, args.key
+                args.addr_of(index),
+                args.key
             )
         }
         Mode::Floor => format!("ws://{}/?room={room}", args.addr),
@@ -323,7 +350,7 @@ async fn main() {
         opening.push(tokio::spawn(async move {
             let _permit = semaphore.acquire().await.expect("semaphore open");
             let room = i % args.rooms;
-            (room, open(&args, i, room).await)
+            (i, room, open(&args, i, room).await)
         }));
     }
     let mut connections = Vec::with_capacity(args.connections);
@@ -331,8 +358,8 @@ async fn main() {
     let mut first_error = None;
     for task in opening {
         match task.await.expect("setup task") {
-            (room, Ok(pair)) => connections.push((room, pair)),
-            (_, Err(e)) => {
+            (i, room, Ok(pair)) => connections.push((i, room, pair)),
+            (_, _, Err(e)) => {
                 failures += 1;
                 first_error.get_or_insert(e);
             }
@@ -349,16 +376,25 @@ async fn main() {
     let histogram = Arc::new(Mutex::new(
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
     ));
+    // Subscribers on the other node, apart: cross-node delivery.
+    let remote_histogram = Arc::new(Mutex::new(
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
+    ));
     let received = Arc::new(AtomicU64::new(0));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut publishers = Vec::new();
     let mut readers = Vec::new();
-    for (index, (room, (sink, mut source))) in connections.into_iter().enumerate() {
+    for (index, (i, room, (sink, mut source))) in connections.into_iter().enumerate() {
         if index < args.publishers {
             publishers.push((room, sink));
         } else {
             // Subscribers keep their sink alive (dropping it would close the socket).
-            let (histogram, received) = (histogram.clone(), received.clone());
+            let histogram = if args.is_remote(i) {
+                remote_histogram.clone()
+            } else {
+                histogram.clone()
+            };
+            let received = received.clone();
             let mut stopped = stopped.clone();
             readers.push(tokio::spawn(async move {
                 let _sink = sink;
@@ -411,8 +447,17 @@ async fn main() {
     // Publishing at the target rate, in 1 ms ticks.
     let padding = "x".repeat(args.payload_bytes);
     let publish_started = Instant::now();
-    let cpu_before = cpu_secs(args.server_pid);
+    let cpu = || {
+        let remote = args.remote_pid.map(|pid| cpu_secs(Some(pid)));
+        match remote {
+            Some(remote) => cpu_secs(args.server_pid).zip(remote).map(|(a, b)| a + b),
+            None => cpu_secs(args.server_pid),
+        }
+    };
+    let cpu_before = cpu();
     let engine_before = engine_secs(&args.addr).await;
+    let published = "switchboard_cluster_messages_published_total";
+    let nats_before = metric(&args.addr, published).await;
     let deadline = publish_started + Duration::from_secs(args.duration);
     let mut sent = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(1));
@@ -436,9 +481,14 @@ async fn main() {
     // Let in-flight messages land, then stop everything.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_busy = rss_kib(args.server_pid);
-    let server_cpu = cpu_before
-        .zip(cpu_secs(args.server_pid))
-        .map(|(before, after)| after - before);
+    let server_cpu = cpu_before.zip(cpu()).map(|(before, after)| after - before);
+    // Everything the publishers' node published to NATS, per broadcast sent.
+    let nats_per_broadcast = match &args.remote_addr {
+        Some(_) if sent > 0 => nats_before
+            .zip(metric(&args.addr, published).await)
+            .map(|(before, after)| (after - before) / sent as f64),
+        _ => None,
+    };
     // The engines' share of one core over the same window.
     let engine_share = engine_before
         .zip(engine_secs(&args.addr).await)
@@ -452,7 +502,12 @@ async fn main() {
         let _ = reader.await;
     }
 
-    let histogram = histogram.lock().expect("histogram");
+    let remote = remote_histogram.lock().expect("histogram");
+    let remote_quantile = |q: f64| (!remote.is_empty()).then(|| remote.value_at_quantile(q));
+    let (remote_p50, remote_p99) = (remote_quantile(0.5), remote_quantile(0.99));
+    let mut histogram = histogram.lock().expect("histogram");
+    let local_p99 = (!histogram.is_empty()).then(|| histogram.value_at_quantile(0.99));
+    histogram.add(&*remote).expect("same bounds");
     let delivered = received.load(Ordering::Relaxed);
     let opened = args.connections - failures;
     let per_conn = match (rss_before, rss_idle) {
@@ -487,6 +542,10 @@ async fn main() {
             .map(|cpu| (cpu * 1e9 / delivered as f64).round()),
         "rss_per_idle_conn_bytes": per_conn,
         "engine_core_share": engine_share,
+        "local_p99_us": local_p99,
+        "remote_p50_us": remote_p50,
+        "remote_p99_us": remote_p99,
+        "nats_messages_per_broadcast": nats_per_broadcast,
     });
     println!("{summary}");
 }
