@@ -17,6 +17,9 @@ use crate::TICK_MS;
 /// Milliseconds of simulated time.
 pub type Ms = u64;
 
+/// From when, until when if it ended.
+type Span = (Ms, Option<Ms>);
+
 /// One connection of one client: its `life`-th, counting from 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Who {
@@ -296,7 +299,7 @@ pub fn check(events: &[Event], commits: &[Commit]) -> Vec<String> {
     let mut acked: BTreeMap<Message, Ms> = BTreeMap::new();
     // Each connection's node, and when each pair of nodes was severed.
     let mut nodes: BTreeMap<Who, usize> = BTreeMap::new();
-    let mut severed: BTreeMap<(usize, usize), Vec<(Ms, Option<Ms>)>> = BTreeMap::new();
+    let mut severed: BTreeMap<(usize, usize), Vec<Span>> = BTreeMap::new();
     let mut delivered: BTreeMap<(Who, Message), usize> = BTreeMap::new();
     // Per receiver, room and sender connection: the seqs received, and when.
     let mut received: BTreeMap<(Who, String, Who), Vec<(u64, Ms)>> = BTreeMap::new();
