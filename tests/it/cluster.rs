@@ -66,13 +66,15 @@ async fn track(ws: &mut Ws, room: &str, payload: Value) {
     send(ws, frame).await;
 }
 
-/// Applies presence frames to `roster` (metas per key) until its keys are `expected`.
+/// Applies presence frames to `roster` (metas per key) until its keys are `expected`, each
+/// with one meta: a resync that duplicated an entry never matches.
 async fn roster_becomes(ws: &mut Ws, roster: &mut BTreeMap<String, usize>, expected: &[&str]) {
     let done = |roster: &BTreeMap<String, usize>| {
         roster
             .keys()
             .map(String::as_str)
             .eq(expected.iter().copied())
+            && roster.values().all(|metas| *metas == 1)
     };
     if done(roster) {
         return;
@@ -207,14 +209,28 @@ async fn a_killed_nodes_presence_leaves_and_its_clients_rejoin_elsewhere() {
     formed(&[&a, &b]).await;
     let mut watcher = member(&a, "room", "watcher").await;
     let mut victim = member(&b, "room", "victim").await;
+    let mut other = member(&b, "room", "other").await;
     track(&mut watcher, "room", json!({})).await;
     track(&mut victim, "room", json!({})).await;
+    track(&mut other, "room", json!({})).await;
     let mut roster = BTreeMap::new();
-    roster_becomes(&mut watcher, &mut roster, &["victim", "watcher"]).await;
+    roster_becomes(&mut watcher, &mut roster, &["other", "victim", "watcher"]).await;
 
     drop(b); // SIGKILL
-    drop(victim);
-    roster_becomes(&mut watcher, &mut roster, &["watcher"]).await;
+    drop((victim, other));
+    // Every entry of the dead node leaves in one diff.
+    let leaves = until(&mut watcher, |f| {
+        (f[3] == "presence_diff").then(|| f[4].clone())
+    })
+    .await;
+    let left: Vec<&String> = leaves["leaves"]
+        .as_object()
+        .expect("leaves")
+        .keys()
+        .collect();
+    assert_eq!(left, ["other", "victim"], "one diff: {leaves}");
+    roster.remove("other");
+    roster.remove("victim");
 
     // The victim's client reconnects to the node still up and tracks again.
     let mut back = member(&a, "room", "victim").await;

@@ -1,5 +1,6 @@
-//! A throwaway `nats-server` on a free port, and a TCP proxy in front of it that can be
-//! paused: a node behind it is cut from the cluster while its process stays up.
+//! A throwaway `nats-server` on a free port, and a TCP proxy that can be paused (a node
+//! behind it is cut from the cluster while its process stays up) or put before several
+//! nodes as a load balancer that fails over.
 
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -70,9 +71,10 @@ impl Drop for Nats {
     }
 }
 
-/// Forwards a local port to `target`, byte for byte, until paused: then it forwards
-/// nothing in either direction (the connections stay open, as across a network partition)
-/// until resumed.
+/// Forwards a local port to the first of its targets that accepts, byte for byte, until
+/// paused: then it forwards nothing in either direction (the connections stay open, as
+/// across a network partition) until resumed. With several targets it is a load balancer
+/// that fails over: a new connection goes to the next target when the first is down.
 pub struct Proxy {
     /// The port to connect to instead of the target's.
     pub port: u16,
@@ -82,13 +84,22 @@ pub struct Proxy {
 impl Proxy {
     /// A proxy to `127.0.0.1:target`, on threads of its own.
     pub fn start(target: u16) -> Proxy {
+        Proxy::balance(&[target])
+    }
+
+    /// A proxy to the first of `127.0.0.1:<targets>` that accepts each connection.
+    pub fn balance(targets: &[u16]) -> Proxy {
+        let targets = targets.to_vec();
         let listener = TcpListener::bind("127.0.0.1:0").expect("binding the proxy");
         let port = listener.local_addr().expect("proxy address").port();
         let paused = Arc::new(AtomicBool::new(false));
         let flag = paused.clone();
         std::thread::spawn(move || {
             for client in listener.incoming().map_while(Result::ok) {
-                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+                let Some(server) = targets
+                    .iter()
+                    .find_map(|port| TcpStream::connect(("127.0.0.1", *port)).ok())
+                else {
                     continue;
                 };
                 for (from, to) in [
@@ -103,6 +114,11 @@ impl Proxy {
             }
         });
         Proxy { port, paused }
+    }
+
+    /// `http://127.0.0.1:PORT` of the proxy, before a switchboard node.
+    pub fn http_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
     }
 
     /// `nats://127.0.0.1:PORT` of the proxy.

@@ -140,18 +140,29 @@ fn supabase_js_messages_from_sql_survive_a_server_kill() {
 #[test]
 fn supabase_js_across_two_cluster_nodes() {
     let nats = crate::nats::Nats::start();
+    let url = nats.url();
     let cluster = [
         "--cluster-nats",
-        &nats.url(),
+        &url,
         "--cluster-heartbeat-ms",
         "200",
+        "--cluster-down-ms",
+        "2000",
     ];
     let (first, second) = (Server::start(&cluster), Server::start(&cluster));
     crate::cluster::wait_formed(&[&first, &second]);
+    // Clients of the failover test reach the second node through it, the first once the
+    // second is gone.
+    let port = |server: &Server| server.addr.rsplit(':').next().unwrap().parse().unwrap();
+    let balancer = crate::nats::Proxy::balance(&[port(&second), port(&first)]);
     node_tests(
         &first,
         &["cluster.test.mjs"],
         60_000,
-        &[("SWITCHBOARD_URL_2", format!("http://{}", second.addr))],
+        &[
+            ("SWITCHBOARD_URL_2", format!("http://{}", second.addr)),
+            ("SWITCHBOARD_URL_BALANCED", balancer.http_url()),
+            ("SWITCHBOARD_PID_2", second.pid().to_string()),
+        ],
     );
 }

@@ -2,7 +2,7 @@
 // them: broadcast with ack and self, binary and JSON, REST on either node, and presence sync.
 import assert from 'node:assert/strict'
 import { test } from 'node:test'
-import { ANON_KEY, SERVICE_KEY, URL, app, collector, dump, sleep, subscribe, unique, waitFor } from './support.mjs'
+import { ANON_KEY, SERVICE_KEY, URL, app, collector, dump, sleep, subscribe, unique, waitFor, within } from './support.mjs'
 
 const URL_2 = process.env.SWITCHBOARD_URL_2
 assert.ok(URL_2, 'SWITCHBOARD_URL_2: the second node')
@@ -64,4 +64,40 @@ test('presence syncs across nodes: join, state, leave', async (t) => {
   assert.equal(await channelB.untrack(), 'ok')
   assert.deepEqual(await leaves.until(1), ['bob'])
   await waitFor(() => `only alice on node 1, have ${keys(channelA)}`, () => keys(channelA) === 'alice')
+})
+
+// Last: it kills the second node.
+test('a node killed with SIGKILL: its presence leaves the other node, and its client reconnects through the balancer and rejoins', async (t) => {
+  const balanced = process.env.SWITCHBOARD_URL_BALANCED
+  const pid = Number(process.env.SWITCHBOARD_PID_2)
+  assert.ok(balanced && pid, 'SWITCHBOARD_URL_BALANCED and SWITCHBOARD_PID_2')
+  const room = unique('cluster-failover')
+  const watcher = app(t, ANON_KEY, {}, URL)
+  const roamer = app(t, ANON_KEY, {}, balanced)
+  const w = watcher.channel(room, { config: { presence: { key: 'watcher' } } })
+  const [joins, leaves] = [collector(), collector()]
+  w.on('presence', { event: 'join' }, (e) => joins.push(e.key)).on('presence', { event: 'leave' }, (e) => leaves.push(e.key))
+  await subscribe(w)
+
+  const r = roamer.channel(room, { config: { presence: { key: 'roamer' } } })
+  r.on('presence', { event: 'sync' }, () => {})
+  const statuses = []
+  let resubscribed
+  const again = new Promise((resolve) => (resubscribed = resolve))
+  r.subscribe((status) => {
+    statuses.push(status)
+    if (statuses.filter((s) => s === 'SUBSCRIBED').length === 2) resubscribed()
+  })
+  await waitFor(() => `roamer subscribed (${statuses})`, () => statuses.includes('SUBSCRIBED'))
+  assert.equal(await r.track({ at: 'second' }), 'ok')
+  await waitFor(() => `the watcher sees the roamer (${joins.items})`, () => joins.items.includes('roamer'))
+
+  process.kill(pid, 'SIGKILL')
+  await waitFor(() => `the roamer leaves the watcher's view (${leaves.items})\n${dump(watcher)}`, () => leaves.items.includes('roamer'), 15000)
+  await within(30000, () => `the roamer rejoins (${statuses})`, again)
+  assert.equal(await r.track({ at: 'first' }), 'ok')
+  await waitFor(
+    () => `the roamer is back in the watcher's view: ${JSON.stringify(w.presenceState())}`,
+    () => w.presenceState().roamer?.length === 1 && w.presenceState().roamer[0].at === 'first',
+  )
 })
