@@ -378,6 +378,9 @@ async fn changes_reach_every_node_and_survive_the_slot_holders_death_in_order() 
     let survivor = 1 - held;
     let mut on_survivor = items_subscriber(&nodes[survivor]).await;
     let mut on_holder = items_subscriber(&nodes[held]).await;
+    // Broadcasts from the database ride the same batches.
+    let mut ticks = connect(&nodes[survivor], "2.0.0").await;
+    crate::support::join(&mut ticks, "ticks", json!({})).await;
 
     // Inserts go on, one transaction each, while the holder is killed midway.
     const ROWS: i64 = 300;
@@ -385,7 +388,10 @@ async fn changes_reach_every_node_and_survive_the_slot_holders_death_in_order() 
     let inserts = tokio::spawn(async move {
         for n in 0..ROWS {
             client
-                .execute("insert into public.items (n) values ($1)", &[&(n as i32)])
+                .batch_execute(&format!(
+                    "begin; insert into public.items (n) values ({n});
+                     select realtime.send('{{\"n\": {n}}}', 'tick', 'ticks', false); commit;"
+                ))
                 .await
                 .expect("insert");
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -408,8 +414,24 @@ async fn changes_reach_every_node_and_survive_the_slot_holders_death_in_order() 
         (0..ROWS).collect::<Vec<_>>(),
         "every row once, in commit order"
     );
+    let mut sent = Vec::new();
+    while sent.len() < ROWS as usize {
+        let n = until(&mut ticks, |f| {
+            (f[3] == "broadcast").then(|| f[4]["payload"]["n"].clone())
+        })
+        .await;
+        sent.push(n.as_i64().expect("n"));
+    }
+    assert_eq!(
+        sent,
+        (0..ROWS).collect::<Vec<_>>(),
+        "every realtime.send once, in order"
+    );
     assert_eq!(holder(&[&nodes[0]]).await, 0, "the survivor took the slot");
     // Nothing more: no row came twice.
     let extra = tokio::time::timeout(Duration::from_millis(500), next_n(&mut on_survivor)).await;
     assert!(extra.is_err(), "a row came twice: {extra:?}");
+    let extra =
+        tokio::time::timeout(Duration::from_millis(200), crate::support::recv(&mut ticks)).await;
+    assert!(extra.is_err(), "a message came twice: {extra:?}");
 }
