@@ -524,6 +524,7 @@ fn run(serve: Serve) -> anyhow::Result<()> {
         }
         _ => (None, None),
     };
+    let mut cluster_task = None;
     if let Some(url) = serve.cluster_nats {
         let name = serve.cluster_node_name.unwrap_or_else(|| {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
@@ -542,11 +543,11 @@ fn run(serve: Serve) -> anyhow::Result<()> {
             database: local_db,
         };
         let metrics = metrics.clone();
-        control.spawn(async move {
+        cluster_task = Some(control.spawn(async move {
             if let Err(e) = cluster::run(config, local, from_shards, metrics).await {
                 error!(error = %e, "the cluster link stopped");
             }
-        });
+        }));
     }
     if let Some((url, asked)) = jwks_url {
         let interval = std::time::Duration::from_secs(serve.jwt_jwks_refresh_secs);
@@ -589,7 +590,16 @@ fn run(serve: Serve) -> anyhow::Result<()> {
     info!(%addr, runtime = ?serve.runtime, shards = count, "listening");
     control.block_on(shutdown_signal());
     let _ = stop.send(true);
-    shards.join()?;
+    // The shards drain on their threads while this one keeps the cluster link and the
+    // database side running: the presence leaves of the drained sockets reach the other
+    // nodes, and the link ends once every shard is done.
+    control.block_on(async move {
+        let joined = tokio::task::spawn_blocking(move || shards.join()).await;
+        if let Some(task) = cluster_task {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
+        }
+        joined.context("joining the shards")?
+    })?;
     info!("stopped");
     Ok(())
 }

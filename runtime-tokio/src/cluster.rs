@@ -49,7 +49,7 @@ use switchboard_engine::{Input, NodeId, PeerMsg, RoomKey, ShardId};
 use switchboard_serve::{Metrics, PeerEvent, ToCluster};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 /// How a node joins its cluster.
 #[derive(Clone, Debug)]
@@ -233,6 +233,8 @@ pub async fn run(
     };
     info!(name = %link.config.name, process = %format_args!("{:x}", link.local.process), "joining the cluster");
     link.serve(from_shards, inbound, db_events).await;
+    // What the shards said last (the presence leaves of a drain) goes out before the end.
+    let _ = link.client.flush().await;
     for task in standing {
         task.abort();
     }
@@ -311,8 +313,9 @@ impl Link {
                 self.metrics.cluster_published.inc();
             }
             Err(e) => {
+                // Such as a message above the broker's max_payload.
                 self.metrics.cluster_dropped.inc();
-                debug!(error = %e, "publishing to the cluster failed");
+                warn!(error = %e, "publishing to the cluster failed");
             }
         }
     }

@@ -15,6 +15,11 @@ const DOWN_MS: u64 = 2_000;
 
 /// A node of the cluster behind `nats_url`.
 fn node(nats_url: &str, name: &str) -> Server {
+    node_down_after(nats_url, name, DOWN_MS)
+}
+
+/// A node of the cluster behind `nats_url` that counts another as down after `down_ms`.
+fn node_down_after(nats_url: &str, name: &str, down_ms: u64) -> Server {
     Server::start(&[
         "--cluster-nats",
         nats_url,
@@ -23,7 +28,7 @@ fn node(nats_url: &str, name: &str) -> Server {
         "--cluster-heartbeat-ms",
         "200",
         "--cluster-down-ms",
-        &DOWN_MS.to_string(),
+        &down_ms.to_string(),
     ])
 }
 
@@ -237,6 +242,29 @@ async fn a_killed_nodes_presence_leaves_and_its_clients_rejoin_elsewhere() {
     track(&mut back, "room", json!({})).await;
     roster_becomes(&mut watcher, &mut roster, &["victim", "watcher"]).await;
     roster_becomes(&mut back, &mut BTreeMap::new(), &["victim", "watcher"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_gracefully_tells_the_others_at_once() {
+    let nats = Nats::start();
+    // Nobody would be declared down within the test's patience.
+    let a = node_down_after(&nats.url(), "a", 600_000);
+    let mut b = node_down_after(&nats.url(), "b", 600_000);
+    formed(&[&a, &b]).await;
+    let mut watcher = member(&a, "room", "watcher").await;
+    let mut leaving = member(&b, "room", "leaving").await;
+    track(&mut watcher, "room", json!({})).await;
+    track(&mut leaving, "room", json!({})).await;
+    let mut roster = BTreeMap::new();
+    roster_becomes(&mut watcher, &mut roster, &["leaving", "watcher"]).await;
+    let reader = tokio::spawn(async move {
+        // The client answers the drain's close frame.
+        use futures_util::StreamExt;
+        while let Some(Ok(_)) = leaving.next().await {}
+    });
+    assert!(b.terminate(), "b stops cleanly");
+    roster_becomes(&mut watcher, &mut roster, &["watcher"]).await;
+    reader.await.expect("reader");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
