@@ -573,6 +573,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_batch_is_confirmable_once_every_node_up_for_it_reported_or_went_down() {
+        let mut c = Confirming::default();
+        c.pending.push_back((10, vec![1, 2]));
+        c.pending.push_back((20, vec![1, 2, 3]));
+        let all_up = |_: u64| true;
+        c.reported.insert(1, 20);
+        assert_eq!(c.advance(all_up), None, "node 2 has not reported");
+        c.reported.insert(2, 10);
+        assert_eq!(c.advance(all_up), Some(10));
+        c.reported.insert(2, 20);
+        assert_eq!(c.advance(all_up), None, "node 3 was up for the second batch");
+        assert_eq!(c.advance(|n| n != 3), Some(20), "until it went down");
+        assert!(c.pending.is_empty());
+    }
+
+    #[test]
     fn topics_become_one_subject_token() {
         let config = ClusterConfig {
             url: String::new(),
