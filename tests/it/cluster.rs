@@ -268,6 +268,24 @@ async fn a_node_stopped_gracefully_tells_the_others_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_started_while_nats_is_down_serve_alone_then_join() {
+    let mut nats = Nats::start();
+    nats.stop();
+    let a = node(&nats.url(), "a");
+    let b = node(&nats.url(), "b");
+    // Each serves its own clients meanwhile.
+    let mut wa = member(&a, "room", "ka").await;
+    let mut wa2 = member(&a, "room", "ka2").await;
+    broadcast(&mut wa, "room", 1).await;
+    assert_eq!(next_broadcast(&mut wa2).await["n"], 1);
+    nats.restart();
+    formed(&[&a, &b]).await;
+    let mut wb = member(&b, "room", "kb").await;
+    broadcast(&mut wb, "room", 2).await;
+    assert_eq!(next_broadcast(&mut wa).await["n"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_is_repaired_after_nats_restarts() {
     let mut nats = Nats::start();
     let a = node(&nats.url(), "a");
