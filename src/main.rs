@@ -454,6 +454,7 @@ fn run(serve: Serve) -> anyhow::Result<()> {
         presence_enabled: serve.presence_enabled,
         private_only: serve.private_only,
         database: serve.database_url.is_some(),
+        cluster: serve.cluster_nats.is_some(),
         ..Config::default()
     };
     let mut options = Options::new(config);

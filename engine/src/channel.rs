@@ -131,6 +131,27 @@ pub(crate) fn system_payload(extension: &str, status: &str, message: &str, sub: 
     )
 }
 
+/// A join whose reply waits for its room's cluster subscription ([`crate::Config::cluster`]),
+/// with what follows the reply. Joins with a replay never wait: what the database sends
+/// while they would must follow their replay.
+#[derive(Debug)]
+pub(crate) struct Welcome {
+    conn: ConnId,
+    instance: u64,
+    vsn: Vsn,
+    join_ref: Option<Box<str>>,
+    ref_: Option<Box<str>>,
+    topic: Arc<str>,
+    room: RoomKey,
+    response: String,
+    /// What the member hears once answered.
+    hears: Hears,
+    presence_state: bool,
+    replication_ready: bool,
+    awaiting_replication: bool,
+    has_bindings: bool,
+}
+
 impl Engine {
     pub(crate) fn join(&mut self, conn: ConnId, vsn: Vsn, inbound: &Inbound<'_>) {
         let reply_to = ReplyTo::of(inbound);
@@ -338,8 +359,21 @@ impl Engine {
             },
             Permissions::hears,
         );
-        let presence_state = channel.presence_enabled && hears.presence;
-        let awaiting_replication = channel.awaiting_replication;
+        let welcome = Welcome {
+            conn,
+            instance,
+            vsn,
+            join_ref: reply_to.join_ref.map(Box::from),
+            ref_: reply_to.ref_.map(Box::from),
+            topic: topic.clone(),
+            room: room.clone(),
+            response,
+            hears,
+            presence_state: channel.presence_enabled && hears.presence,
+            replication_ready: config.replication_ready,
+            awaiting_replication: channel.awaiting_replication,
+            has_bindings,
+        };
         let c = self
             .conns
             .get_mut(&conn)
@@ -351,7 +385,15 @@ impl Engine {
             interested = true;
             Room::new(topic.clone())
         });
-        local.add(conn, vsn, hears);
+        let unready = self.config.cluster
+            && config.replay.is_none()
+            && (interested || self.unready.contains_key(&room));
+        // A member waiting for its room's subscription hears nothing before its reply.
+        let silent = Hears {
+            broadcast: false,
+            presence: false,
+        };
+        local.add(conn, vsn, if unready { silent } else { hears });
         if interested {
             self.emit(Output::Interest {
                 room: room.clone(),
@@ -360,11 +402,28 @@ impl Engine {
         }
         self.stats.channels += 1;
         self.arm_expiry(conn, instance, exp);
-        self.reply(conn, vsn, reply_to, "ok", &response);
-        if config.replication_ready && !awaiting_replication {
-            let msg = Engine::replication_ready_message(vsn, reply_to.join_ref, &topic, sub);
+        if unready {
+            self.unready.entry(room).or_default().push(welcome);
+            return true;
+        }
+        self.welcome(welcome)
+    }
+
+    /// Answers a join whose channel is made: the reply, then what follows it. Whether the
+    /// channel is still there.
+    fn welcome(&mut self, w: Welcome) -> bool {
+        let reply_to = ReplyTo {
+            join_ref: w.join_ref.as_deref(),
+            ref_: w.ref_.as_deref(),
+            topic: &w.topic,
+        };
+        let (conn, vsn, instance) = (w.conn, w.vsn, w.instance);
+        self.reply(conn, vsn, &reply_to, "ok", &w.response);
+        if w.replication_ready && !w.awaiting_replication {
+            let msg =
+                Engine::replication_ready_message(vsn, reply_to.join_ref, &w.topic, &w.room.sub);
             self.send_one(conn, msg);
-        } else if awaiting_replication {
+        } else if w.awaiting_replication {
             let deadline = self
                 .now
                 .mono
@@ -372,18 +431,38 @@ impl Engine {
             self.timers
                 .set(deadline, Timer::ReplicationReady { conn, instance });
         }
-        if presence_state {
-            self.presence_state(conn, vsn, reply_to.join_ref, &topic, &room);
+        if w.presence_state {
+            self.presence_state(conn, vsn, reply_to.join_ref, &w.topic, &w.room);
         }
         // presence_state may have shut the channel down.
-        let joined = self.conns[&conn]
-            .channels
-            .iter()
-            .any(|ch| ch.instance == instance);
-        if has_bindings && joined {
+        let joined = self.channel_alive(conn, instance);
+        if w.has_bindings && joined {
             self.subscribe_changes(conn, instance);
         }
         joined
+    }
+
+    fn channel_alive(&self, conn: ConnId, instance: u64) -> bool {
+        self.conns
+            .get(&conn)
+            .is_some_and(|c| c.channels.iter().any(|ch| ch.instance == instance))
+    }
+
+    /// The room's cluster subscription is in place: its waiting joins are answered, and
+    /// their members hear the room from now on.
+    pub(crate) fn interest_ready(&mut self, room: &RoomKey) {
+        let Some(waiting) = self.unready.remove(room) else {
+            return;
+        };
+        for w in waiting {
+            if !self.channel_alive(w.conn, w.instance) {
+                continue;
+            }
+            if let Some(local) = self.rooms.get_mut(room) {
+                local.hears(w.conn, w.hears);
+            }
+            self.welcome(w);
+        }
     }
 
     /// The change stream went live or stopped: channels waiting for it are told.

@@ -66,6 +66,11 @@ pub struct Config {
     pub database: bool,
     /// A `replication_ready` join that sees no change stream for this long is shut down.
     pub replication_ready_timeout_ms: u64,
+    /// A cluster link subscribes to rooms by interest ([`crate::Output::Interest`]): the
+    /// join of a room's first member here is answered only once the runtime reports the
+    /// subscription in place ([`crate::Input::InterestReady`]), so no broadcast sent from
+    /// another node after the reply can miss it.
+    pub cluster: bool,
     /// A deliberate bug for the simulator to find; see [`PlantedBug`].
     #[cfg(feature = "planted-bugs")]
     pub planted_bug: Option<PlantedBug>,
@@ -141,6 +146,7 @@ impl Default for Config {
             private_only: false,
             database: false,
             replication_ready_timeout_ms: 60_000,
+            cluster: false,
             #[cfg(feature = "planted-bugs")]
             planted_bug: None,
         }

@@ -201,6 +201,9 @@ pub enum Input {
     PeerUp(NodeId),
     /// A replica is considered down.
     PeerDown(NodeId),
+    /// The cluster subscription asked for by [`Output::Interest`] is in place: the joins
+    /// waiting for it are answered ([`Config::cluster`]).
+    InterestReady(RoomKey),
     /// The publication's tables, read from the catalogs: at start and whenever the runtime
     /// sees them change. Replaces the previous list.
     Publication(Vec<changes::Table>),
@@ -407,6 +410,8 @@ pub struct Engine {
     out: VecDeque<Output>,
     conns: FxHashMap<ConnId, Conn>,
     rooms: FxHashMap<RoomKey, Room>,
+    /// Rooms whose cluster subscription is not in place yet, with the joins waiting for it.
+    unready: FxHashMap<RoomKey, Vec<channel::Welcome>>,
     timers: Timers,
     peers: BTreeSet<NodeId>,
     /// Concurrent users and rates, shared with the process's other shards.
@@ -521,6 +526,7 @@ impl Engine {
             out: VecDeque::new(),
             conns: FxHashMap::default(),
             rooms: FxHashMap::default(),
+            unready: FxHashMap::default(),
             timers: Timers::default(),
             peers: BTreeSet::new(),
             next_instance: 0,
@@ -556,6 +562,7 @@ impl Engine {
             Input::Rest { req, request } => self.rest(req, request),
             Input::Peer { from, msg } => self.peer_message(from, msg),
             Input::PeerUp(node) => self.peer_up(node),
+            Input::InterestReady(room) => self.interest_ready(&room),
             Input::PeerDown(node) => self.peer_down(node),
             Input::Publication(tables) => self.publication(tables),
             Input::Changes(batch) => self.changes(batch),

@@ -66,6 +66,9 @@ pub struct ClusterConfig {
     pub down_after: Duration,
 }
 
+/// The longest a join waits for its room's subscription to be confirmed.
+const READY_WAIT: Duration = Duration::from_secs(2);
+
 /// Characters kept as they are in a subject token; the rest become `%XX`, so topics with
 /// `.`, `*`, `>` or spaces stay one token.
 const TOKEN: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_');
@@ -340,21 +343,23 @@ impl Link {
     }
 
     /// Counts the shards with members in `room`: subscribes to its subject at the first,
-    /// unsubscribes after the last.
+    /// unsubscribes after the last. A shard whose first member joined hears when the
+    /// subscription is in place, and only then answers the join.
     async fn interest(&mut self, room: RoomKey, members: bool) {
         if members {
             if let Some((count, _)) = self.rooms.get_mut(&room) {
                 *count += 1;
-                return;
-            }
-            let subject = self.config.room_subject(&room);
-            match self.client.subscribe(subject.clone()).await {
-                Ok(subscriber) => {
-                    let task = forward(subscriber, self.received.clone());
-                    self.rooms.insert(room, (1, task));
+            } else {
+                let subject = self.config.room_subject(&room);
+                match self.client.subscribe(subject.clone()).await {
+                    Ok(subscriber) => {
+                        let task = forward(subscriber, self.received.clone());
+                        self.rooms.insert(room.clone(), (1, task));
+                    }
+                    Err(e) => warn!(%subject, error = %e, "subscribing to a room failed"),
                 }
-                Err(e) => warn!(%subject, error = %e, "subscribing to a room failed"),
             }
+            self.ready_when_subscribed(room);
         } else if let Some((count, _)) = self.rooms.get_mut(&room) {
             *count -= 1;
             if *count == 0 {
@@ -557,6 +562,27 @@ impl Link {
         }
     }
 
+    /// Tells the shards once the broker has every subscription asked for so far: a flush
+    /// completes when the server answered a ping sent after them. While the broker is
+    /// unreachable, at once: joins must not wait for it, and nothing crosses nodes then.
+    fn ready_when_subscribed(&self, room: RoomKey) {
+        let inboxes = self.local.inboxes.clone();
+        let ready = move || {
+            for inbox in &inboxes {
+                let _ = inbox.send(PeerEvent::Ready(room.clone()));
+            }
+        };
+        if !self.connected() {
+            ready();
+            return;
+        }
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(READY_WAIT, client.flush()).await;
+            ready();
+        });
+    }
+
     /// Tells every local shard about each replica of a node.
     fn report(&self, process: u64, shards: u16, event: fn(NodeId) -> PeerEvent) {
         for shard in 0..shards {
@@ -583,7 +609,11 @@ mod tests {
         c.reported.insert(2, 10);
         assert_eq!(c.advance(all_up), Some(10));
         c.reported.insert(2, 20);
-        assert_eq!(c.advance(all_up), None, "node 3 was up for the second batch");
+        assert_eq!(
+            c.advance(all_up),
+            None,
+            "node 3 was up for the second batch"
+        );
         assert_eq!(c.advance(|n| n != 3), Some(20), "until it went down");
         assert!(c.pending.is_empty());
     }

@@ -74,6 +74,8 @@ pub enum PeerEvent {
     Down(NodeId),
     /// A peer sent a message.
     Message(NodeId, PeerMsg),
+    /// The cluster subscription to a room is in place ([`Input::InterestReady`]).
+    Ready(RoomKey),
 }
 
 /// A message for the peer bus: to one replica, or to every one when `to` is `None`.
@@ -590,6 +592,7 @@ fn peer_input(event: PeerEvent) -> Input {
         PeerEvent::Up(node) => Input::PeerUp(node),
         PeerEvent::Down(node) => Input::PeerDown(node),
         PeerEvent::Message(from, msg) => Input::Peer { from, msg },
+        PeerEvent::Ready(room) => Input::InterestReady(room),
     }
 }
 

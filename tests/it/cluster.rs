@@ -207,6 +207,23 @@ async fn three_nodes_share_broadcasts_rest_and_presence_with_interest_routing() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_sent_right_after_a_join_reply_reaches_the_joiner_on_another_node() {
+    let nats = Nats::start();
+    let (a, b) = (node(&nats.url(), "a"), node(&nats.url(), "b"));
+    formed(&[&a, &b]).await;
+    let (mut sender, mut joiner) = (connect(&a, "2.0.0").await, connect(&b, "2.0.0").await);
+    // Each room is new on b: b subscribes to it as the joiner joins, and the sender on a
+    // broadcasts the moment the join is answered.
+    for n in 0..50u64 {
+        let room = format!("race-{n}");
+        crate::support::join(&mut sender, &room, json!({})).await;
+        crate::support::join(&mut joiner, &room, json!({})).await;
+        broadcast(&mut sender, &room, n).await;
+        assert_eq!(next_broadcast(&mut joiner).await["n"], n, "in {room}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_nodes_presence_leaves_and_its_clients_rejoin_elsewhere() {
     let nats = Nats::start();
     let a = node(&nats.url(), "a");

@@ -512,3 +512,69 @@ fn interest_follows_the_first_and_last_member_of_a_room() {
     t.handle(Input::Closed { conn: b });
     assert_eq!(t.interest, vec![(room.clone(), true), (room, false)]);
 }
+
+#[test]
+fn in_a_cluster_a_rooms_first_joins_are_answered_once_its_subscription_is_in_place() {
+    let mut config = test_config();
+    config.cluster = true;
+    let mut t = TestEngine::with_config(config);
+    let (a, b, c, d) = (
+        t.connect(Vsn::V2),
+        t.connect(Vsn::V2),
+        t.connect(Vsn::V2),
+        t.connect(Vsn::V2),
+    );
+    let room = crate::RoomKey {
+        private: false,
+        sub: "r".into(),
+    };
+    let phx_join = |t: &mut TestEngine, conn| {
+        let ref_ = t.next_ref();
+        t.send(
+            conn,
+            Some(&ref_),
+            &ref_,
+            "realtime:r",
+            "phx_join",
+            json!({"config": {}}),
+        );
+        t.remember_join(conn, "realtime:r", &ref_);
+    };
+    let replies = |t: &mut TestEngine, conn| {
+        t.take(conn)
+            .iter()
+            .filter(|r| r.event() == "phx_reply")
+            .count()
+    };
+    phx_join(&mut t, a);
+    phx_join(&mut t, b);
+    phx_join(&mut t, c);
+    assert_eq!(t.interest, vec![(room.clone(), true)]);
+    assert_eq!(replies(&mut t, a) + replies(&mut t, b), 0, "waiting");
+    // A member that left before the subscription is not answered.
+    t.handle(Input::Closed { conn: c });
+    // Members not answered yet hear nothing of the room.
+    let from_peer = |room: &crate::RoomKey| Input::Peer {
+        from: crate::NodeId(99),
+        msg: crate::PeerMsg::Broadcast {
+            room: room.clone(),
+            body: crate::broadcast::BroadcastBody::Json(bytes::Bytes::from_static(
+                br#"{"type":"broadcast","event":"e","payload":{}}"#,
+            )),
+        },
+    };
+    t.handle(from_peer(&room));
+    assert!(t.broadcasts(a).is_empty());
+    t.handle(Input::InterestReady(room.clone()));
+    assert_eq!(replies(&mut t, a), 1);
+    assert_eq!(replies(&mut t, b), 1);
+    phx_join(&mut t, d);
+    assert_eq!(
+        replies(&mut t, d),
+        1,
+        "the room's subscription stands: at once"
+    );
+    t.handle(from_peer(&room));
+    assert_eq!(t.broadcasts(a).len(), 1, "answered members hear the room");
+    assert_eq!(t.broadcasts(d).len(), 1);
+}
