@@ -199,8 +199,9 @@ pub enum Input {
     },
     /// A replica became reachable.
     PeerUp(NodeId),
-    /// A replica is considered down.
-    PeerDown(NodeId),
+    /// Replicas considered down together (the shards of a node that died): every entry
+    /// they held leaves in one `presence_diff` per room.
+    PeerDown(Vec<NodeId>),
     /// The cluster subscription asked for by [`Output::Interest`] is in place: the joins
     /// waiting for it are answered ([`Config::cluster`]).
     InterestReady(RoomKey),
@@ -563,7 +564,11 @@ impl Engine {
             Input::Peer { from, msg } => self.peer_message(from, msg),
             Input::PeerUp(node) => self.peer_up(node),
             Input::InterestReady(room) => self.interest_ready(&room),
-            Input::PeerDown(node) => self.peer_down(node),
+            Input::PeerDown(nodes) => {
+                for node in nodes {
+                    self.peer_down(node);
+                }
+            }
             Input::Publication(tables) => self.publication(tables),
             Input::Changes(batch) => self.changes(batch),
             Input::Visibility { id, verdicts } => self.visibility(id, verdicts),

@@ -9,7 +9,9 @@
 //! - `<prefix>.node.<process>`: messages addressed to one node's replica (presence
 //!   snapshots and their requests), so a new or repaired node is not a flood.
 //! - `<prefix>.all`: messages for every replica (presence deltas and clocks).
-//! - `<prefix>.alive`: each node's heartbeat. A node silent for the down timeout is
+//! - `<prefix>.alive`: each node's heartbeat.
+//! - `<prefix>.sync.<process>`: served by nobody; the broker's "no responders" answer to a
+//!   request there proves it processed the node's subscriptions sent before. A node silent for the down timeout is
 //!   reported down to the local engines, which drop its presence in one `leaves` diff; its
 //!   next heartbeat reports it up again and the engines resync by snapshot.
 //!
@@ -91,6 +93,12 @@ impl ClusterConfig {
 
     fn alive_subject(&self) -> String {
         format!("{}.alive", self.prefix)
+    }
+
+    /// Where a node asks the broker whether its subscriptions are in place: nobody
+    /// subscribes to it.
+    fn sync_subject(&self, process: u64) -> String {
+        format!("{}.sync.{process:x}", self.prefix)
     }
 
     fn db_subject(&self, what: &str) -> String {
@@ -433,7 +441,12 @@ impl Link {
             return;
         }
         info!(node = %name, shards, "cluster node up");
-        self.report(process, shards, PeerEvent::Up);
+        for shard in 0..shards {
+            let replica = NodeId::replica(process, ShardId(shard));
+            for inbox in &self.local.inboxes {
+                let _ = inbox.send(PeerEvent::Up(replica));
+            }
+        }
         if self.confirming.live == Some(true) {
             // A node that came up after the stream went live hears it from the holder.
             let feed = serde_json::to_vec(&Feed::Replication(true)).expect("feeds serialize");
@@ -474,7 +487,13 @@ impl Link {
         for process in silent {
             if let Some(seen) = self.nodes.remove(&process) {
                 warn!(node = %seen.name, silent_ms = down_after.as_millis() as u64, "cluster node down");
-                self.report(process, seen.shards, PeerEvent::Down);
+                // All its shards at once: their entries leave in one diff per room.
+                let replicas: Vec<NodeId> = (0..seen.shards)
+                    .map(|shard| NodeId::replica(process, ShardId(shard)))
+                    .collect();
+                for inbox in &self.local.inboxes {
+                    let _ = inbox.send(PeerEvent::Down(replicas.clone()));
+                }
             }
         }
         self.metrics.cluster_nodes.set(self.nodes.len() as i64);
@@ -562,8 +581,10 @@ impl Link {
         }
     }
 
-    /// Tells the shards once the broker has every subscription asked for so far: a flush
-    /// completes when the server answered a ping sent after them. While the broker is
+    /// Tells the shards once the broker has every subscription asked for so far. A request
+    /// to a subject nobody serves is answered "no responders" by the server itself, after
+    /// it processed everything this connection sent before, the room's SUB included (a
+    /// flush would only prove the bytes left this process). While the broker is
     /// unreachable, at once: joins must not wait for it, and nothing crosses nodes then.
     fn ready_when_subscribed(&self, room: RoomKey) {
         let inboxes = self.local.inboxes.clone();
@@ -577,20 +598,11 @@ impl Link {
             return;
         }
         let client = self.client.clone();
+        let subject = self.config.sync_subject(self.local.process);
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(READY_WAIT, client.flush()).await;
+            let _ = tokio::time::timeout(READY_WAIT, client.request(subject, Bytes::new())).await;
             ready();
         });
-    }
-
-    /// Tells every local shard about each replica of a node.
-    fn report(&self, process: u64, shards: u16, event: fn(NodeId) -> PeerEvent) {
-        for shard in 0..shards {
-            let replica = NodeId::replica(process, ShardId(shard));
-            for inbox in &self.local.inboxes {
-                let _ = inbox.send(event(replica));
-            }
-        }
     }
 }
 

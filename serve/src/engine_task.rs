@@ -70,8 +70,8 @@ const HAND_OVER_FRAMES: usize = 128 * 1024;
 pub enum PeerEvent {
     /// A peer became reachable.
     Up(NodeId),
-    /// A peer is considered down.
-    Down(NodeId),
+    /// Peers considered down together (the shards of one node).
+    Down(Vec<NodeId>),
     /// A peer sent a message.
     Message(NodeId, PeerMsg),
     /// The cluster subscription to a room is in place ([`Input::InterestReady`]).
@@ -590,7 +590,7 @@ fn far_future(now: std::time::Instant) -> std::time::Instant {
 fn peer_input(event: PeerEvent) -> Input {
     match event {
         PeerEvent::Up(node) => Input::PeerUp(node),
-        PeerEvent::Down(node) => Input::PeerDown(node),
+        PeerEvent::Down(nodes) => Input::PeerDown(nodes),
         PeerEvent::Message(from, msg) => Input::Peer { from, msg },
         PeerEvent::Ready(room) => Input::InterestReady(room),
     }

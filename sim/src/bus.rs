@@ -44,12 +44,22 @@ fn pair(a: usize, b: usize) -> (usize, usize) {
 }
 
 impl State {
-    /// Tells every replica of host `a` about every replica of host `b`, and back.
-    fn announce(&self, a: usize, b: usize, event: fn(NodeId) -> PeerEvent) {
+    /// Tells every replica of host `a` that every replica of host `b` is up, or down (all
+    /// at once, as the NATS link does), and back.
+    fn announce(&self, a: usize, b: usize, up: bool) {
         for (x, y) in [(a, b), (b, a)] {
+            let about: Vec<NodeId> = self
+                .nodes
+                .range((y, 0)..=(y, u16::MAX))
+                .map(|(_, n)| n.id)
+                .collect();
             for (_, to) in self.nodes.range((x, 0)..=(x, u16::MAX)) {
-                for (_, about) in self.nodes.range((y, 0)..=(y, u16::MAX)) {
-                    let _ = to.inbox.send(event(about.id));
+                if up {
+                    for id in &about {
+                        let _ = to.inbox.send(PeerEvent::Up(*id));
+                    }
+                } else {
+                    let _ = to.inbox.send(PeerEvent::Down(about.clone()));
                 }
             }
         }
@@ -148,14 +158,14 @@ impl Bus {
         if a == b || !state.severed.insert(pair(a, b)) {
             return;
         }
-        state.announce(a, b, PeerEvent::Down);
+        state.announce(a, b, false);
     }
 
     /// Mends a severed link: both sides see each other up again.
     pub fn mend(&self, a: usize, b: usize) {
         let mut state = self.state.lock().expect("bus lock");
         if state.severed.remove(&pair(a, b)) {
-            state.announce(a, b, PeerEvent::Up);
+            state.announce(a, b, true);
         }
     }
 
@@ -188,12 +198,13 @@ impl Bus {
             .range((host, 0)..=(host, u16::MAX))
             .map(|(m, _)| *m)
             .collect();
-        for member in gone {
-            if let Some(node) = state.nodes.remove(&member) {
-                for other in state.nodes.values() {
-                    let _ = other.inbox.send(PeerEvent::Down(node.id));
-                }
-            }
+        let ids: Vec<NodeId> = gone
+            .iter()
+            .filter_map(|member| state.nodes.remove(member))
+            .map(|node| node.id)
+            .collect();
+        for other in state.nodes.values() {
+            let _ = other.inbox.send(PeerEvent::Down(ids.clone()));
         }
         state.queued.retain(|(_, to, _, _)| to.0 != host);
     }

@@ -401,7 +401,7 @@ fn presence_replicates_between_replicas_and_a_downed_replica_leaves() {
     );
     // Replica one goes down: one diff with all of its metas leaving.
     two.take(b);
-    two.handle(Input::PeerDown(n1));
+    two.handle(Input::PeerDown(vec![n1]));
     let got = diffs(&mut two, b);
     assert_eq!(got.len(), 1);
     let leaves = got[0]["leaves"].as_object().unwrap();
