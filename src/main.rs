@@ -41,6 +41,25 @@ enum Command {
     Serve(Box<Serve>),
     /// Install or upgrade the `realtime` schema (`serve` does it too at start), then exit.
     Migrate(Migrate),
+    /// Mint a token signed with the project's JWT secret (HS256) and print it on the last
+    /// line: an anon or service_role key, or a user's token to try policies with.
+    Token(Token),
+}
+
+#[derive(Args)]
+struct Token {
+    /// The project's JWT secret, as `serve` is given it.
+    #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: String,
+    /// The `role` claim: anon, authenticated, service_role or a database role of yours.
+    #[arg(long)]
+    role: String,
+    /// The `sub` claim: the user id that `auth.uid()` returns in policies.
+    #[arg(long)]
+    sub: Option<String>,
+    /// How long it is valid: seconds, or a number with s, m, h or d (`90s`, `1h`, `30d`).
+    #[arg(long, default_value = "1h", value_parser = lifetime)]
+    exp: u64,
 }
 
 #[derive(Args)]
@@ -272,7 +291,7 @@ fn main() -> anyhow::Result<()> {
     let command = Cli::parse().command;
     let log_level = match &command {
         Command::Serve(serve) => serve.log_level.as_str(),
-        Command::Migrate(_) => "info",
+        Command::Migrate(_) | Command::Token(_) => "info",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -283,6 +302,57 @@ fn main() -> anyhow::Result<()> {
     match command {
         Command::Serve(serve) => run(*serve),
         Command::Migrate(migrate) => run_migrate(&migrate.database_url),
+        Command::Token(token) => {
+            println!("{}", mint(&token, unix_now()));
+            Ok(())
+        }
+    }
+}
+
+/// Seconds since the epoch.
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The token `switchboard token` prints, issued at `now`.
+fn mint(token: &Token, now: u64) -> String {
+    let mut claims = serde_json::json!({
+        "role": token.role,
+        "iss": "switchboard",
+        "iat": now,
+        "exp": now + token.exp,
+    });
+    if let Some(sub) = &token.sub {
+        claims["sub"] = serde_json::Value::from(sub.as_str());
+    }
+    auth::sign(&token.jwt_secret, &claims)
+}
+
+/// A lifetime in seconds from `90`, `90s`, `15m`, `1h` or `30d`; at least a second.
+fn lifetime(given: &str) -> Result<u64, String> {
+    let given = given.trim();
+    let (number, unit) = match given.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => given.split_at(at),
+        None => (given, "s"),
+    };
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        _ => return Err(format!("unknown unit {unit:?}: use s, m, h or d")),
+    };
+    match number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+    {
+        Some(secs) if secs > 0 => Ok(secs),
+        _ => Err(format!(
+            "{given:?} is not a lifetime such as 90s, 15m, 1h or 30d"
+        )),
     }
 }
 
@@ -303,7 +373,6 @@ fn run_migrate(database_url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The JWKS of `--jwt-jwks`: the JSON itself when it is an object, else a file holding it.
 /// A NATS subject prefix: tokens without wildcards or spaces, none empty.
 fn subject_prefix(given: &str) -> Result<String, String> {
     let valid = given.split('.').all(|token| {
@@ -319,6 +388,7 @@ fn subject_prefix(given: &str) -> Result<String, String> {
     }
 }
 
+/// The JWKS of `--jwt-jwks`: the JSON itself when it is an object, else a file holding it.
 fn read_jwks(given: &str) -> anyhow::Result<auth::Jwks> {
     let json = if given.trim_start().starts_with('{') {
         given.to_owned()
@@ -413,15 +483,15 @@ fn run(serve: Serve) -> anyhow::Result<()> {
         None => (random_secret()?, true),
     };
     if generated {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let exp = now + 10 * 365 * 86_400;
+        let now = unix_now();
         let key = |role: &str| {
-            auth::sign(
-                &jwt_secret,
-                &serde_json::json!({"role": role, "iss": "switchboard", "iat": now, "exp": exp}),
-            )
+            let token = Token {
+                jwt_secret: jwt_secret.clone(),
+                role: role.to_owned(),
+                sub: None,
+                exp: 10 * 365 * 86_400,
+            };
+            mint(&token, now)
         };
         println!("No --jwt-secret given: generated a development secret for this run.");
         println!("  jwt secret:        {jwt_secret}");
