@@ -17,6 +17,9 @@ pub enum Route {
     Health,
     /// `GET /metrics`: the runtime's Prometheus exposition.
     Metrics,
+    /// `GET /readyz`: whether the node can serve all it offers (the change stream is live,
+    /// with a database), unlike [`Route::Health`], which only says the process is up.
+    Ready,
     /// `OPTIONS` on a REST path: a CORS preflight.
     Preflight,
     /// `POST` to the broadcast API.
@@ -69,6 +72,7 @@ pub fn route(method: &str, path: &str) -> Route {
         ("GET", "/realtime/v1/websocket" | "/socket/websocket") => Route::WebSocket,
         ("GET", "/healthz" | "/api/health" | "/realtime/v1/api/health") => Route::Health,
         ("GET", "/metrics") => Route::Metrics,
+        ("GET", "/readyz") => Route::Ready,
         ("OPTIONS", _) if rest_target(path).is_some() => Route::Preflight,
         ("POST", _) => rest_target(path).map_or(Route::NotFound, Route::Rest),
         _ => Route::NotFound,
@@ -139,6 +143,24 @@ impl Response {
         Response::json(200, Bytes::from_static(br#"{"status":"ok"}"#))
     }
 
+    /// `GET /readyz`: 200 when ready, 503 when not. `streaming` is `None` without a
+    /// database, else whether the change stream is live; `nodes` is `None` outside a
+    /// cluster, else how many other nodes are up (reported, not required: a node alone
+    /// still serves its clients).
+    pub fn ready(streaming: Option<bool>, nodes: Option<u64>) -> Response {
+        let ready = streaming != Some(false);
+        let body = serde_json::json!({
+            "status": if ready { "ready" } else { "not ready" },
+            "database": match streaming {
+                None => "none",
+                Some(true) => "streaming",
+                Some(false) => "not streaming",
+            },
+            "cluster_nodes": nodes,
+        });
+        Response::json(if ready { 200 } else { 503 }, Bytes::from(body.to_string()))
+    }
+
     /// The CORS preflight answer.
     pub fn preflight() -> Response {
         Response::json(204, Bytes::new()).with_cors()
@@ -186,6 +208,7 @@ mod tests {
         assert_eq!(route("GET", "/realtime/v1/websocket"), Route::WebSocket);
         assert_eq!(route("GET", "/socket/websocket/"), Route::WebSocket);
         assert_eq!(route("GET", "/api/health"), Route::Health);
+        assert_eq!(route("GET", "/readyz"), Route::Ready);
         assert_eq!(route("GET", "/metrics"), Route::Metrics);
         assert_eq!(
             route("POST", "/realtime/v1/api/broadcast"),
@@ -205,6 +228,19 @@ mod tests {
         assert_eq!(route("OPTIONS", "/elsewhere"), Route::NotFound);
         assert_eq!(route("POST", "/api/broadcast/x/y"), Route::NotFound);
         assert_eq!(route("GET", "/"), Route::NotFound);
+    }
+
+    #[test]
+    fn readiness_needs_a_live_change_stream_only_when_there_is_a_database() {
+        let body = |r: &Response| serde_json::from_slice::<serde_json::Value>(&r.body).unwrap();
+        let alone = Response::ready(None, None);
+        assert_eq!(alone.status, 200);
+        assert_eq!(body(&alone)["database"], "none");
+        let down = Response::ready(Some(false), Some(2));
+        assert_eq!(down.status, 503);
+        assert_eq!(body(&down)["status"], "not ready");
+        assert_eq!(body(&down)["cluster_nodes"], 2);
+        assert_eq!(Response::ready(Some(true), Some(0)).status, 200);
     }
 
     #[test]

@@ -463,6 +463,11 @@ impl<R: Runtime> Driver<R> {
     }
 
     fn handle(&mut self, input: Input, peers: Option<&PeerLink>) {
+        if let Input::Replication(live) = &input {
+            // For /readyz; every shard hears the same news.
+            let live = i64::from(*live);
+            self.options.shared.metrics.replication_live.set(live);
+        }
         let started = StdInstant::now();
         self.engine
             .handle(self.options.clock.now(self.runtime.now()), input);

@@ -62,6 +62,7 @@ impl Server {
         let metrics = options.shared.metrics.clone();
         let drain_timeout = options.drain_timeout;
         let rest_body_bytes_max = options.config.rest_body_bytes_max;
+        let (database, cluster) = (options.config.database, options.config.cluster);
         let (handle, engined) = driver(options);
         let server = Server {
             handle: handle.clone(),
@@ -71,6 +72,8 @@ impl Server {
                 engine: handle,
                 metrics,
                 rest_body_bytes_max,
+                database,
+                cluster,
             },
             engined,
             drain_timeout,
@@ -139,6 +142,10 @@ struct State {
     metrics: Arc<Metrics>,
     /// REST bodies above this are refused unread.
     rest_body_bytes_max: usize,
+    /// A database is configured: readiness needs its change stream.
+    database: bool,
+    /// The node is in a cluster: readiness reports the other nodes up.
+    cluster: bool,
 }
 
 /// Accepts connections until `shutdown` completes; each is served on its own task.
@@ -371,6 +378,14 @@ async fn route(request: Request<Incoming>, state: State, accepted: Accepted) -> 
         Route::WebSocket => return upgrade(request, state, accepted).await,
         Route::Health => Answer::health(),
         Route::Metrics => Answer::metrics(state.metrics.render()),
+        Route::Ready => Answer::ready(
+            state
+                .database
+                .then(|| state.metrics.replication_live.get() == 1),
+            state
+                .cluster
+                .then(|| state.metrics.cluster_nodes.get().max(0) as u64),
+        ),
         Route::Preflight => Answer::preflight(),
         Route::Rest(target) => rest(request, target, state).await,
         Route::NotFound => Answer::not_found(),

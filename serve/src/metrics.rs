@@ -106,6 +106,8 @@ pub struct Metrics {
     /// 1 while this process reads the replication slot: always with a database and no
     /// cluster; in a cluster, on the one node holding the slot's lock.
     pub slot_held: Gauge,
+    /// 1 while the change stream feeding this process is live (`/readyz`).
+    pub replication_live: Gauge,
 }
 
 impl Metrics {
@@ -138,6 +140,7 @@ impl Metrics {
             cluster_dropped: Counter::default(),
             cluster_nodes: Gauge::default(),
             slot_held: Gauge::default(),
+            replication_live: Gauge::default(),
         };
         registry.register(
             "sockets",
@@ -188,6 +191,11 @@ impl Metrics {
             "cluster_messages_dropped",
             "Peer messages dropped while the cluster broker was unreachable",
             metrics.cluster_dropped.clone(),
+        );
+        registry.register(
+            "replication_live",
+            "1 while the change stream feeding this process is live",
+            metrics.replication_live.clone(),
         );
         registry.register(
             "replication_slot_held",

@@ -150,6 +150,9 @@ async fn three_nodes_share_broadcasts_rest_and_presence_with_interest_routing() 
     for ws in [&mut wa, &mut wb, &mut wc] {
         roster_becomes(ws, &mut BTreeMap::new(), &["ka", "kb", "kc"]).await;
     }
+    let (status, _, body) = http(&a.addr, "GET", "/readyz", &[], b"").await;
+    let body: Value = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!((status, &body["cluster_nodes"]), (200, &json!(2)), "{body}");
 
     // A broadcast with ack on node a reaches b and c, once each.
     broadcast(&mut wa, "lobby", 1).await;

@@ -287,3 +287,42 @@ async fn sigterm_does_not_wait_on_a_client_that_stopped_reading() {
     assert!(exited_ok, "exit status 0 within 5 s");
     drop(stuck);
 }
+
+/// `/readyz` of `server`: status and body.
+async fn readyz(server: &Server) -> (u16, serde_json::Value) {
+    let (status, _, body) = http(&server.addr, "GET", "/readyz", &[], b"").await;
+    (status, serde_json::from_slice(&body).expect("JSON"))
+}
+
+#[tokio::test]
+async fn readyz_needs_the_change_stream_only_with_a_database() {
+    let alone = Server::start(&[]);
+    let (status, body) = readyz(&alone).await;
+    assert_eq!((status, body["database"].as_str()), (200, Some("none")));
+
+    // A database that is not there: up (healthz) but not ready.
+    let port = crate::pg::free_port();
+    let url = format!("postgresql://postgres@127.0.0.1:{port}/postgres");
+    let unreachable = Server::start(&["--database-url", &url]);
+    let (status, body) = readyz(&unreachable).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (503, Some("not ready")),
+        "{body}"
+    );
+    let (status, _, _) = http(&unreachable.addr, "GET", "/healthz", &[], b"").await;
+    assert_eq!(status, 200);
+
+    // A real one: ready once the stream is live.
+    let pg = crate::pg::TempPostgres::start();
+    let server = Server::start(&["--database-url", &pg.url()]);
+    for _ in 0..200 {
+        let (status, body) = readyz(&server).await;
+        if status == 200 {
+            assert_eq!(body["database"], "streaming");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("never ready: {:?}", readyz(&server).await);
+}
