@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 
 use crate::auth::Claims;
 use crate::broadcast::BroadcastBody;
-use crate::channel::{system_payload, JoinConfig};
+use crate::channel::{system_payload, JoinConfig, JoinRefusal};
 use crate::connection::ReplyTo;
 use crate::protocol::{self, Inbound, InboundPayload, Vsn};
 use crate::room::RoomKey;
@@ -471,7 +471,8 @@ impl Engine {
         let Some(answer) = answer else {
             let reason =
                 "UnableToConnectToProject: Realtime was unable to connect to the project database";
-            self.refuse_join(join.conn, join.vsn, &reply_to, reason, false);
+            let why = JoinRefusal::DatabaseUnavailable;
+            self.refuse_join(join.conn, join.vsn, &reply_to, why, reason);
             return;
         };
         #[allow(unused_mut)]
@@ -486,7 +487,8 @@ impl Engine {
             let reason = format!(
                 "Unauthorized: You do not have permissions to read from this Channel topic: {sub}"
             );
-            self.refuse_join(join.conn, join.vsn, &reply_to, &reason, false);
+            let why = JoinRefusal::Unauthorized;
+            self.refuse_join(join.conn, join.vsn, &reply_to, why, &reason);
             return;
         }
         let snapshot = answer.snapshot;
@@ -494,7 +496,8 @@ impl Engine {
         let replayed = match (join.config.replay, answer.replayed) {
             (Some(_), None) => {
                 let reason = "UnableToReplayMessages: Realtime was unable to replay messages";
-                self.refuse_join(join.conn, join.vsn, &reply_to, reason, false);
+                let why = JoinRefusal::DatabaseUnavailable;
+                self.refuse_join(join.conn, join.vsn, &reply_to, why, reason);
                 return;
             }
             (_, replayed) => replayed.unwrap_or_default(),

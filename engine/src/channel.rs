@@ -14,6 +14,66 @@ use crate::room::{Room, RoomKey};
 use crate::timers::Timer;
 use crate::{ConnId, Engine, Output, WsMessage};
 
+/// Why a join was refused, for metrics: a small closed set, each with a stable label. The
+/// client sees upstream's text; operators see which of these it was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum JoinRefusal {
+    /// No `realtime:` prefix, an empty name, or a name over the limit.
+    TopicInvalid,
+    /// The server is draining.
+    Restarting,
+    /// A public channel on a project that allows only private ones.
+    PrivateOnly,
+    /// Replay asked where it cannot be: on a public channel, with invalid parameters, or
+    /// without a database.
+    ReplayRefused,
+    /// The project's concurrent users are at their limit.
+    TooManyUsers,
+    /// The project's joins per second are at their limit; the socket is closed too.
+    JoinRateLimit,
+    /// The connection has as many channels as it may.
+    TooManyChannels,
+    /// The channel's token is malformed, expired, or not signed by a known key.
+    InvalidToken,
+    /// A private channel the token may not read: denied by the topic's policies, or no
+    /// database to ask and not `service_role`.
+    Unauthorized,
+    /// The database did not answer a private channel's authorization or replay question.
+    DatabaseUnavailable,
+}
+
+impl JoinRefusal {
+    /// Every reason, in declaration order: `ALL[i] as usize == i`.
+    pub const ALL: [JoinRefusal; 10] = [
+        JoinRefusal::TopicInvalid,
+        JoinRefusal::Restarting,
+        JoinRefusal::PrivateOnly,
+        JoinRefusal::ReplayRefused,
+        JoinRefusal::TooManyUsers,
+        JoinRefusal::JoinRateLimit,
+        JoinRefusal::TooManyChannels,
+        JoinRefusal::InvalidToken,
+        JoinRefusal::Unauthorized,
+        JoinRefusal::DatabaseUnavailable,
+    ];
+
+    /// The metric label: snake_case, stable across releases.
+    pub fn label(self) -> &'static str {
+        match self {
+            JoinRefusal::TopicInvalid => "topic_invalid",
+            JoinRefusal::Restarting => "restarting",
+            JoinRefusal::PrivateOnly => "private_only",
+            JoinRefusal::ReplayRefused => "replay_refused",
+            JoinRefusal::TooManyUsers => "too_many_users",
+            JoinRefusal::JoinRateLimit => "join_rate_limit",
+            JoinRefusal::TooManyChannels => "too_many_channels",
+            JoinRefusal::InvalidToken => "invalid_token",
+            JoinRefusal::Unauthorized => "unauthorized",
+            JoinRefusal::DatabaseUnavailable => "database_unavailable",
+        }
+    }
+}
+
 /// One joined channel instance on a connection.
 #[derive(Debug)]
 pub(crate) struct Channel {
@@ -156,6 +216,7 @@ impl Engine {
     pub(crate) fn join(&mut self, conn: ConnId, vsn: Vsn, inbound: &Inbound<'_>) {
         let reply_to = ReplyTo::of(inbound);
         let Some(sub) = inbound.topic.strip_prefix("realtime:") else {
+            self.stats.joins_refused[JoinRefusal::TopicInvalid as usize] += 1;
             self.reply(
                 conn,
                 vsn,
@@ -184,51 +245,51 @@ impl Engine {
         let c = &self.conns[&conn];
         let refusal = if sub.is_empty() {
             Some((
+                JoinRefusal::TopicInvalid,
                 "TopicNameRequired: You must provide a topic name".to_owned(),
-                false,
             ))
         } else if inbound.topic.len() > self.config.topic_bytes_max {
             Some((
+                JoinRefusal::TopicInvalid,
                 format!(
                     "TopicNameTooLong: The topic must be at most {} bytes",
                     self.config.topic_bytes_max
                 ),
-                false,
             ))
         } else if self.shutting_down {
             Some((
+                JoinRefusal::Restarting,
                 "RealtimeRestarting: Realtime is restarting, please standby".to_owned(),
-                false,
             ))
         } else if self.config.private_only && !config.private {
             Some((
+                JoinRefusal::PrivateOnly,
                 "PrivateOnly: This project only allows private channels".to_owned(),
-                false,
             ))
         } else if let Some(reason) =
             replay_refusal(config.private, config.replay, self.config.database)
         {
-            Some((reason, false))
+            Some((JoinRefusal::ReplayRefused, reason))
         } else if c.channels.is_empty() && self.limits.users() >= self.config.concurrent_users_max {
             Some((
+                JoinRefusal::TooManyUsers,
                 "ConnectionRateLimitReached: Too many connected users".to_owned(),
-                false,
             ))
         } else if !self.limits.joins.take(now, 1) {
             Some((
+                JoinRefusal::JoinRateLimit,
                 "ClientJoinRateLimitReached: Too many joins per second".to_owned(),
-                true,
             ))
         } else if c.channels.len() >= self.config.channels_per_client_max {
             Some((
+                JoinRefusal::TooManyChannels,
                 "ChannelRateLimitReached: Too many channels".to_owned(),
-                false,
             ))
         } else {
             None
         };
-        if let Some((reason, close_socket)) = refusal {
-            self.refuse_join(conn, vsn, &reply_to, &reason, close_socket);
+        if let Some((why, reason)) = refusal {
+            self.refuse_join(conn, vsn, &reply_to, why, &reason);
             return;
         }
         // The channel token: the join's own unless it is an opaque `sb_` key.
@@ -243,7 +304,8 @@ impl Engine {
         let (own_token, claims) = match verified {
             Ok(verified) => verified,
             Err(e) => {
-                self.refuse_join(conn, vsn, &reply_to, &e.join_reason(), false);
+                let reason = e.join_reason();
+                self.refuse_join(conn, vsn, &reply_to, JoinRefusal::InvalidToken, &reason);
                 return;
             }
         };
@@ -267,7 +329,7 @@ impl Engine {
             // Without the project database only service_role may join a private channel.
             let reason =
                 "UnableToConnectToProject: Realtime was unable to connect to the project database";
-            self.refuse_join(conn, vsn, &reply_to, reason, false);
+            self.refuse_join(conn, vsn, &reply_to, JoinRefusal::Unauthorized, reason);
             return;
         }
         let permissions = config.private.then_some(Permissions::ALL);
@@ -304,7 +366,7 @@ impl Engine {
         let first = self.conns[&conn].channels.is_empty();
         if first && !self.limits.add_user(self.config.concurrent_users_max) {
             let reason = "ConnectionRateLimitReached: Too many connected users";
-            self.refuse_join(conn, vsn, reply_to, reason, false);
+            self.refuse_join(conn, vsn, reply_to, JoinRefusal::TooManyUsers, reason);
             return false;
         }
         let presence_key = match config.presence_key {
@@ -511,16 +573,19 @@ impl Engine {
         }
     }
 
-    /// Sends a join error after the configured backoff; the channel never exists.
+    /// Sends a join error with upstream's `reason` text after the configured backoff; the
+    /// channel never exists. Too many joins per second closes the socket too.
     pub(crate) fn refuse_join(
         &mut self,
         conn: ConnId,
         vsn: Vsn,
         to: &ReplyTo<'_>,
+        why: JoinRefusal,
         reason: &str,
-        close_socket: bool,
     ) {
         self.stats.errors += 1;
+        self.stats.joins_refused[why as usize] += 1;
+        let close_socket = why == JoinRefusal::JoinRateLimit;
         let response = format!(r#"{{"reason":{}}}"#, json_str(reason));
         let reply = protocol::encode_reply(vsn, to.join_ref, to.ref_, to.topic, "error", &response);
         let mut outputs = vec![Output::Send {

@@ -61,6 +61,7 @@ use rand_core::SeedableRng;
 use rustc_hash::FxHashMap;
 
 pub use broadcast::{BroadcastBody, Encoding};
+pub use channel::JoinRefusal;
 pub use config::Config;
 #[cfg(feature = "planted-bugs")]
 pub use config::PlantedBug;
@@ -400,6 +401,14 @@ pub struct Stats {
     pub malformed: u64,
     /// Visibility questions the database failed to answer, each asked again.
     pub visibility_retries: u64,
+    /// postgres_changes messages queued to subscribers, counting each recipient.
+    pub changes_delivered: u64,
+    /// Presence entries (metas) this replica owns: those of its own channels. A gauge.
+    pub presence_entries: u64,
+    /// This replica's copies of other replicas' presence entries. A gauge.
+    pub presence_entries_replicated: u64,
+    /// Joins refused, by reason: entry `why as usize` counts [`JoinRefusal`] `why`.
+    pub joins_refused: [u64; JoinRefusal::ALL.len()],
 }
 
 /// The state machine. One per shard; `Send`, so a runtime may move it between threads.

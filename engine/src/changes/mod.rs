@@ -810,6 +810,7 @@ impl Engine {
             };
             let payload = format!(r#"{{"ids":{},"data":{data}}}"#, json!(ids));
             let msg = protocol::encode_text(vsn, None, None, &topic, "postgres_changes", &payload);
+            self.stats.changes_delivered += conns.len() as u64;
             let to = if conns.len() == 1 {
                 To::One(conns[0])
             } else {

@@ -207,6 +207,13 @@ impl Replica {
         self.parts[&self.me].entries.get(&instance)
     }
 
+    /// How many entries this replica holds: its own, and its copies of other replicas'.
+    pub fn entry_counts(&self) -> (usize, usize) {
+        let own = self.parts[&self.me].entries.len();
+        let all: usize = self.parts.values().map(|part| part.entries.len()).sum();
+        (own, all - own)
+    }
+
     /// The size of `room`'s `presence_state`: the sum of its metas' [`Meta::bytes`].
     pub fn room_bytes(&self, room: &RoomKey) -> usize {
         self.by_room.get(room).map_or(0, |r| r.bytes)

@@ -223,6 +223,12 @@ impl Engine {
     /// End of an engine step: one `presence_diff` per room for everything that changed,
     /// encoded once per serializer version, and one delta for peers.
     pub(crate) fn flush_presence(&mut self) {
+        // Every change to the entries passes through `queue_diff`: recounted only then.
+        if !self.pending_diffs.is_empty() {
+            let (own, replicated) = self.presence.entry_counts();
+            self.stats.presence_entries = own as u64;
+            self.stats.presence_entries_replicated = replicated as u64;
+        }
         for (room, changes) in std::mem::take(&mut self.pending_diffs) {
             let side = |side: Side| {
                 metas_object(

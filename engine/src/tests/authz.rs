@@ -106,6 +106,7 @@ fn a_join_is_admitted_only_when_its_token_may_read_the_topic() {
         reply["response"]["reason"],
         "Unauthorized: You do not have permissions to read from this Channel topic: room"
     );
+    assert_eq!(t.refused(), [("unauthorized", 1)]);
 }
 
 #[test]
@@ -154,6 +155,7 @@ fn a_database_that_cannot_answer_refuses_the_join() {
         frames[0].payload()["response"]["reason"],
         "UnableToConnectToProject: Realtime was unable to connect to the project database"
     );
+    assert_eq!(t.refused(), [("database_unavailable", 1)]);
 }
 
 #[test]

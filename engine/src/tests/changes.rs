@@ -222,6 +222,38 @@ fn event_filters_and_two_bindings_in_one_frame() {
         "the update matches both bindings: one frame, both ids"
     );
     assert_eq!(got[2]["ids"], json!([ids[0]]));
+    assert_eq!(t.engine.stats().changes_delivered, 4, "one per recipient");
+}
+
+#[test]
+fn delivered_changes_count_each_recipient_of_a_shared_frame_and_not_hidden_rows() {
+    let mut t = engine();
+    let (a, b, c) = (t.connect(Vsn::V2), t.connect(Vsn::V2), t.connect(Vsn::V2));
+    let bindings = json!([{"event": "*", "schema": "public", "table": "secrets"}]);
+    for conn in [a, b, c] {
+        let token = t.token("authenticated", 60);
+        subscribe(&mut t, conn, "r", bindings.clone(), Some(token));
+    }
+    t.engine.handle(
+        t.now,
+        Input::Changes(std::sync::Arc::new(stamped(
+            1,
+            vec![insert("secrets", 1, "x"), insert("secrets", 2, "y")],
+        ))),
+    );
+    let asked = queries(&mut t);
+    assert_eq!(asked.len(), 1, "one claims group");
+    t.handle(Input::Visibility {
+        id: asked[0].id,
+        verdicts: Some(vec![Verdict::Visible, Verdict::Hidden]),
+    });
+    let shared = t.sends.iter().filter(|(to, _)| to.iter().count() == 3);
+    assert_eq!(
+        shared.count(),
+        1,
+        "the visible row: one frame for all three"
+    );
+    assert_eq!(t.engine.stats().changes_delivered, 3);
 }
 
 #[test]

@@ -4,7 +4,7 @@ use serde_json::{json, Value};
 
 use super::{test_config, Received, TestEngine};
 use crate::protocol::Vsn;
-use crate::{auth, Input};
+use crate::{auth, Input, JoinRefusal};
 
 #[test]
 fn upgrade_refusals_use_upstream_status_and_text() {
@@ -189,6 +189,7 @@ fn topics_longer_than_binary_frames_carry_are_refused() {
     let reply = t.join_with(conn, &huge, json!({"config": {}}));
     assert_eq!(reply["status"], "error");
     assert_eq!(t.engine.stats().channels, 1, "only the one that fits");
+    assert_eq!(t.refused(), [("topic_invalid", 2)]);
 }
 
 #[test]
@@ -213,6 +214,7 @@ fn empty_topic_and_foreign_topics_are_refused() {
         payload,
         &json!({"status": "error", "response": {"reason": "unmatched topic"}})
     );
+    assert_eq!(t.refused(), [("topic_invalid", 2)]);
 }
 
 #[test]
@@ -265,6 +267,7 @@ fn join_token_errors_use_upstream_reasons() {
         json!({"config": {}, "user_token": expired, "access_token": "ignored"}),
     );
     assert_eq!(reply["status"], "error", "user_token takes precedence");
+    assert_eq!(t.refused(), [("invalid_token", 3)]);
 }
 
 #[test]
@@ -278,6 +281,38 @@ fn private_channel_without_database_needs_service_role() {
         reply["response"]["reason"],
         "UnableToConnectToProject: Realtime was unable to connect to the project database"
     );
+    assert_eq!(t.refused(), [("unauthorized", 1)]);
+}
+
+#[test]
+fn join_refusal_reasons_index_their_counters_and_have_distinct_labels() {
+    for (index, why) in JoinRefusal::ALL.iter().enumerate() {
+        assert_eq!(*why as usize, index);
+        let label = why.label();
+        assert!(label.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
+        let same = JoinRefusal::ALL.iter().filter(|w| w.label() == label);
+        assert_eq!(same.count(), 1, "{label}");
+    }
+}
+
+#[test]
+fn refusals_of_the_engine_are_counted_by_reason() {
+    let mut config = test_config();
+    config.private_only = true;
+    let mut t = TestEngine::with_config(config);
+    let conn = t.connect(Vsn::V2);
+    let reply = t.join_with(conn, "public", json!({"config": {}}));
+    assert_eq!(
+        reply["response"]["reason"],
+        "PrivateOnly: This project only allows private channels"
+    );
+    let replay = json!({"config": {"private": true, "broadcast": {"replay": {"since": 1}}}});
+    let reply = t.join_with(conn, "replayed", replay);
+    assert_eq!(
+        reply["response"]["reason"],
+        "UnableToReplayMessages: Realtime was unable to replay messages"
+    );
+    assert_eq!(t.refused(), [("private_only", 1), ("replay_refused", 1)]);
 }
 
 #[test]

@@ -19,6 +19,7 @@ fn the_101st_channel_is_refused_and_leaving_frees_a_slot() {
         reply["response"]["reason"],
         "ChannelRateLimitReached: Too many channels"
     );
+    assert_eq!(t.refused(), [("too_many_channels", 1)]);
     t.push(conn, "r0", "phx_leave", json!({}));
     t.join(conn, "r100", json!({}));
 }
@@ -36,6 +37,7 @@ fn concurrent_users_limit_refuses_the_third_socket() {
         reply["response"]["reason"],
         "ConnectionRateLimitReached: Too many connected users"
     );
+    assert_eq!(t.refused(), [("too_many_users", 1)]);
     t.join(a, "second", json!({}));
     let token = t.token("anon", 60);
     let d = t.try_connect(Some("2.0.0"), Some(token));
@@ -61,6 +63,7 @@ fn join_rate_limit_refuses_then_closes_the_socket() {
         "ClientJoinRateLimitReached: Too many joins per second"
     );
     assert_eq!(t.closed[&conn].0, 1001);
+    assert_eq!(t.refused(), [("join_rate_limit", 1)]);
     let token = t.token("anon", 60);
     let again = t.try_connect(Some("2.0.0"), Some(token));
     assert_eq!(

@@ -126,6 +126,16 @@ impl TestEngine {
         auth::sign(SECRET, &json!({ "role": role, "exp": exp, "sub": role }))
     }
 
+    /// Joins refused so far, by reason label, the reasons with none left out.
+    pub(crate) fn refused(&self) -> Vec<(&'static str, u64)> {
+        let counts = self.engine.stats().joins_refused;
+        crate::JoinRefusal::ALL
+            .iter()
+            .filter(|why| counts[**why as usize] > 0)
+            .map(|why| (why.label(), counts[*why as usize]))
+            .collect()
+    }
+
     pub(crate) fn handle(&mut self, input: Input) {
         self.engine.handle(self.now, input);
         self.drain();

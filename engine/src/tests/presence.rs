@@ -466,3 +466,44 @@ fn phx_refs_carry_the_whole_replica_id() {
         assert!(refs.insert(phx_ref.to_string()), "{node:?} repeated a ref");
     }
 }
+
+#[test]
+fn presence_entries_are_counted_as_owned_and_replicated() {
+    let (n1, n2) = (NodeId(1), NodeId(2));
+    let mut one = TestEngine::node(test_config(), n1);
+    let mut two = TestEngine::node(test_config(), n2);
+    one.handle(Input::PeerUp(n2));
+    two.handle(Input::PeerUp(n1));
+    relay(&mut one, &mut two, n1);
+    relay(&mut two, &mut one, n2);
+    let counts = |t: &TestEngine| {
+        let stats = t.engine.stats();
+        (stats.presence_entries, stats.presence_entries_replicated)
+    };
+    let (a, b, c) = (
+        one.connect(Vsn::V2),
+        one.connect(Vsn::V2),
+        two.connect(Vsn::V2),
+    );
+    one.join(a, "r", presence_config("a"));
+    one.join(b, "s", presence_config("b"));
+    two.join(c, "r", presence_config("c"));
+    track(&mut one, a, "r", json!({}));
+    track(&mut one, b, "s", json!({}));
+    // An update replaces the meta: still one entry.
+    track(&mut one, b, "s", json!({"v": 2}));
+    track(&mut two, c, "r", json!({}));
+    relay(&mut one, &mut two, n1);
+    relay(&mut two, &mut one, n2);
+    assert_eq!(counts(&one), (2, 1));
+    assert_eq!(counts(&two), (1, 2));
+    untrack(&mut one, a, "r");
+    relay(&mut one, &mut two, n1);
+    assert_eq!(counts(&one), (1, 1));
+    assert_eq!(counts(&two), (1, 1));
+    // A disconnect removes the meta; a replica going down takes its copies away.
+    one.handle(Input::Closed { conn: b });
+    assert_eq!(counts(&one), (0, 1));
+    two.handle(Input::PeerDown(vec![n1]));
+    assert_eq!(counts(&two), (1, 0));
+}
