@@ -318,16 +318,13 @@ fn unix_now() -> u64 {
 
 /// The token `switchboard token` prints, issued at `now`.
 fn mint(token: &Token, now: u64) -> String {
-    let mut claims = serde_json::json!({
-        "role": token.role,
-        "iss": "switchboard",
-        "iat": now,
-        "exp": now + token.exp,
-    });
-    if let Some(sub) = &token.sub {
-        claims["sub"] = serde_json::Value::from(sub.as_str());
-    }
-    auth::sign(&token.jwt_secret, &claims)
+    auth::mint(
+        &token.jwt_secret,
+        &token.role,
+        token.sub.as_deref(),
+        now,
+        token.exp,
+    )
 }
 
 /// A lifetime in seconds from `90`, `90s`, `15m`, `1h` or `30d`; at least a second.
@@ -525,6 +522,7 @@ fn run(serve: Serve) -> anyhow::Result<()> {
         private_only: serve.private_only,
         database: serve.database_url.is_some(),
         cluster: serve.cluster_nats.is_some(),
+        development: generated,
         ..Config::default()
     };
     let mut options = Options::new(config);

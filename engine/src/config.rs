@@ -71,6 +71,10 @@ pub struct Config {
     /// subscription in place ([`crate::Input::InterestReady`]), so no broadcast sent from
     /// another node after the reply can miss it.
     pub cluster: bool,
+    /// The secret was generated for this run (`serve` without `--jwt-secret`): the
+    /// Inspector page may mint tokens for a browser on this machine
+    /// ([`crate::http::Response::inspector_token`]).
+    pub development: bool,
     /// A deliberate bug for the simulator to find; see [`PlantedBug`].
     #[cfg(feature = "planted-bugs")]
     pub planted_bug: Option<PlantedBug>,
@@ -147,6 +151,7 @@ impl Default for Config {
             database: false,
             replication_ready_timeout_ms: 60_000,
             cluster: false,
+            development: false,
             #[cfg(feature = "planted-bugs")]
             planted_bug: None,
         }

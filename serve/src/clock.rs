@@ -45,6 +45,11 @@ impl Clock {
         }
     }
 
+    /// Wall time, in seconds since the Unix epoch: when a minted token is issued.
+    pub fn unix_secs(&self) -> u64 {
+        (self.wall)() / 1_000
+    }
+
     /// The runtime instant of an engine deadline (after the first [`Clock::now`]).
     pub fn at(&self, deadline: Instant, now: std::time::Instant) -> std::time::Instant {
         let origin = *self.origin.get_or_init(|| now);

@@ -33,6 +33,7 @@ use switchboard_engine::{ConnId, ConnectParams};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, debug_span, info, warn, Instrument};
 
+use crate::clock::Clock;
 use crate::engine_task::driver;
 use crate::engine_task::{EngineHandle, Engined, SocketEnd};
 use crate::metrics::Metrics;
@@ -63,6 +64,9 @@ impl Server {
         let drain_timeout = options.drain_timeout;
         let rest_body_bytes_max = options.config.rest_body_bytes_max;
         let (database, cluster) = (options.config.database, options.config.cluster);
+        let development = (options.config.development)
+            .then(|| Arc::<str>::from(options.config.jwt_secret.as_str()));
+        let clock = options.clock.clone();
         let (handle, engined) = driver(options);
         let server = Server {
             handle: handle.clone(),
@@ -74,6 +78,8 @@ impl Server {
                 rest_body_bytes_max,
                 database,
                 cluster,
+                development,
+                clock,
             },
             engined,
             drain_timeout,
@@ -146,6 +152,11 @@ struct State {
     database: bool,
     /// The node is in a cluster: readiness reports the other nodes up.
     cluster: bool,
+    /// The secret generated for this run, in development mode: the Inspector mints
+    /// tokens with it for browsers on this machine.
+    development: Option<Arc<str>>,
+    /// Wall time, for the tokens the Inspector mints.
+    clock: Clock,
 }
 
 /// Accepts connections until `shutdown` completes; each is served on its own task.
@@ -183,7 +194,14 @@ async fn accept_loop<L: Listener, R: Runtime>(
                 }
             },
         };
-        let connection = connection(stream, state.clone(), sockets.clone(), runtime.clone());
+        let local = peer.ip().is_loopback();
+        let connection = connection(
+            stream,
+            local,
+            state.clone(),
+            sockets.clone(),
+            runtime.clone(),
+        );
         runtime.spawn(connection.instrument(debug_span!("connection", %peer)));
     }
 }
@@ -269,14 +287,14 @@ impl Drop for InFlight {
 type Accepted = Rc<Cell<Option<(ConnId, SocketEnd)>>>;
 
 /// Serves one connection: HTTP requests until it closes or upgrades, then the WebSocket.
-async fn connection<S, R>(io: S, state: State, sockets: mpsc::Sender<()>, runtime: R)
+async fn connection<S, R>(io: S, local: bool, state: State, sockets: mpsc::Sender<()>, runtime: R)
 where
     S: AsyncRead + AsyncWrite + Unpin + 'static,
     R: Runtime,
 {
     // The HTTP phase on the heap: its state (hyper's connection and buffers) is freed
     // before the socket phase, which an idle socket spends its life in.
-    let upgraded = Box::pin(http(io, state.clone(), runtime.clone())).await;
+    let upgraded = Box::pin(http(io, local, state.clone(), runtime.clone())).await;
     let Some((io, read, conn, end)) = upgraded else {
         return;
     };
@@ -287,7 +305,12 @@ where
 
 /// Serves HTTP requests until the connection closes, or upgrades: then its stream, what
 /// was read past the upgrade request, and the socket's end.
-async fn http<S, R>(io: S, state: State, runtime: R) -> Option<(S, Vec<u8>, ConnId, SocketEnd)>
+async fn http<S, R>(
+    io: S,
+    local: bool,
+    state: State,
+    runtime: R,
+) -> Option<(S, Vec<u8>, ConnId, SocketEnd)>
 where
     S: AsyncRead + AsyncWrite + Unpin + 'static,
     R: Runtime,
@@ -298,7 +321,7 @@ where
         let (state, accepted, activity) = (state.clone(), accepted.clone(), activity.clone());
         service_fn(move |request| {
             let in_flight = InFlight::new(activity.clone());
-            let answer = route(request, state.clone(), accepted.clone());
+            let answer = route(request, local, state.clone(), accepted.clone());
             Box::pin(async move {
                 let answer = answer.await;
                 drop(in_flight);
@@ -373,7 +396,16 @@ fn respond(answer: Answer) -> Response<Body> {
     response
 }
 
-async fn route(request: Request<Incoming>, state: State, accepted: Accepted) -> Response<Body> {
+async fn route(
+    request: Request<Incoming>,
+    peer_is_loopback: bool,
+    state: State,
+    accepted: Accepted,
+) -> Response<Body> {
+    let local = || {
+        let host = header(request.headers(), "host");
+        engine_http::is_local(peer_is_loopback, host.as_deref())
+    };
     let answer = match engine_http::route(request.method().as_str(), request.uri().path()) {
         Route::WebSocket => return upgrade(request, state, accepted).await,
         Route::Health => Answer::health(),
@@ -386,12 +418,36 @@ async fn route(request: Request<Incoming>, state: State, accepted: Accepted) -> 
                 .cluster
                 .then(|| state.metrics.cluster_nodes.get().max(0) as u64),
         ),
+        Route::Inspector => Answer::inspector(),
+        Route::InspectorInfo => Answer::inspector_info(
+            state.development.as_deref(),
+            local(),
+            state.clock.unix_secs(),
+        ),
+        Route::InspectorToken => {
+            let local = local();
+            match Limited::new(request.into_body(), INSPECTOR_BODY_BYTES_MAX)
+                .collect()
+                .await
+            {
+                Ok(body) => Answer::inspector_token(
+                    state.development.as_deref(),
+                    local,
+                    state.clock.unix_secs(),
+                    &body.to_bytes(),
+                ),
+                Err(_) => Answer::too_large(),
+            }
+        }
         Route::Preflight => Answer::preflight(),
         Route::Rest(target) => rest(request, target, state).await,
         Route::NotFound => Answer::not_found(),
     };
     respond(answer)
 }
+
+/// Largest body of a token request from the Inspector (a role, a `sub` and a lifetime).
+const INSPECTOR_BODY_BYTES_MAX: usize = 4096;
 
 fn header(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
@@ -636,6 +692,7 @@ mod tests {
                 let (sockets, mut sockets_gone) = mpsc::channel::<()>(1);
                 let served = tokio::task::spawn_local(connection(
                     ours.compat(),
+                    true,
                     state,
                     sockets,
                     Paused,

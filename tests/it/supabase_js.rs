@@ -8,7 +8,12 @@ use crate::pg::TempPostgres;
 use crate::support::{token, Server, SECRET};
 
 /// Runs `node --test` on `files` of tests/js against `server`, with extra environment.
-fn node_tests(server: &Server, files: &[&str], heartbeat_timeout_ms: u64, env: &[(&str, String)]) {
+pub fn node_tests(
+    server: &Server,
+    files: &[&str],
+    heartbeat_timeout_ms: u64,
+    env: &[(&str, String)],
+) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
     assert!(
         dir.join("node_modules/@supabase/supabase-js").exists(),

@@ -25,6 +25,8 @@ pub struct Server {
     extra: Vec<String>,
     /// The file descriptor limit it runs with, if not the test's own.
     fd_limit: Option<u32>,
+    /// Its `--jwt-secret`; none in development mode.
+    secret: Option<&'static str>,
     /// Every line it logged so far (also echoed to the test's stderr).
     logs: Arc<Mutex<Vec<String>>>,
     /// The program and arguments it runs with.
@@ -38,15 +40,26 @@ impl Server {
     /// on `SWITCHBOARD_TEST_RUNTIME` (default tokio) unless it says `--runtime`:
     /// `scripts/test` runs the whole suite once per runtime and shard count.
     pub fn start(extra: &[&str]) -> Server {
-        Server::spawn("127.0.0.1:0", extra, None)
+        Server::spawn("127.0.0.1:0", extra, None, Some(SECRET))
+    }
+
+    /// Like [`Server::start`] without `--jwt-secret`: development mode, with a secret
+    /// generated for the run.
+    pub fn start_development(extra: &[&str]) -> Server {
+        Server::spawn("127.0.0.1:0", extra, None, None)
     }
 
     /// Like [`Server::start`], with at most `fds` open file descriptors (`prlimit`).
     pub fn start_with_fd_limit(fds: u32, extra: &[&str]) -> Server {
-        Server::spawn("127.0.0.1:0", extra, Some(fds))
+        Server::spawn("127.0.0.1:0", extra, Some(fds), Some(SECRET))
     }
 
-    fn spawn(bind: &str, extra: &[&str], fd_limit: Option<u32>) -> Server {
+    fn spawn(
+        bind: &str,
+        extra: &[&str],
+        fd_limit: Option<u32>,
+        secret: Option<&'static str>,
+    ) -> Server {
         let binary = env!("CARGO_BIN_EXE_switchboard");
         let mut command = match fd_limit {
             Some(fds) => {
@@ -60,7 +73,13 @@ impl Server {
             None => Command::new(binary),
         };
         command
-            .args(["serve", "--bind", bind, "--jwt-secret", SECRET])
+            .args(["serve", "--bind", bind])
+            .args(
+                secret
+                    .map(|secret| ["--jwt-secret", secret])
+                    .into_iter()
+                    .flatten(),
+            )
             .args([
                 "--join-error-backoff-ms",
                 "0",
@@ -114,6 +133,7 @@ impl Server {
             addr,
             extra: extra.iter().map(|a| a.to_string()).collect(),
             fd_limit,
+            secret,
             logs,
             argv,
         }
@@ -163,7 +183,7 @@ impl Server {
         let _ = child.wait();
         std::thread::sleep(down);
         let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
-        *self = Server::spawn(&self.addr.clone(), &extra, self.fd_limit);
+        *self = Server::spawn(&self.addr.clone(), &extra, self.fd_limit, self.secret);
     }
 
     /// Sends SIGTERM and waits for the process; returns whether it exited successfully.
@@ -287,9 +307,15 @@ pub async fn http(
 ) -> (u16, String, Vec<u8>) {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n",
+        "{method} {path} HTTP/1.1\r\nconnection: close\r\ncontent-length: {}\r\n",
         body.len()
     );
+    if !headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("host"))
+    {
+        request.push_str(&format!("host: {addr}\r\n"));
+    }
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
     }
