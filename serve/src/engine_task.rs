@@ -11,6 +11,7 @@ use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use async_tungstenite::tungstenite::protocol::CloseFrame;
 use async_tungstenite::tungstenite::{Message, Utf8Bytes};
 use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
 use rustc_hash::FxHashMap;
 use switchboard_engine::{
     ConnId, ConnectParams, Engine, Input, NodeId, Output, PeerMsg, ReqId, RestRequest, RoomKey,
@@ -52,6 +53,14 @@ pub(crate) enum Handed {
 
 /// The verdict on an upgrade: the socket's end, or an HTTP answer.
 pub type Upgrade = Result<SocketEnd, (u16, Bytes)>;
+
+/// An input from a socket's task: a frame, with when the task read it, a refused frame, or
+/// the socket's end. A broadcast's hand-over is timed from the read.
+pub(crate) struct Read {
+    pub(crate) input: Input,
+    /// When the frame was read, by the runtime's clock; `None` for anything but a frame.
+    pub(crate) at: Option<std::time::Instant>,
+}
 
 /// Frames read from sockets and not yet handled. Readers wait when it is full, so a burst
 /// pushes back on the clients' TCP windows instead of growing memory.
@@ -109,6 +118,7 @@ enum Event {
         request: RestRequest,
         reply: oneshot::Sender<(u16, Bytes)>,
     },
+    Socket(Read),
     Input(Input),
 }
 
@@ -119,7 +129,7 @@ pub struct EngineHandle {
     events: mpsc::UnboundedSender<Event>,
     /// Frames and closes from socket readers, bounded; one channel keeps a socket's close
     /// behind its last frame.
-    frames: mpsc::Sender<Input>,
+    frames: mpsc::Sender<Read>,
     next_conn: Arc<AtomicU64>,
 }
 
@@ -135,12 +145,12 @@ impl EngineHandle {
     }
 
     /// Hands a frame (or the `Closed` after the last one) read from a socket to the engine.
-    pub(crate) fn hand(&self, input: Input) -> Handed {
-        match self.frames.try_send(input) {
+    pub(crate) fn hand(&self, read: Read) -> Handed {
+        match self.frames.try_send(read) {
             Ok(()) => Handed::Taken,
-            Err(TrySendError::Full(input)) => {
+            Err(TrySendError::Full(read)) => {
                 let frames = self.frames.clone();
-                Handed::Later(Box::pin(async move { frames.send(input).await.is_ok() }))
+                Handed::Later(Box::pin(async move { frames.send(read).await.is_ok() }))
             }
             Err(TrySendError::Closed(_)) => Handed::EngineGone,
         }
@@ -148,7 +158,8 @@ impl EngineHandle {
 
     /// Tells the engine `conn`'s socket is gone, after every frame read from it.
     pub async fn closed(&self, conn: ConnId) {
-        let _ = self.frames.send(Input::Closed { conn }).await;
+        let input = Input::Closed { conn };
+        let _ = self.frames.send(Read { input, at: None }).await;
     }
 
     /// Asks the engine whether `conn` may upgrade; the socket's end if so.
@@ -214,6 +225,11 @@ struct Driver<R: Runtime> {
     lagging: Vec<ConnId>,
     /// Connections accepted by the engine whose upgrade can no longer happen.
     gone: Vec<ConnId>,
+    /// When each broadcast routed since the last hand-over arrived, one entry per
+    /// broadcast: observed once its copies are on the outboxes. Kept, not reallocated.
+    arrivals: Vec<std::time::Instant>,
+    /// This shard's share of `switchboard_engine_busy_seconds`.
+    busy: Counter<f64, AtomicU64>,
     last_stats: Stats,
     draining: bool,
 }
@@ -223,7 +239,7 @@ pub(crate) struct Engined {
     engine: Engine,
     options: Options,
     events: mpsc::UnboundedReceiver<Event>,
-    frames: mpsc::Receiver<Input>,
+    frames: mpsc::Receiver<Read>,
 }
 
 /// An engine and its handle. The handle feeds it from anywhere as soon as it exists; the
@@ -260,6 +276,7 @@ impl Engined {
             events,
             frames,
         } = self;
+        let busy = options.shared.metrics.engine_busy(options.replica.shard);
         let driver = Driver {
             runtime,
             engine,
@@ -273,6 +290,8 @@ impl Engined {
             next_req: 0,
             lagging: Vec::new(),
             gone: Vec::new(),
+            arrivals: Vec::new(),
+            busy,
             last_stats: Stats::default(),
             draining: false,
         };
@@ -284,7 +303,7 @@ impl<R: Runtime> Driver<R> {
     async fn run(
         mut self,
         mut events: mpsc::UnboundedReceiver<Event>,
-        mut frames: mpsc::Receiver<Input>,
+        mut frames: mpsc::Receiver<Read>,
     ) {
         let mut peers = self.options.peers.take();
         let mut sleep = self.runtime.timer(far_future(self.runtime.now()));
@@ -295,7 +314,7 @@ impl<R: Runtime> Driver<R> {
                     Some(event) => event,
                     None => return,
                 },
-                Some(input) = frames.recv() => Event::Input(input),
+                Some(read) = frames.recv() => Event::Socket(read),
                 Some(peer) = recv_peer(&mut peers) => Event::Input(peer_input(peer)),
                 () = &mut sleep => Event::Input(Input::Tick),
             };
@@ -310,7 +329,7 @@ impl<R: Runtime> Driver<R> {
                 let Some(event) = events
                     .try_recv()
                     .ok()
-                    .or_else(|| frames.try_recv().ok().map(Event::Input))
+                    .or_else(|| frames.try_recv().ok().map(Event::Socket))
                     .or_else(|| {
                         let link = peers.as_mut()?;
                         link.incoming
@@ -342,35 +361,40 @@ impl<R: Runtime> Driver<R> {
     }
 
     fn step(&mut self, event: Event, peers: Option<&PeerLink>) {
-        let input = match event {
+        // When what may carry broadcasts arrived: a client's frame or a REST request.
+        let (input, arrived) = match event {
             Event::Connect {
                 conn,
                 params,
                 reply,
             } => {
                 self.upgrades.insert(conn, reply);
-                Input::Connect { conn, params }
+                (Input::Connect { conn, params }, None)
             }
             Event::Rest { request, reply } => {
                 self.next_req += 1;
                 let req = ReqId(self.next_req);
                 self.requests.insert(req, reply);
-                Input::Rest { req, request }
+                (Input::Rest { req, request }, Some(self.runtime.now()))
             }
-            Event::Input(input) => {
-                if let Input::Closed { conn } = &input {
-                    // Let the writer flush tungstenite's reply to the client's close frame.
-                    if let Some(socket) = self.sockets.remove(conn) {
-                        self.release(socket, None);
-                    }
-                }
-                if matches!(input, Input::Shutdown) {
-                    self.draining = true;
-                }
-                input
-            }
+            Event::Socket(Read { input, at }) => (input, at),
+            Event::Input(input) => (input, None),
         };
+        if let Input::Closed { conn } = &input {
+            // Let the writer flush tungstenite's reply to the client's close frame.
+            if let Some(socket) = self.sockets.remove(conn) {
+                self.release(socket, None);
+            }
+        }
+        if matches!(input, Input::Shutdown) {
+            self.draining = true;
+        }
+        let routed_before = self.engine.stats().broadcasts;
         self.handle(input, peers);
+        if let Some(at) = arrived {
+            let routed = self.engine.stats().broadcasts - routed_before;
+            self.arrivals.extend((0..routed).map(|_| at));
+        }
         while let Some(conn) = self.gone.pop() {
             self.handle(Input::Closed { conn }, peers);
         }
@@ -380,67 +404,85 @@ impl<R: Runtime> Driver<R> {
     /// however many broadcasts the wake-up held. Sockets now over their limit are reported
     /// to the engine, whose closes go out in turn.
     fn hand_over(&mut self, peers: Option<&PeerLink>) {
-        loop {
-            self.pending_frames = 0;
-            if self.dirty.is_empty() {
-                // Whoever the frames were for was let go since.
-                self.table.clear();
-                return;
-            }
-            let table: Arc<[Message]> = std::mem::take(&mut self.table).into();
-            let table_bytes: usize = table.iter().map(Message::len).sum();
-            for conn in std::mem::take(&mut self.dirty) {
-                let Some(socket) = self.sockets.get_mut(&conn) else {
-                    continue;
-                };
-                // Picks are distinct and ascending: as many as the table means all of it.
-                let (batch, bytes) = if socket.pending.len() == table.len() {
-                    if socket.pending.capacity() > 64 {
-                        socket.pending = Vec::new();
-                    } else {
-                        socket.pending.clear();
-                    }
-                    let batch = match &*table {
-                        [one] => Batch::One(one.clone()),
-                        _ => Batch::Shared {
-                            frames: table.clone(),
-                            picks: Picks::All,
-                        },
-                    };
-                    (batch, table_bytes)
-                } else {
-                    let picks = std::mem::take(&mut socket.pending);
-                    let bytes = picks.iter().map(|&p| table[p as usize].len()).sum();
-                    let batch = Batch::Shared {
-                        frames: table.clone(),
-                        picks: Picks::Some(picks),
-                    };
-                    (batch, bytes)
-                };
-                #[cfg(feature = "planted-bugs")]
-                if self.options.config.planted_bug
-                    == Some(switchboard_engine::PlantedBug::DropFramesOfSlowConsumers)
-                {
-                    socket.outbox.append_within(batch, self.options.send_queue);
-                    continue;
-                }
-                let waiting = socket.outbox.append(batch, bytes);
-                // A frame larger than the byte limit still goes out on its own.
-                let over = waiting.frames > self.options.send_queue
-                    || (waiting.bytes > self.options.send_queue_bytes && waiting.frames > 1);
-                if over && !socket.lagging {
-                    socket.lagging = true;
-                    self.lagging.push(conn);
-                }
-            }
-            if self.lagging.is_empty() {
-                return;
-            }
+        self.append_pending();
+        self.observe_arrivals();
+        while !self.lagging.is_empty() {
             for conn in std::mem::take(&mut self.lagging) {
                 warn!(conn = conn.0, "slow consumer: send queue full, closing");
                 self.options.shared.metrics.slow_consumers.inc();
                 self.handle(Input::Lagging { conn }, peers);
             }
+            self.append_pending();
+        }
+    }
+
+    /// Appends what is pending for each socket to its outbox, noting the sockets it takes
+    /// over their limit in `lagging`.
+    fn append_pending(&mut self) {
+        self.pending_frames = 0;
+        if self.dirty.is_empty() {
+            // Whoever the frames were for was let go since.
+            self.table.clear();
+            return;
+        }
+        let table: Arc<[Message]> = std::mem::take(&mut self.table).into();
+        let table_bytes: usize = table.iter().map(Message::len).sum();
+        for conn in std::mem::take(&mut self.dirty) {
+            let Some(socket) = self.sockets.get_mut(&conn) else {
+                continue;
+            };
+            // Picks are distinct and ascending: as many as the table means all of it.
+            let (batch, bytes) = if socket.pending.len() == table.len() {
+                if socket.pending.capacity() > 64 {
+                    socket.pending = Vec::new();
+                } else {
+                    socket.pending.clear();
+                }
+                let batch = match &*table {
+                    [one] => Batch::One(one.clone()),
+                    _ => Batch::Shared {
+                        frames: table.clone(),
+                        picks: Picks::All,
+                    },
+                };
+                (batch, table_bytes)
+            } else {
+                let picks = std::mem::take(&mut socket.pending);
+                let bytes = picks.iter().map(|&p| table[p as usize].len()).sum();
+                let batch = Batch::Shared {
+                    frames: table.clone(),
+                    picks: Picks::Some(picks),
+                };
+                (batch, bytes)
+            };
+            #[cfg(feature = "planted-bugs")]
+            if self.options.config.planted_bug
+                == Some(switchboard_engine::PlantedBug::DropFramesOfSlowConsumers)
+            {
+                socket.outbox.append_within(batch, self.options.send_queue);
+                continue;
+            }
+            let waiting = socket.outbox.append(batch, bytes);
+            // A frame larger than the byte limit still goes out on its own.
+            let over = waiting.frames > self.options.send_queue
+                || (waiting.bytes > self.options.send_queue_bytes && waiting.frames > 1);
+            if over && !socket.lagging {
+                socket.lagging = true;
+                self.lagging.push(conn);
+            }
+        }
+    }
+
+    /// The broadcasts routed since the last hand-over have their copies on the outboxes:
+    /// one clock read for all of them.
+    fn observe_arrivals(&mut self) {
+        if self.arrivals.is_empty() {
+            return;
+        }
+        let now = self.runtime.now();
+        let handover = &self.options.shared.metrics.broadcast_handover_seconds;
+        for at in self.arrivals.drain(..) {
+            handover.observe(now.saturating_duration_since(at).as_secs_f64());
         }
     }
 
@@ -474,11 +516,9 @@ impl<R: Runtime> Driver<R> {
         while let Some(output) = self.engine.poll_output() {
             self.execute(output, peers);
         }
-        self.options
-            .shared
-            .metrics
-            .handle_seconds
-            .observe(started.elapsed().as_secs_f64());
+        let elapsed = started.elapsed().as_secs_f64();
+        self.options.shared.metrics.handle_seconds.observe(elapsed);
+        self.busy.inc_by(elapsed);
         let stats = self.engine.stats().clone();
         self.options.shared.metrics.update(&self.last_stats, &stats);
         self.last_stats = stats;

@@ -31,7 +31,7 @@ use switchboard_engine::{ConnId, FrameError, Input, WsMessage};
 use tokio::sync::oneshot;
 use tracing::debug;
 
-use crate::engine_task::{EngineHandle, Handed, SocketEnd};
+use crate::engine_task::{EngineHandle, Handed, Read, SocketEnd};
 use crate::metrics::Metrics;
 use crate::outbox::{Batch, Frames, Outbox, Taken};
 use crate::runtime::Runtime;
@@ -325,8 +325,8 @@ where
     R: Runtime,
 {
     /// Hands `input` to the engine, or keeps it until the engine's queue has room.
-    fn submit(&mut self, input: Input) {
-        match self.engine.hand(input) {
+    fn submit(&mut self, input: Input, at: Option<std::time::Instant>) {
+        match self.engine.hand(Read { input, at }) {
             Handed::Taken => {}
             Handed::Later(forward) => self.forward = Some(forward),
             Handed::EngineGone => self.engine_gone(),
@@ -343,7 +343,7 @@ where
     /// Stops reading and tells the engine the socket is gone, behind every frame read.
     fn tell_closed(&mut self) {
         self.reading = false;
-        self.submit(Input::Closed { conn: self.conn });
+        self.submit(Input::Closed { conn: self.conn }, None);
         self.told_closed = true;
     }
 
@@ -363,6 +363,8 @@ where
     /// Reads frames until the socket or the engine's queue has to wait. Stops at the
     /// client's close (or a broken socket); the engine hears `Closed` after the last frame.
     fn poll_read(&mut self, cx: &mut Context<'_>) {
+        // One clock read for the frames of one wake-up: they were read together.
+        let mut read_at = None;
         loop {
             if self.poll_forward(cx).is_pending() || !self.reading {
                 return;
@@ -384,10 +386,11 @@ where
                     // written like any other, and nothing more is read.
                     let error = refused(&error).expect("checked");
                     self.reading = false;
-                    self.submit(Input::FrameError {
+                    let input = Input::FrameError {
                         conn: self.conn,
                         error,
-                    });
+                    };
+                    self.submit(input, None);
                     return;
                 }
                 Poll::Ready(Some(Ok(Message::Close(_)) | Err(_)) | None) => {
@@ -395,10 +398,12 @@ where
                     continue;
                 }
             };
-            self.submit(Input::Frame {
+            let at = *read_at.get_or_insert_with(|| self.runtime.now());
+            let input = Input::Frame {
                 conn: self.conn,
                 msg,
-            });
+            };
+            self.submit(input, Some(at));
         }
     }
 
