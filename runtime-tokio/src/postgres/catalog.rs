@@ -1,5 +1,5 @@
 //! Catalog reads on an ordinary connection: the publication's tables (what the engine may
-//! subscribe to) and type names for the OIDs pgoutput sends.
+//! subscribe to), type names for the OIDs pgoutput sends, and the server's WAL position.
 
 use std::collections::HashMap;
 
@@ -31,6 +31,16 @@ pub(crate) async fn publication_exists(
         )
         .await?;
     Ok(row.is_some())
+}
+
+/// Where the server's WAL ends, in bytes: what it has written on a primary, what it has
+/// replayed on a standby (where logical decoding may run too). `None` on a standby that has
+/// replayed nothing yet.
+pub(crate) async fn wal_position(client: &Client) -> Result<Option<u64>, tokio_postgres::Error> {
+    const POSITION: &str = "select (case when pg_is_in_recovery() then pg_last_wal_replay_lsn()
+        else pg_current_wal_lsn() end - '0/0'::pg_lsn)::int8";
+    let row = client.query_one(POSITION, &[]).await?;
+    Ok(row.get::<_, Option<i64>>(0).map(|lsn| lsn as u64))
 }
 
 /// Every table of the publication with its columns in `attnum` order, primary key in key

@@ -44,6 +44,9 @@ pub(crate) async fn run(
                         warn!(slot = %config.slot_name, "lost the replication slot's lock; the WAL reader stops");
                         reader.abort();
                         config.slot_held.set(0);
+                        // The new holder reports the lag; this node knows it no more.
+                        config.replication_lag_bytes.set(0);
+                        config.replication_lag_seconds.set(0.0);
                         sink(Input::Replication(false));
                     }
                 }

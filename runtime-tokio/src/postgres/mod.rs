@@ -19,11 +19,13 @@ pub use migrate::{
     keep_schema, maintain_partitions, migrate, MESSAGES_PUBLICATION, RETENTION_DAYS,
 };
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use switchboard_engine::changes::Progress;
 use switchboard_engine::{Input, Output};
 use tokio::sync::{mpsc, watch, Mutex, Notify};
@@ -62,6 +64,17 @@ pub struct PostgresConfig {
     pub catalog_refresh: Duration,
     /// Counts visibility questions sent to the database (`/metrics`).
     pub visibility_queries: Counter,
+    /// How long each answered visibility question took (`/metrics`). The default has no
+    /// buckets but `+Inf`: the binary hands in its own.
+    pub visibility_query_seconds: Histogram,
+    /// Counts the changes the WAL reader decodes (`/metrics`).
+    pub changes_decoded: Counter,
+    /// Set every second by the WAL reader: WAL written past the confirmed position, in
+    /// bytes (`/metrics`).
+    pub replication_lag_bytes: Gauge,
+    /// Set every second by the WAL reader: seconds since the oldest transaction not yet
+    /// handed out committed, 0 when none waits (`/metrics`).
+    pub replication_lag_seconds: Gauge<f64, AtomicU64>,
     /// Counts authorization batches sent to the database (`/metrics`).
     pub authorization_queries: Counter,
     /// 1 while this process reads the replication slot (`/metrics`).
@@ -85,6 +98,10 @@ impl PostgresConfig {
             batch_delay: Duration::from_millis(10),
             catalog_refresh: Duration::from_secs(10),
             visibility_queries: Counter::default(),
+            visibility_query_seconds: Histogram::new(std::iter::empty()),
+            changes_decoded: Counter::default(),
+            replication_lag_bytes: Gauge::default(),
+            replication_lag_seconds: Gauge::default(),
             authorization_queries: Counter::default(),
             slot_held: Gauge::default(),
             shards: 1,
@@ -159,6 +176,7 @@ pub fn start(
             questions_rx.clone(),
             sink.clone(),
             config.visibility_queries.clone(),
+            Some(config.visibility_query_seconds.clone()),
         )));
     }
     let (authz, authz_rx) = mpsc::unbounded_channel();
@@ -169,6 +187,7 @@ pub fn start(
             authz_rx.clone(),
             sink.clone(),
             config.authorization_queries.clone(),
+            None,
         )));
     }
     let refresh = match &cluster {

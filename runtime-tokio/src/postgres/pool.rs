@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 use switchboard_engine::Input;
 use tokio::sync::{mpsc, Mutex};
 use tokio::time::Instant;
@@ -44,12 +45,15 @@ pub(crate) trait Answerer: Sized + Send + 'static {
     fn unanswered(question: &Self::Question) -> Input;
 }
 
-/// Runs one worker of a pool: answers batches from `queue` until it closes.
+/// Runs one worker of a pool: answers batches from `queue` until it closes. Counts each
+/// batch sent in `queries`, and observes in `seconds`, if given, how long each answered one
+/// took.
 pub(crate) async fn worker<A: Answerer>(
     url: Arc<str>,
     queue: Arc<Mutex<mpsc::UnboundedReceiver<A::Question>>>,
     sink: Sink,
     queries: Counter,
+    seconds: Option<Histogram>,
 ) {
     let mut answerer: Option<A> = None;
     let mut backoff = Backoff::new();
@@ -87,8 +91,14 @@ pub(crate) async fn worker<A: Answerer>(
         let answers = match answerer.as_mut() {
             Some(connection) if !connection.is_closed() => {
                 queries.inc();
+                let asked = Instant::now();
                 match tokio::time::timeout(ANSWER_TIMEOUT, connection.answer(&batch)).await {
-                    Ok(Ok(answers)) => Some(answers),
+                    Ok(Ok(answers)) => {
+                        if let Some(seconds) = &seconds {
+                            seconds.observe(asked.elapsed().as_secs_f64());
+                        }
+                        Some(answers)
+                    }
                     Ok(Err(error)) => {
                         warn!(%error, what = A::WHAT, "query failed; unanswered");
                         answerer = None;

@@ -5,10 +5,16 @@
 //! Delivery is at least once. Postgres resends everything after the slot's confirmed
 //! position when the stream reconnects; the engine skips changes at or below the highest
 //! position it accepted, so only a restart of switchboard itself can repeat a change.
+//!
+//! Every second the reader also reports how far it trails: the WAL the server wrote past
+//! the confirmed position, and how long ago the oldest transaction it read and has not
+//! handed out yet committed. That is 0 when nothing waits, however old the last commit: a
+//! quiet database is not a lagging one, and a transaction arriving after a quiet hour
+//! counts from its own commit, not from the last one handed out.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pg_walstream::{
     CancellationToken, LogicalReplicationMessage, LogicalReplicationParser,
@@ -69,6 +75,8 @@ pub(crate) async fn run(
         in_flight: VecDeque::new(),
         confirmed: 0,
     };
+    reader.config.replication_lag_bytes.set(0);
+    reader.config.replication_lag_seconds.set(0.0);
     let mut backoff = Backoff::new();
     loop {
         match reader.session(&mut progress, &mut backoff, &refresh).await {
@@ -89,6 +97,8 @@ pub(crate) async fn run(
 /// A transaction being decoded: its changes are handed out only once it commits.
 struct Transaction {
     xid: u32,
+    /// When it committed, in pgoutput's microseconds since 2000-01-01 UTC.
+    committed: i64,
     commit_timestamp: String,
     changes: Vec<Change>,
 }
@@ -100,6 +110,16 @@ struct Pending {
     lsn: u64,
     /// When the first transaction arrived: the batch leaves at most `batch_delay` later.
     since: Instant,
+    /// When the first transaction committed (pgoutput's microseconds).
+    committed: i64,
+}
+
+/// A batch handed to the engine and not confirmed yet.
+struct InFlight {
+    /// Commit end LSN of its last transaction.
+    lsn: u64,
+    /// When its first transaction committed (pgoutput's microseconds).
+    committed: i64,
 }
 
 struct Reader {
@@ -113,8 +133,8 @@ struct Reader {
     relations: HashMap<u32, Relation>,
     transaction: Option<Transaction>,
     pending: Option<Pending>,
-    /// LSNs of batches handed to the engine and not confirmed yet, oldest first.
-    in_flight: VecDeque<u64>,
+    /// Batches handed to the engine and not confirmed yet, oldest first.
+    in_flight: VecDeque<InFlight>,
     /// The highest LSN the engine reported as handed out.
     confirmed: u64,
 }
@@ -200,7 +220,10 @@ impl Reader {
                 () = sleep_until(flush_at), if flush_at.is_some() => self.flush(),
                 _ = refresh.tick() => self.refresh(&client, false).await?,
                 () = refresh_asked.notified() => self.refresh(&client, true).await?,
-                _ = idle.tick() => self.confirm_idle(&mut stream).await?,
+                _ = idle.tick() => {
+                    self.confirm_idle(&mut stream).await?;
+                    self.measure_lag(&client, stream.current_lsn()).await?;
+                }
                 // Dropping this read for another branch loses nothing: the connection
                 // keeps what it has received in its own buffer.
                 raw = stream.next_raw_event(&token), if room && !full => {
@@ -232,6 +255,7 @@ impl Reader {
             LogicalReplicationMessage::Begin { timestamp, xid, .. } => {
                 self.transaction = Some(Transaction {
                     xid,
+                    committed: timestamp,
                     commit_timestamp: decode::commit_timestamp(timestamp),
                     changes: Vec::new(),
                 });
@@ -324,6 +348,7 @@ impl Reader {
             transaction.xid,
         );
         transaction.changes.push(change);
+        self.config.changes_decoded.inc();
         Ok(())
     }
 
@@ -342,6 +367,7 @@ impl Reader {
             changes: Vec::new(),
             lsn: end_lsn,
             since: Instant::now(),
+            committed: transaction.committed,
         });
         pending.changes.extend(transaction.changes);
         pending.lsn = end_lsn;
@@ -357,7 +383,10 @@ impl Reader {
                 in_flight = self.in_flight.len(),
                 "handing a batch to the engine"
             );
-            self.in_flight.push_back(pending.lsn);
+            self.in_flight.push_back(InFlight {
+                lsn: pending.lsn,
+                committed: pending.committed,
+            });
             (self.sink)(Input::Changes(Arc::new(ChangeBatch {
                 changes: pending.changes,
                 lsn: pending.lsn,
@@ -389,7 +418,7 @@ impl Reader {
     fn progress(&mut self, lsn: u64) -> bool {
         // Batches resent after a reconnect may end below what was confirmed before: they
         // leave the flight all the same.
-        while self.in_flight.front().is_some_and(|&handed| handed <= lsn) {
+        while self.in_flight.front().is_some_and(|batch| batch.lsn <= lsn) {
             self.in_flight.pop_front();
         }
         if lsn <= self.confirmed {
@@ -397,6 +426,32 @@ impl Reader {
         }
         self.confirmed = lsn;
         true
+    }
+
+    /// Sets the lag gauges: the server's WAL position (or, if later, `received`, the last
+    /// one the stream reported) past the confirmed one, and the age of the oldest commit not
+    /// handed out.
+    async fn measure_lag(&self, client: &Client, received: u64) -> Result<(), WalError> {
+        let server = catalog::wal_position(client).await?.unwrap_or(0);
+        let written = server.max(received);
+        let behind = written.saturating_sub(self.confirmed);
+        self.config
+            .replication_lag_bytes
+            .set(i64::try_from(behind).unwrap_or(i64::MAX));
+        let waiting = self.oldest_waiting();
+        let seconds = seconds_since(waiting, SystemTime::now());
+        self.config.replication_lag_seconds.set(seconds);
+        Ok(())
+    }
+
+    /// When the oldest transaction read and not yet handed out committed: transactions
+    /// arrive in commit order, so the first in flight, else the first pending, else the one
+    /// being read.
+    fn oldest_waiting(&self) -> Option<i64> {
+        let in_flight = self.in_flight.front().map(|batch| batch.committed);
+        let pending = self.pending.as_ref().map(|batch| batch.committed);
+        let reading = self.transaction.as_ref().map(|t| t.committed);
+        in_flight.or(pending).or(reading)
     }
 
     /// Records the engine's progress and confirms it to Postgres at once, so the slot
@@ -417,6 +472,21 @@ impl Reader {
 
 /// How often a reader with nothing outstanding confirms the server's position.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+/// Microseconds from the Unix epoch to pgoutput's, 2000-01-01 UTC.
+const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+/// Seconds from `committed` (pgoutput's microseconds) to `now`; 0 with nothing committed,
+/// and for a commit the server's clock puts ahead of ours.
+fn seconds_since(committed: Option<i64>, now: SystemTime) -> f64 {
+    let Some(committed) = committed else {
+        return 0.0;
+    };
+    let now = now
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_micros() as i64);
+    (now - POSTGRES_EPOCH_MICROS - committed).max(0) as f64 / 1e6
+}
 
 async fn sleep_until(deadline: Option<Instant>) {
     if let Some(deadline) = deadline {
@@ -439,6 +509,17 @@ fn replication_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lag_counts_from_the_oldest_waiting_commit_and_is_zero_without_one() {
+        // 2024-01-01T00:00:00Z, in pgoutput's microseconds.
+        let committed = (1_704_067_200 - 946_684_800) * 1_000_000;
+        let later = UNIX_EPOCH + Duration::from_millis(1_704_067_202_500);
+        assert_eq!(seconds_since(Some(committed), later), 2.5);
+        assert_eq!(seconds_since(None, later), 0.0);
+        let earlier = UNIX_EPOCH + Duration::from_secs(1_704_067_199);
+        assert_eq!(seconds_since(Some(committed), earlier), 0.0, "clock skew");
+    }
 
     #[test]
     fn replication_url_keeps_the_users_parameters() {
