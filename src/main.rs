@@ -2,8 +2,10 @@
 //!
 //! `switchboard serve` starts it; every option also reads an environment variable.
 
+use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
+use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 mod jwks;
@@ -13,6 +15,7 @@ use clap::builder::RangedU64ValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use switchboard_engine::{auth, Config};
 use switchboard_tokio::cluster::{self, ClusterConfig};
+use switchboard_tokio::postgres::check::{self, Status};
 use switchboard_tokio::postgres::{self, PostgresConfig};
 use switchboard_tokio::{to_shards, Options, Server};
 use tracing::{error, info, warn};
@@ -41,6 +44,10 @@ enum Command {
     Serve(Box<Serve>),
     /// Install or upgrade the `realtime` schema (`serve` does it too at start), then exit.
     Migrate(Migrate),
+    /// Check a database for what realtime needs and print a fix for each shortfall
+    /// (`serve` logs the same checks at start). Exits 1 when a check failed, 2 when the
+    /// database could not be checked.
+    Check(Check),
     /// Mint a token signed with the project's JWT secret (HS256) and print it on the last
     /// line: an anon or service_role key, or a user's token to try policies with.
     Token(Token),
@@ -67,6 +74,34 @@ struct Migrate {
     /// Postgres connection URL.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: String,
+}
+
+#[derive(Args)]
+struct Check {
+    /// Postgres connection URL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    #[command(flatten)]
+    stream: Stream,
+}
+
+/// Where `serve` streams changes from, and so what `check` checks.
+#[derive(Args)]
+struct Stream {
+    /// The publication whose tables postgres_changes streams (Supabase creates it).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_PUBLICATION",
+        default_value = "supabase_realtime"
+    )]
+    publication: String,
+    /// The logical replication slot, created on first start and kept across restarts.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_SLOT_NAME",
+        default_value = "switchboard_slot"
+    )]
+    slot_name: String,
 }
 
 /// Which runtime drives the engines. Both run the same serving core, one engine and one
@@ -106,20 +141,8 @@ struct Serve {
     /// Postgres connection URL; enables postgres_changes.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
-    /// The publication whose tables postgres_changes streams (Supabase creates it).
-    #[arg(
-        long,
-        env = "SWITCHBOARD_PUBLICATION",
-        default_value = "supabase_realtime"
-    )]
-    publication: String,
-    /// The logical replication slot, created on first start and kept across restarts.
-    #[arg(
-        long,
-        env = "SWITCHBOARD_SLOT_NAME",
-        default_value = "switchboard_slot"
-    )]
-    slot_name: String,
+    #[command(flatten)]
+    stream: Stream,
     /// Database connections answering Row Level Security visibility checks.
     #[arg(long, env = "SWITCHBOARD_VISIBILITY_CONNECTIONS", default_value_t = 2)]
     visibility_connections: usize,
@@ -287,11 +310,13 @@ struct Serve {
     private_only: bool,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
     let command = Cli::parse().command;
     let log_level = match &command {
         Command::Serve(serve) => serve.log_level.as_str(),
         Command::Migrate(_) | Command::Token(_) => "info",
+        // The report is the output; a log line would only interleave with it.
+        Command::Check(_) => "warn",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -300,12 +325,13 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match command {
-        Command::Serve(serve) => run(*serve),
-        Command::Migrate(migrate) => run_migrate(&migrate.database_url),
+        Command::Serve(serve) => run(*serve).map(|()| ExitCode::SUCCESS),
+        Command::Migrate(migrate) => run_migrate(&migrate.database_url).map(|()| ExitCode::SUCCESS),
         Command::Token(token) => {
             println!("{}", mint(&token, unix_now()));
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
+        Command::Check(check) => run_check(&check),
     }
 }
 
@@ -353,21 +379,49 @@ fn lifetime(given: &str) -> Result<u64, String> {
     }
 }
 
-/// `switchboard migrate`: brings the schema up to date and says what it applied.
-fn run_migrate(database_url: &str) -> anyhow::Result<()> {
+/// Runs a command's one future to completion.
+fn block_on<F: Future>(future: F) -> anyhow::Result<F::Output> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting a tokio runtime")?;
-    let applied = runtime
-        .block_on(postgres::migrate(database_url))
-        .context("installing the realtime schema")?;
+    Ok(runtime.block_on(future))
+}
+
+/// `switchboard migrate`: brings the schema up to date and says what it applied.
+fn run_migrate(database_url: &str) -> anyhow::Result<()> {
+    let applied =
+        block_on(postgres::migrate(database_url))?.context("installing the realtime schema")?;
     if applied.is_empty() {
         println!("the realtime schema is up to date");
     } else {
         println!("applied realtime schema migrations {applied:?}");
     }
     Ok(())
+}
+
+/// `switchboard check`: prints the report; exit code 1 when a check failed (warnings pass),
+/// 2 when the database could not be checked, so scripts can tell the two apart.
+fn run_check(given: &Check) -> anyhow::Result<ExitCode> {
+    let checked = block_on(check::check(
+        &given.database_url,
+        &given.stream.publication,
+        &given.stream.slot_name,
+    ))?;
+    match checked {
+        Ok(findings) => {
+            print!("{}", check::report(&findings));
+            if findings.iter().any(|f| f.status == Status::Fail) {
+                Ok(ExitCode::from(1))
+            } else {
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+        Err(error) => {
+            eprintln!("switchboard check: {:#}", anyhow::Error::from(error));
+            Ok(ExitCode::from(2))
+        }
+    }
 }
 
 /// A NATS subject prefix: tokens without wildcards or spaces, none empty.
@@ -583,6 +637,13 @@ fn run(serve: Serve) -> anyhow::Result<()> {
             }
         };
         control.spawn(postgres::keep_schema(url.clone(), installed));
+        // After the schema, so its check reports what this start installed; in the
+        // background, so a slow database does not delay serving.
+        control.spawn(check::log_findings(
+            url.clone(),
+            serve.stream.publication.clone(),
+            serve.stream.slot_name.clone(),
+        ));
     }
     // In a cluster the slot holder's reader feeds every node through the cluster link.
     let (cluster_db, local_db) = match (&serve.cluster_nats, &database) {
@@ -634,8 +695,8 @@ fn run(serve: Serve) -> anyhow::Result<()> {
     let _postgres = database.map(|(url, outputs)| {
         let _entered = control.enter();
         let mut config = PostgresConfig::new(url);
-        config.publication = serve.publication;
-        config.slot_name = serve.slot_name;
+        config.publication = serve.stream.publication;
+        config.slot_name = serve.stream.slot_name;
         config.visibility_connections = serve.visibility_connections;
         config.visibility_queries = metrics.visibility_queries.clone();
         config.authorization_queries = metrics.authorization_queries.clone();

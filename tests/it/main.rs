@@ -2,6 +2,7 @@
 //! WebSocket clients and by the real supabase-js client under node.
 
 mod bad_input;
+mod check;
 mod cli;
 mod cluster;
 mod inspector;

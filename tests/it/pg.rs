@@ -1,7 +1,7 @@
 //! A throwaway PostgreSQL for the tests: its own data directory, port and socket directory,
 //! set up the way Supabase sets up a project (the `anon`, `authenticated` and
-//! `service_role` roles, the `auth` helpers, the `supabase_realtime` publication), removed
-//! on drop.
+//! `service_role` roles, the `auth` helpers, the `supabase_realtime` publication) unless a
+//! [`Setup`] says otherwise, removed on drop.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -12,11 +12,32 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// What Supabase creates in every project, as far as realtime depends on it.
 const SUPABASE_SQL: &str = include_str!("../sql/supabase.sql");
 
+/// How [`TempPostgres::start_with`] makes its server; the default is what
+/// [`TempPostgres::start`] makes, and what most tests need.
+pub struct Setup {
+    /// `logical` for the change stream; `replica` shows `switchboard check` refusing it.
+    pub wal_level: &'static str,
+    /// Whether to create what Supabase creates in every project (`tests/sql/supabase.sql`);
+    /// without it the database is as `initdb` left it.
+    pub supabase: bool,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            wal_level: "logical",
+            supabase: true,
+        }
+    }
+}
+
 /// A running PostgreSQL server, stopped and deleted on drop.
 pub struct TempPostgres {
     dir: PathBuf,
     bin: PathBuf,
     port: u16,
+    /// From the [`Setup`], for each [`TempPostgres::configure`] of a start on another port.
+    wal_level: &'static str,
     /// The unprivileged user the server runs as when the tests run as root (initdb and
     /// postgres refuse to run as root).
     user: Option<&'static str>,
@@ -25,6 +46,11 @@ pub struct TempPostgres {
 impl TempPostgres {
     /// Creates a cluster with logical replication enabled and starts it on a free port.
     pub fn start() -> TempPostgres {
+        TempPostgres::start_with(Setup::default())
+    }
+
+    /// Creates a cluster as `setup` says and starts it on a free port.
+    pub fn start_with(setup: Setup) -> TempPostgres {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -44,6 +70,7 @@ impl TempPostgres {
             dir,
             bin: bindir(),
             port: 0,
+            wal_level: setup.wal_level,
             user,
         };
         let initdb = pg
@@ -80,7 +107,9 @@ impl TempPostgres {
             }
             assert!(attempt < 5, "postgres did not start: {}", pg.log());
         }
-        pg.psql(SUPABASE_SQL);
+        if setup.supabase {
+            pg.psql(SUPABASE_SQL);
+        }
         pg
     }
 
@@ -172,11 +201,12 @@ impl TempPostgres {
         use std::io::Write;
         let settings = format!(
             "\nlisten_addresses = '127.0.0.1'\nport = {}\nunix_socket_directories = '{}'\n\
-             wal_level = logical\nmax_replication_slots = 10\nmax_wal_senders = 10\n\
+             wal_level = {}\nmax_replication_slots = 10\nmax_wal_senders = 10\n\
              max_connections = 40\nshared_buffers = 16MB\nfsync = off\n\
              full_page_writes = off\ntimezone = 'UTC'\n",
             self.port,
-            self.dir.display()
+            self.dir.display(),
+            self.wal_level,
         );
         std::fs::OpenOptions::new()
             .append(true)

@@ -8,7 +8,7 @@ use tracing::{info, warn};
 use super::catalog::connect;
 
 /// The migrations, in order: a version, a name, and the SQL.
-const MIGRATIONS: &[(i32, &str, &str)] = &[
+pub(super) const MIGRATIONS: &[(i32, &str, &str)] = &[
     (
         1,
         "realtime schema",

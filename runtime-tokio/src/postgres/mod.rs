@@ -8,6 +8,7 @@
 
 mod authz;
 mod catalog;
+pub mod check;
 mod decode;
 mod holder;
 mod migrate;
