@@ -9,10 +9,12 @@ use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 mod jwks;
+mod settings;
 
 use anyhow::Context;
 use clap::builder::RangedU64ValueParser;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use settings::LogFormat;
 use switchboard_engine::{auth, Config};
 use switchboard_tokio::cluster::{self, ClusterConfig};
 use switchboard_tokio::postgres::check::{self, Status};
@@ -117,6 +119,11 @@ enum Runtime {
 
 #[derive(Args)]
 struct Serve {
+    /// A TOML file of settings keyed by option name (`bind = "0.0.0.0:4000"`,
+    /// `max_concurrent_users = 500`): flags and environment variables override it, and it
+    /// overrides the defaults.
+    #[arg(long, env = "SWITCHBOARD_CONFIG")]
+    config: Option<String>,
     /// Address to listen on; port 0 picks a free one.
     #[arg(long, env = "SWITCHBOARD_BIND", default_value = "127.0.0.1:4000")]
     bind: SocketAddr,
@@ -188,6 +195,15 @@ struct Serve {
         default_value = "info,pg_walstream=warn"
     )]
     log_level: String,
+    /// Log lines as text (coloured only on a terminal, and never with NO_COLOR set) or as
+    /// JSON, one object per line, for log shippers.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     /// Frames queued per socket before the client is closed as a slow consumer.
     #[arg(
         long,
@@ -311,19 +327,15 @@ struct Serve {
 }
 
 fn main() -> anyhow::Result<ExitCode> {
-    let command = Cli::parse().command;
-    let log_level = match &command {
-        Command::Serve(serve) => serve.log_level.as_str(),
-        Command::Migrate(_) | Command::Token(_) => "info",
+    let args = settings::with_config_file(Cli::command(), std::env::args_os().collect())?;
+    let command = Cli::parse_from(args).command;
+    let (log_level, log_format) = match &command {
+        Command::Serve(serve) => (serve.log_level.as_str(), serve.log_format),
+        Command::Migrate(_) | Command::Token(_) => ("info", LogFormat::Text),
         // The report is the output; a log line would only interleave with it.
-        Command::Check(_) => "warn",
+        Command::Check(_) => ("warn", LogFormat::Text),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(log_level).context("parsing --log-level")?,
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    settings::init_logs(log_level, log_format)?;
     match command {
         Command::Serve(serve) => run(*serve).map(|()| ExitCode::SUCCESS),
         Command::Migrate(migrate) => run_migrate(&migrate.database_url).map(|()| ExitCode::SUCCESS),
@@ -717,7 +729,7 @@ fn run(serve: Serve) -> anyhow::Result<()> {
     // Tests and scripts wait for this line; stdout may be a pipe, so flush it now.
     println!("switchboard listening on http://{addr}");
     std::io::stdout().flush().context("writing to stdout")?;
-    info!(%addr, runtime = ?serve.runtime, shards = count, "listening");
+    info!(%addr, runtime = ?serve.runtime, shards = count, config = serve.config, "listening");
     control.block_on(shutdown_signal());
     let _ = stop.send(true);
     // The shards drain on their threads while this one keeps the cluster link and the

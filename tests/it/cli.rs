@@ -1,4 +1,5 @@
-//! The binary's small commands: `switchboard token`.
+//! The binary's small commands (`switchboard token`) and where `serve` takes its settings
+//! from: flags, environment, a config file, defaults.
 
 use std::process::{Command, Output};
 
@@ -93,4 +94,107 @@ fn token_refuses_a_bad_lifetime_or_no_secret_with_a_clear_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("--jwt-secret"), "{stderr}");
+}
+
+/// Starts `serve` with `args` and `env`, reads what it prints until it listens, stops it;
+/// returns the address it bound and its log lines up to then.
+fn serve_once(args: &[&str], env: &[(&str, &str)]) -> (String, Vec<String>) {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("serve")
+        .args(["--jwt-secret", SECRET])
+        .args(args)
+        .env_remove("SWITCHBOARD_BIND")
+        .env_remove("SWITCHBOARD_LOG_FORMAT")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let addr = stdout
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| {
+            Some(
+                l.strip_prefix("switchboard listening on http://")?
+                    .to_owned(),
+            )
+        })
+        .expect("it listens");
+    // The "listening" log line follows the printed address.
+    let mut logs = Vec::new();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    while let Some(Ok(line)) = stderr.next() {
+        let done = line.contains("listening");
+        logs.push(line);
+        if done {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    (addr, logs)
+}
+
+#[test]
+fn settings_come_from_flags_then_environment_then_the_config_file_then_defaults() {
+    let ports: Vec<u16> = (0..3).map(|_| crate::pg::free_port()).collect();
+    let dir = std::env::temp_dir().join(format!("switchboard-config-{}", ports[0]));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("switchboard.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "bind = \"127.0.0.1:{}\"\nlog-format = \"json\"\nlog_level = \"info\"\n",
+            ports[0]
+        ),
+    )
+    .unwrap();
+    let config = file.to_str().unwrap();
+    let at = |port: u16| format!("127.0.0.1:{port}");
+    let env_bind = at(ports[1]);
+
+    // The file over the defaults: its address, and JSON log lines.
+    let (addr, logs) = serve_once(&["--config", config], &[]);
+    assert_eq!(addr, at(ports[0]));
+    let listening: Value = serde_json::from_str(logs.last().unwrap()).expect("a JSON log line");
+    assert_eq!(listening["fields"]["message"], "listening");
+    assert_eq!(listening["fields"]["config"], config);
+
+    // The environment over the file; the file through its variable.
+    let (addr, _) = serve_once(
+        &[],
+        &[
+            ("SWITCHBOARD_CONFIG", config),
+            ("SWITCHBOARD_BIND", &env_bind),
+        ],
+    );
+    assert_eq!(addr, env_bind);
+
+    // A flag over both; text logs on a pipe carry no colour codes.
+    let (addr, logs) = serve_once(
+        &[
+            "--config",
+            config,
+            "--bind",
+            &at(ports[2]),
+            "--log-format",
+            "text",
+        ],
+        &[("SWITCHBOARD_BIND", &env_bind)],
+    );
+    assert_eq!(addr, at(ports[2]));
+    let line = logs.last().unwrap();
+    assert!(line.contains("INFO") && !line.contains('\u{1b}'), "{line}");
+
+    // A typo is an error naming the file and the key, not a setting silently dropped.
+    std::fs::write(&file, "max_concurent_users = 5\n").unwrap();
+    let output = switchboard(&["serve", "--config", config], Some(SECRET));
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("`max_concurent_users` is not a setting of `switchboard serve`"),
+        "{stderr}"
+    );
 }
