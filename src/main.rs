@@ -711,6 +711,10 @@ fn run(serve: Serve) -> anyhow::Result<()> {
         config.slot_name = serve.stream.slot_name;
         config.visibility_connections = serve.visibility_connections;
         config.visibility_queries = metrics.visibility_queries.clone();
+        config.visibility_query_seconds = metrics.visibility_query_seconds.clone();
+        config.changes_decoded = metrics.changes_decoded.clone();
+        config.replication_lag_bytes = metrics.replication_lag_bytes.clone();
+        config.replication_lag_seconds = metrics.replication_lag_seconds.clone();
         config.authorization_queries = metrics.authorization_queries.clone();
         config.slot_held = metrics.slot_held.clone();
         config.shards = count;

@@ -7,6 +7,7 @@ mod cli;
 mod cluster;
 mod inspector;
 mod jwks;
+mod metrics;
 mod migrate;
 mod nats;
 mod pg;
