@@ -134,18 +134,9 @@ done
 # then the join rate of public and private channels (1000 connections × 5 channels).
 rls_line=""
 join_line=""
-pgbin=$(pg_config --bindir 2>/dev/null || true)
-if [ -x "$pgbin/initdb" ]; then
-  pgdir=$(mktemp -d)
-  pgport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  as_pg=()
-  if [ "$(id -u)" = 0 ]; then chown postgres "$pgdir"; as_pg=(runuser -u postgres --); fi
-  "${as_pg[@]}" "$pgbin/initdb" -D "$pgdir/data" -A trust -U postgres > /dev/null
-  printf "wal_level = logical\nport = %s\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '%s'\nfsync = off\n" \
-    "$pgport" "$pgdir" >> "$pgdir/data/postgresql.conf"
-  "${as_pg[@]}" "$pgbin/pg_ctl" -D "$pgdir/data" -l "$pgdir/log" -w start > /dev/null
-  dburl="postgresql://postgres@127.0.0.1:$pgport/postgres"
-  "$pgbin/psql" -X -q -v ON_ERROR_STOP=1 "$dburl" -f tests/sql/supabase.sql
+# shellcheck source=benches/pg.sh
+. benches/pg.sh
+if pg_start; then
   # shellcheck disable=SC2046
   $(server_command "${servers[0]}") --bind 127.0.0.1:0 --jwt-secret "$secret" \
     --database-url "$dburl" --max-concurrent-users 1000000 --max-joins-per-second 0 \
@@ -155,11 +146,10 @@ if [ -x "$pgbin/initdb" ]; then
     addr=$(sed -n 's#^switchboard listening on http://##p' "$out/.server.out"); [ -n "$addr" ] && break; sleep 0.1
   done
   rls_line=$("$bin/rls_load" --addr "$addr" --database-url "$dburl" --secret "$secret" \
-    --subscribers 100 --groups 10 --rate 500 --duration "$secs" | tail -n 1)
+    --subscribers 100 --groups 10 --rate 500 --duration "$secs" --tables rls | tail -n 1)
   join_line=$("$bin/join_load" --addr "$addr" --database-url "$dburl" --secret "$secret" | tail -n 1)
   stop
-  "${as_pg[@]}" "$pgbin/pg_ctl" -D "$pgdir/data" -w stop > /dev/null
-  rm -rf "$pgdir"
+  pg_stop
   echo "rls (${servers[0]})  $rls_line"
   echo "joins (${servers[0]})  $join_line"
 fi
@@ -218,11 +208,12 @@ for r in rows:
     if r["mode"] == "floor":
         lines.append(line(r, r, "floor: " + r["label"]))
 if len(sys.argv) > 4 and sys.argv[4]:
-    r = json.loads(sys.argv[4])
+    c = json.loads(sys.argv[4])["ceilings"][0]
+    r = c["kept_up"] or c["fell_behind"]
     lines += [
         "",
         f"postgres_changes with RLS ({names[0]}): {r['subscribers']} subscribers in {r['claims_groups']} claims groups, "
-        f"{r['rows_per_sec']:.0f} rows/s inserted: {r['delivered_per_sec']:.0f} changes/s delivered "
+        f"{r['rate']} rows/s inserted: {r['delivered_per_sec']:.0f} changes/s delivered "
         f"({r['delivered']} of {r['expected']} expected), {r['visibility_queries']:.0f} visibility queries for "
         f"{r['rows']} rows = {r['queries_per_change']:.3f} per change ({r['queries_per_change_per_group']:.4f} per change per claims group).",
     ]
