@@ -112,9 +112,10 @@ pub struct Metrics {
     pub slow_consumers: Counter,
     /// Time spent in one `Engine::handle` plus its drain.
     pub handle_seconds: Histogram,
-    /// Visibility questions sent to the database, counted by the postgres subsystem.
+    /// Visibility transactions sent to the database (each answers one or more questions),
+    /// counted by the postgres subsystem.
     pub visibility_queries: Counter,
-    /// How long the database took to answer each visibility question.
+    /// How long the database took to answer each visibility transaction.
     pub visibility_query_seconds: Histogram,
     /// Changes the WAL reader decoded.
     pub changes_decoded: Counter,
@@ -225,12 +226,12 @@ impl Metrics {
         );
         registry.register(
             "visibility_queries",
-            "Row Level Security visibility questions sent to the database",
+            "Row Level Security visibility transactions sent to the database; the questions of one role queued together share one",
             metrics.visibility_queries.clone(),
         );
         registry.register(
             "visibility_query_seconds",
-            "Time the database took to answer one Row Level Security visibility question \
+            "Time the database took to answer one Row Level Security visibility transaction \
              (answered ones; failures and timeouts are asked again and not observed)",
             metrics.visibility_query_seconds.clone(),
         );

@@ -227,3 +227,106 @@ async fn the_answer_waits_for_the_writing_transaction() {
         "answered before the commit was visible"
     );
 }
+
+/// Questions queued together share a transaction per role, each judged under its own
+/// claims, and get the verdicts each gets alone. One whose policy fails for its claims sends
+/// the others of its role back to a transaction each, with the same verdicts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn questions_queued_together_get_the_verdicts_each_gets_alone() {
+    use Verdict::{Hidden, Unauthorized, Visible};
+    let pg = TempPostgres::start();
+    pg.psql(SCHEMA);
+    let mut config = PostgresConfig::new(pg.url());
+    config.visibility_connections = 1;
+    let counted = config.visibility_queries.clone();
+    let mut engine = Engine::start(config);
+    let notes = || {
+        let note = |id: i64, owner: &str, shared: bool| {
+            check(
+                "notes",
+                json!({"id": id, "owner": owner, "body": "x", "shared": shared, "tags": ["pub"], "n": 1}),
+            )
+        };
+        vec![
+            note(1, ALICE, false),
+            note(2, BOB, false),
+            note(3, BOB, true),
+        ]
+    };
+    let writer = pg.client().await;
+    let mut n = 0;
+    for failing in [false, true] {
+        // Hold the one connection on a question that waits for an open transaction, so
+        // the others queue behind it and are taken together.
+        writer.batch_execute("begin").await.expect("begin");
+        writer
+            .execute(
+                &format!("insert into public.members values ('lobby', '{ALICE}')"),
+                &[],
+            )
+            .await
+            .expect("joining the room");
+        let xid: String = writer
+            .query_one("select pg_current_xact_id()::text", &[])
+            .await
+            .expect("the xid")
+            .get(0);
+        let xid = (xid.parse::<u64>().expect("a number") & 0xffff_ffff) as u32;
+        let message = check("messages", json!({"id": 1, "room": "lobby"}));
+        n += 1;
+        let mut expected = vec![(n, vec![Visible])];
+        engine.send(Output::Visibility(query(
+            n,
+            "authenticated",
+            ALICE,
+            vec![message],
+            vec![xid],
+        )));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut asked = vec![
+            (
+                query(0, "authenticated", ALICE, notes(), vec![]),
+                vec![Visible, Hidden, Visible],
+            ),
+            (
+                query(0, "anon", "", notes(), vec![]),
+                vec![Hidden, Hidden, Visible],
+            ),
+            (
+                query(0, "authenticated", BOB, notes(), vec![]),
+                vec![Hidden, Visible, Visible],
+            ),
+            (
+                query(0, "nobody", ALICE, notes(), vec![]),
+                vec![Unauthorized; 3],
+            ),
+            (
+                query(0, "service_role", "", notes(), vec![]),
+                vec![Visible; 3],
+            ),
+        ];
+        if failing {
+            let broken = vec![check("broken", json!({"id": 1})), notes().remove(0)];
+            let query = query(0, "authenticated", ALICE, broken, vec![]);
+            asked.push((query, vec![Unauthorized, Visible]));
+        }
+        for (mut question, verdicts) in asked {
+            n += 1;
+            question.id.n = n;
+            expected.push((n, verdicts));
+            engine.send(Output::Visibility(question));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        writer.batch_execute("commit").await.expect("commit");
+        let mut answered = Vec::new();
+        while answered.len() < expected.len() {
+            if let Input::Visibility { id, verdicts } = engine.next().await {
+                answered.push((id.n, verdicts.expect("answered")));
+            }
+        }
+        answered.sort_by_key(|(n, _)| *n);
+        assert_eq!(answered, expected, "failing policy: {failing}");
+    }
+    // Per round: the question held, then every other one in one batch.
+    assert_eq!(counted.get(), 4);
+}

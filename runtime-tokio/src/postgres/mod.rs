@@ -63,9 +63,10 @@ pub struct PostgresConfig {
     /// How often the publication's tables are re-read, so `ALTER PUBLICATION … ADD TABLE`
     /// is noticed without any change to the new table.
     pub catalog_refresh: Duration,
-    /// Counts visibility questions sent to the database (`/metrics`).
+    /// Counts visibility transactions sent to the database (`/metrics`); the questions of
+    /// one role queued together share one.
     pub visibility_queries: Counter,
-    /// How long each answered visibility question took (`/metrics`). The default has no
+    /// How long each answered visibility transaction took (`/metrics`). The default has no
     /// buckets but `+Inf`: the binary hands in its own.
     pub visibility_query_seconds: Histogram,
     /// Counts the changes the WAL reader decodes (`/metrics`).

@@ -14,10 +14,18 @@
 //! first waits until the writing transactions are visible to its snapshot, so such a
 //! policy sees what they committed.
 //!
-//! One transaction per question, two round trips in the common case: the settings, the
-//! visibility wait and the policies in one pipeline, then one query per table.
+//! One transaction answers the questions of one role queued together (the claims groups of
+//! a batch), in three round trips in the common case: the settings, the visibility wait and
+//! the policies in one pipeline; then, in a second, each question's claims followed by its
+//! evaluation per table; then the rollback. A batch seen by a hundred users costs three
+//! round trips, not three hundred. A question that fails on its own (a policy that raises
+//! for some claims) aborts the shared transaction, so the questions are then answered one
+//! transaction each, where such a failure is judged per table.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -26,7 +34,7 @@ use switchboard_engine::Input;
 use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Statement};
+use tokio_postgres::{Client, Row, Statement};
 use tracing::{debug, warn};
 
 use super::pool::Answerer;
@@ -47,6 +55,7 @@ const PREPARED_MAX: usize = 256;
 pub(crate) struct Checker {
     client: Client,
     settings: Statement,
+    claims: Statement,
     wait: Statement,
     policies: Statement,
     /// Evaluation statements by their text.
@@ -73,6 +82,10 @@ const SETTINGS: &str = "select set_config('role', $1, true), \
     set_config('request.jwt.claim.sub', $3, true), \
     set_config('request.jwt.claim.role', $1, true), \
     set_config('statement_timeout', $4, true)";
+
+/// One question's claims, within a transaction of its role.
+const CLAIMS: &str = "select set_config('request.jwt.claims', $1, true), \
+    set_config('request.jwt.claim.sub', $2, true)";
 
 /// Whether every transaction of `$1` (32-bit xids, as pgoutput sends them) is visible to
 /// this statement's snapshot. Their epoch is the snapshot's: each committed before it.
@@ -122,8 +135,9 @@ struct Unanswered(#[from] tokio_postgres::Error);
 impl Answerer for Checker {
     type Question = VisibilityQuery;
     const WHAT: &'static str = "visibility";
-    // One question is one batch and claims group already.
-    const BATCH_MAX: usize = 1;
+    // Each question is one claims group of a batch; a batch seen by many users queues
+    // many at once, and those of one role share a transaction.
+    const BATCH_MAX: usize = 64;
 
     async fn connect(url: &str) -> Result<Checker, tokio_postgres::Error> {
         Checker::open(url).await
@@ -137,15 +151,37 @@ impl Answerer for Checker {
         &mut self,
         batch: &[VisibilityQuery],
     ) -> Result<Vec<Input>, tokio_postgres::Error> {
-        let mut inputs = Vec::with_capacity(batch.len());
-        for query in batch {
-            let verdicts = self.verdicts(query).await.map_err(|Unanswered(e)| e)?;
-            inputs.push(Input::Visibility {
-                id: query.id,
-                verdicts: Some(verdicts),
-            });
+        let mut answers: Vec<Option<Vec<Verdict>>> = vec![None; batch.len()];
+        for members in same_role(batch) {
+            let together = match members.len() {
+                1 => None,
+                _ => self
+                    .together(batch, &members)
+                    .await
+                    .map_err(|Unanswered(e)| e)?,
+            };
+            match together {
+                Some(verdicts) => {
+                    for (&i, verdicts) in members.iter().zip(verdicts) {
+                        answers[i] = Some(verdicts);
+                    }
+                }
+                None => {
+                    for &i in &members {
+                        let verdicts = self.verdicts(&batch[i]).await.map_err(|Unanswered(e)| e)?;
+                        answers[i] = Some(verdicts);
+                    }
+                }
+            }
         }
-        Ok(inputs)
+        Ok(batch
+            .iter()
+            .zip(answers)
+            .map(|(query, verdicts)| Input::Visibility {
+                id: query.id,
+                verdicts,
+            })
+            .collect())
     }
 
     fn unanswered(query: &VisibilityQuery) -> Input {
@@ -159,14 +195,16 @@ impl Answerer for Checker {
 impl Checker {
     async fn open(url: &str) -> Result<Checker, tokio_postgres::Error> {
         let client = catalog::connect(url).await?;
-        let (settings, wait, policies) = tokio::try_join!(
+        let (settings, claims, wait, policies) = tokio::try_join!(
             client.prepare(SETTINGS),
+            client.prepare(CLAIMS),
             client.prepare(WAIT),
             client.prepare(POLICIES)
         )?;
         Ok(Checker {
             client,
             settings,
+            claims,
             wait,
             policies,
             prepared: HashMap::new(),
@@ -207,31 +245,211 @@ impl Checker {
             }
             Err(error) => Err(error.into()),
             Ok(_) => {
-                let mut visible: bool = visible?.get(0);
-                let started = Instant::now();
-                while !visible && started.elapsed() < VISIBLE_WAIT {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                    visible = client.query_one(&self.wait, &wait).await?.get(0);
-                }
-                if !visible {
-                    warn!(xids = ?query.xids, "writing transactions still not visible; judging anyway");
-                }
-                let policies: Vec<Policies> = policies?
-                    .iter()
-                    .map(|row| Policies {
-                        exists: row.get(0),
-                        active: row.get(1),
-                        readable: row.get(2),
-                        permissive: row.get(3),
-                        restrictive: row.get(4),
-                    })
-                    .collect();
+                self.wait_visible(visible?.get(0), &xids).await?;
+                let policies = policies?.iter().map(Policies::from_row).collect::<Vec<_>>();
                 self.judge(query, &tables, &policies).await
             }
         };
         // Nothing to keep: rolling back also restores the role and the settings.
         self.client.batch_execute("rollback").await?;
         outcome
+    }
+
+    /// Verdicts for `members` of `batch`, questions of one role, in one transaction; `None`
+    /// when one of them failed on its own, so each must be answered alone.
+    async fn together(
+        &mut self,
+        batch: &[VisibilityQuery],
+        members: &[usize],
+    ) -> Result<Option<Vec<Vec<Verdict>>>, Unanswered> {
+        let first = &batch[members[0]];
+        let mut xids: Vec<i64> = members
+            .iter()
+            .flat_map(|&i| batch[i].xids.iter().map(|&x| i64::from(x)))
+            .collect();
+        xids.sort_unstable();
+        xids.dedup();
+        // Every table any member asks about, once.
+        let mut names: Vec<(&str, &str)> = Vec::new();
+        for &i in members {
+            for check in &batch[i].checks {
+                let name = (check.schema.as_str(), check.table.as_str());
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+        }
+        let schemas: Vec<&str> = names.iter().map(|n| n.0).collect();
+        let tables: Vec<&str> = names.iter().map(|n| n.1).collect();
+        let claims = |query: &VisibilityQuery| {
+            let claims = serde_json::to_string(&*query.claims).expect("a JSON map serialises");
+            let sub = query.claims.get("sub").map(text).unwrap_or_default();
+            (claims, sub)
+        };
+        let (claims0, sub0) = claims(first);
+        let client = &self.client;
+        let settings: [&(dyn ToSql + Sync); 4] = [&first.role, &claims0, &sub0, &STATEMENT_TIMEOUT];
+        let wait: [&(dyn ToSql + Sync); 1] = [&xids];
+        let tables_of: [&(dyn ToSql + Sync); 2] = [&schemas, &tables];
+        let (begun, settings, visible, policies) = tokio::join!(
+            client.batch_execute("begin isolation level read committed"),
+            client.execute(&self.settings, &settings),
+            client.query_one(&self.wait, &wait),
+            client.query(&self.policies, &tables_of),
+        );
+        begun?;
+        let outcome = match settings {
+            // The role does not exist, say: nothing under it can be read.
+            Err(error) if !transient(&error) => Ok(Some(
+                members
+                    .iter()
+                    .map(|&i| vec![Verdict::Unauthorized; batch[i].checks.len()])
+                    .collect(),
+            )),
+            Err(error) => Err(error.into()),
+            Ok(_) => {
+                self.wait_visible(visible?.get(0), &xids).await?;
+                let policies: Vec<Policies> = policies?.iter().map(Policies::from_row).collect();
+                self.judge_together(batch, members, &names, &policies).await
+            }
+        };
+        self.client.batch_execute("rollback").await?;
+        outcome
+    }
+
+    /// The verdicts of [`Checker::together`] once the role is set and the policies read:
+    /// each member's claims and then its evaluations, every statement in one pipeline.
+    async fn judge_together(
+        &mut self,
+        batch: &[VisibilityQuery],
+        members: &[usize],
+        names: &[(&str, &str)],
+        policies: &[Policies],
+    ) -> Result<Option<Vec<Vec<Verdict>>>, Unanswered> {
+        let policy_of = |check: &RowCheck| {
+            let at = names
+                .iter()
+                .position(|&(schema, table)| schema == check.schema && table == check.table)
+                .expect("every table of every member was asked about");
+            &policies[at]
+        };
+        // Verdicts the catalog decides alone; the rest wait for their evaluation, which
+        // needs its statement prepared before the pipeline.
+        let mut verdicts: Vec<Vec<Verdict>> = Vec::with_capacity(members.len());
+        // (member's position, the checks' indices, statement, the rows as JSON)
+        let mut evaluations: Vec<(usize, Vec<usize>, Statement, String)> = Vec::new();
+        let mut claims: Vec<(String, String)> = Vec::with_capacity(members.len());
+        for (m, &i) in members.iter().enumerate() {
+            let query = &batch[i];
+            let mut own = vec![Verdict::Hidden; query.checks.len()];
+            for group in tables(&query.checks) {
+                let policy = policy_of(&query.checks[group[0]]);
+                let decided = if !policy.exists || !policy.readable {
+                    Some(Verdict::Unauthorized)
+                } else if !policy.active {
+                    Some(Verdict::Visible)
+                } else if policy.permissive.is_empty() {
+                    Some(Verdict::Hidden)
+                } else {
+                    None
+                };
+                match decided {
+                    Some(verdict) => group.iter().for_each(|&c| own[c] = verdict),
+                    None => {
+                        let first = &query.checks[group[0]];
+                        let statement = self.statement(&first.schema, &first.table, policy).await?;
+                        let rows: Vec<&serde_json::Map<String, Value>> =
+                            group.iter().map(|&c| &*query.checks[c].row).collect();
+                        let rows = serde_json::to_string(&rows).expect("rows serialise");
+                        evaluations.push((m, group, statement, rows));
+                    }
+                }
+            }
+            verdicts.push(own);
+            let sub = query.claims.get("sub").map(text).unwrap_or_default();
+            claims.push((
+                serde_json::to_string(&*query.claims).expect("a JSON map serialises"),
+                sub,
+            ));
+        }
+        // In order: member 0's claims, its evaluations, member 1's claims, and so on.
+        let (client, set_claims) = (&self.client, &self.claims);
+        let mut steps: Vec<Step<'_>> = Vec::new();
+        let mut evaluated = evaluations.iter().peekable();
+        for (m, (claims, sub)) in claims.iter().enumerate() {
+            steps.push(Box::pin(async move {
+                let params: [&(dyn ToSql + Sync); 2] = [claims, sub];
+                client
+                    .execute(set_claims, &params)
+                    .await
+                    .map(|_| Vec::new())
+            }));
+            while let Some((_, _, statement, rows)) = evaluated.next_if(|e| e.0 == m) {
+                steps.push(Box::pin(async move {
+                    let params: [&(dyn ToSql + Sync); 1] = [rows];
+                    client.query(statement, &params).await
+                }));
+            }
+        }
+        let results = in_order(steps).await;
+        let mut answers = Vec::with_capacity(evaluations.len());
+        for result in results {
+            match result {
+                Ok(rows) => answers.push(rows),
+                Err(error) if transient(&error) => return Err(error.into()),
+                // A policy failed for some member's claims: the transaction is aborted.
+                Err(_) => return Ok(None),
+            }
+        }
+        // Each member's claims step (no rows), then its evaluations, in order.
+        let mut answers = answers.into_iter();
+        for (m, own) in verdicts.iter_mut().enumerate() {
+            answers.next().expect("the member's claims step");
+            for (_, group, _, _) in evaluations.iter().filter(|e| e.0 == m) {
+                let rows = answers.next().expect("one answer per evaluation");
+                for n in passed(&rows, group.len()) {
+                    own[group[n]] = Verdict::Visible;
+                }
+            }
+        }
+        Ok(Some(verdicts))
+    }
+
+    /// Waits until the writing transactions are visible to this transaction's snapshots
+    /// (`visible` is the first answer), or judges anyway after [`VISIBLE_WAIT`].
+    async fn wait_visible(&self, mut visible: bool, xids: &[i64]) -> Result<(), Unanswered> {
+        let wait: [&(dyn ToSql + Sync); 1] = [&xids];
+        let started = Instant::now();
+        while !visible && started.elapsed() < VISIBLE_WAIT {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            visible = self.client.query_one(&self.wait, &wait).await?.get(0);
+        }
+        if !visible {
+            warn!(
+                ?xids,
+                "writing transactions still not visible; judging anyway"
+            );
+        }
+        Ok(())
+    }
+
+    /// The prepared evaluation statement for `table` under `policies`.
+    async fn statement(
+        &mut self,
+        schema: &str,
+        table: &str,
+        policies: &Policies,
+    ) -> Result<Statement, tokio_postgres::Error> {
+        let sql = evaluation(schema, table, policies);
+        if let Some(statement) = self.prepared.get(&sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(&sql).await?;
+        if self.prepared.len() >= PREPARED_MAX {
+            self.prepared.clear();
+        }
+        self.prepared.insert(sql, statement.clone());
+        Ok(statement)
     }
 
     /// Verdicts for every table of the question, given what the catalog says of each.
@@ -265,18 +483,12 @@ impl Checker {
                                 .batch_execute("release savepoint visibility")
                                 .await?;
                         }
-                        group
-                            .iter()
-                            .enumerate()
-                            .map(|(n, &i)| {
-                                let verdict = if visible.contains(&n) {
-                                    Verdict::Visible
-                                } else {
-                                    Verdict::Hidden
-                                };
-                                (i, verdict)
-                            })
-                            .collect()
+                        let mut judged: Vec<(usize, Verdict)> =
+                            group.iter().map(|&i| (i, Verdict::Hidden)).collect();
+                        for n in visible {
+                            judged[n].1 = Verdict::Visible;
+                        }
+                        judged
                     }
                     Err(error) if !transient(&error) => {
                         // A policy that cannot be evaluated for this role (it raises, or
@@ -313,27 +525,15 @@ impl Checker {
         policies: &Policies,
     ) -> Result<Vec<usize>, tokio_postgres::Error> {
         let first = &checks[group[0]];
-        let sql = evaluation(&first.schema, &first.table, policies);
-        let statement = match self.prepared.get(&sql) {
-            Some(statement) => statement.clone(),
-            None => {
-                let statement = self.client.prepare(&sql).await?;
-                if self.prepared.len() >= PREPARED_MAX {
-                    self.prepared.clear();
-                }
-                self.prepared.insert(sql, statement.clone());
-                statement
-            }
-        };
+        let statement = self
+            .statement(&first.schema, &first.table, policies)
+            .await?;
         let rows: Vec<&serde_json::Map<String, Value>> =
             group.iter().map(|&i| &*checks[i].row).collect();
         let rows = serde_json::to_string(&rows).expect("rows serialise");
         let params: [&(dyn ToSql + Sync); 1] = [&rows];
         let answer = self.client.query(&statement, &params).await?;
-        Ok(answer
-            .iter()
-            .filter_map(|row| usize::try_from(row.get::<_, i64>(0)).ok())
-            .collect())
+        Ok(passed(&answer, group.len()).collect())
     }
 }
 
@@ -361,6 +561,71 @@ fn evaluation(schema: &str, table: &str, policies: &Policies) -> String {
         table = ident(table),
         alias = ident(table),
     )
+}
+
+/// The positions an evaluation let through, among `rows` rows asked about.
+fn passed(answer: &[Row], rows: usize) -> impl Iterator<Item = usize> + '_ {
+    answer.iter().filter_map(move |row| {
+        usize::try_from(row.get::<_, i64>(0))
+            .ok()
+            .filter(|&n| n < rows)
+    })
+}
+
+impl Policies {
+    /// One row of [`POLICIES`].
+    fn from_row(row: &tokio_postgres::Row) -> Policies {
+        Policies {
+            exists: row.get(0),
+            active: row.get(1),
+            readable: row.get(2),
+            permissive: row.get(3),
+            restrictive: row.get(4),
+        }
+    }
+}
+
+/// One statement of a pipeline, answering rows (none for a `set_config`).
+type Step<'a> = Pin<Box<dyn Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send + 'a>>;
+
+/// Runs `steps` to the end, each polled first in the order given, so each sends its
+/// statement before the next does: one pipeline on the connection, in that order.
+/// (`join_all` polls in order only up to 30 futures.)
+async fn in_order<T>(mut steps: Vec<Pin<Box<dyn Future<Output = T> + Send + '_>>>) -> Vec<T> {
+    let mut done: Vec<Option<T>> = steps.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (step, done) in steps.iter_mut().zip(done.iter_mut()) {
+            if done.is_none() {
+                match step.as_mut().poll(cx) {
+                    Poll::Ready(answer) => *done = Some(answer),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    done.into_iter()
+        .map(|answer| answer.expect("every step completed"))
+        .collect()
+}
+
+/// Indices of `batch` grouped by role, in first-seen order: each group shares a
+/// transaction.
+fn same_role(batch: &[VisibilityQuery]) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (index, query) in batch.iter().enumerate() {
+        match groups.iter_mut().find(|g| batch[g[0]].role == query.role) {
+            Some(group) => group.push(index),
+            None => groups.push(vec![index]),
+        }
+    }
+    groups
 }
 
 /// Whether a failure may pass if the question is asked again: the connection or the
