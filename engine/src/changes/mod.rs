@@ -95,13 +95,13 @@ struct ChannelSubscriptions {
     subscriptions: Vec<Subscription>,
 }
 
-/// Who gets one change: a channel, the ids of its matching bindings, whether a verdict is
-/// needed, and from which claims group.
+/// Who gets one change: a channel, the ids of its matching bindings, and, when a verdict
+/// is needed, its claims group's place among the batch's questions.
 #[derive(Debug)]
 struct Delivery {
     channel: ChannelKey,
     ids: Vec<u32>,
-    group: Option<Arc<ClaimsGroup>>,
+    group: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -109,8 +109,8 @@ struct PendingBatch {
     /// Shared with the process's other shards, which get the same batch.
     batch: Arc<ChangeBatch>,
     deliveries: Vec<Vec<Delivery>>,
-    /// Verdicts by claims group key and change index.
-    verdicts: FxHashMap<(String, usize), Verdict>,
+    /// Verdicts by claims group (its place among the batch's questions) and change index.
+    verdicts: FxHashMap<(u32, usize), Verdict>,
     awaiting: BTreeSet<u64>,
     /// Messages sent from SQL (`realtime.send`), by change index: broadcast in their place.
     sent: FxHashMap<usize, Sent>,
@@ -120,7 +120,8 @@ struct PendingBatch {
 /// to ask again if the database fails to answer.
 #[derive(Debug)]
 struct Question {
-    group: String,
+    /// The claims group's place among its batch's questions.
+    group: u32,
     changes: Vec<usize>,
     query: VisibilityQuery,
     /// Failed answers in a row: the next retry waits `RETRY_FIRST_MS × 2^failures`.
@@ -521,8 +522,12 @@ impl Engine {
         self.changes.accepted_lsn = accepted.max(batch.lsn);
         let tables = self.changes.publication.as_ref();
         let mut deliveries = Vec::with_capacity(batch.changes.len());
-        // Per claims group, the changes whose visibility it needs.
-        let mut asks: BTreeMap<String, (Arc<ClaimsGroup>, Vec<usize>)> = BTreeMap::new();
+        // Per claims group, the changes whose visibility it needs, in first-seen order. A
+        // group is found by its address: channels share one `Arc` per group, and the
+        // deliveries hold it while the batch lives. Comparing the claims themselves cost a
+        // string copy and compare per subscriber per change.
+        let mut asks: Vec<(Arc<ClaimsGroup>, Vec<usize>)> = Vec::new();
+        let mut slots: FxHashMap<*const ClaimsGroup, u32> = FxHashMap::default();
         let mut sent = FxHashMap::default();
         for (index, change) in batch.changes.iter().enumerate() {
             if change.lsn <= accepted {
@@ -553,16 +558,17 @@ impl Engine {
                 if ids.is_empty() {
                     continue;
                 }
-                let group = (needs_verdict && channel.group.role != "service_role")
-                    .then(|| channel.group.clone());
-                if let Some(group) = &group {
-                    let ask = asks
-                        .entry(group.key.clone())
-                        .or_insert_with(|| (group.clone(), Vec::new()));
-                    if ask.1.last() != Some(&index) {
-                        ask.1.push(index);
+                let group = (needs_verdict && channel.group.role != "service_role").then(|| {
+                    let slot = *slots.entry(Arc::as_ptr(&channel.group)).or_insert_with(|| {
+                        asks.push((channel.group.clone(), Vec::new()));
+                        (asks.len() - 1) as u32
+                    });
+                    let ask = &mut asks[slot as usize].1;
+                    if ask.last() != Some(&index) {
+                        ask.push(index);
                     }
-                }
+                    slot
+                });
                 list.push(Delivery {
                     channel: key,
                     ids,
@@ -581,7 +587,7 @@ impl Engine {
         // Each row checked is shared by every group that checks it.
         let mut rows: FxHashMap<usize, Arc<Map<String, Value>>> = FxHashMap::default();
         let mut queries = Vec::with_capacity(asks.len());
-        for (key, (group, indices)) in asks {
+        for (slot, (group, indices)) in (0u32..).zip(asks) {
             let mut xids: Vec<u32> = Vec::new();
             let checks: Vec<RowCheck> = indices
                 .iter()
@@ -619,7 +625,7 @@ impl Engine {
             self.changes.questions.insert(
                 id,
                 Question {
-                    group: key,
+                    group: slot,
                     changes: indices,
                     query,
                     failures: 0,
@@ -696,7 +702,7 @@ impl Engine {
             let verdict = verdicts.get(n).copied().unwrap_or(Verdict::Hidden);
             batch
                 .verdicts
-                .insert((question.group.clone(), index), verdict);
+                .insert((question.group, index), verdict);
         }
         self.deliver_ready();
     }
@@ -770,10 +776,10 @@ impl Engine {
         // Recipients sharing topic, ids, serializer and data share one encoded frame.
         let mut frames: BTreeMap<FrameKey, Vec<ConnId>> = BTreeMap::new();
         for delivery in deliveries {
-            let verdict = match &delivery.group {
-                Some(group) => pending
+            let verdict = match delivery.group {
+                Some(slot) => pending
                     .verdicts
-                    .get(&(group.key.clone(), index))
+                    .get(&(slot, index))
                     .copied()
                     .unwrap_or(Verdict::Hidden),
                 None => Verdict::Visible,
