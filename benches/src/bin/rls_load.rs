@@ -182,10 +182,25 @@ async fn subscribers(args: &Args, table: &str, received: &Arc<Received>) -> Subs
             .expect("subscription");
         let received = received.clone();
         readers.push(tokio::spawn(async move {
-            while let Some(Ok(msg)) = ws.next().await {
-                if let Message::Text(text) = msg {
-                    if text.contains("postgres_changes") {
-                        received.note(&text);
+            // A heartbeat every 25 s, as the clients send: the server closes a socket
+            // that says nothing for a minute.
+            let mut heartbeat = tokio::time::interval(Duration::from_secs(25));
+            let mut sent = 0u64;
+            loop {
+                tokio::select! {
+                    msg = ws.next() => match msg {
+                        Some(Ok(Message::Text(text))) if text.contains("postgres_changes") => {
+                            received.note(&text)
+                        }
+                        Some(Ok(_)) => {}
+                        _ => return,
+                    },
+                    _ = heartbeat.tick() => {
+                        sent += 1;
+                        let beat = json!([null, format!("hb-{sent}"), "phoenix", "heartbeat", {}]);
+                        if ws.send(Message::Text(beat.to_string().into())).await.is_err() {
+                            return;
+                        }
                     }
                 }
             }
