@@ -330,3 +330,76 @@ async fn questions_queued_together_get_the_verdicts_each_gets_alone() {
     // Per round: the question held, then every other one in one batch.
     assert_eq!(counted.get(), 4);
 }
+
+/// A table guarded by Supabase's usual `owner = auth.uid()` is judged from the row's owner
+/// and the claims' `sub`, as Postgres would judge it; a `sub` that is no uuid, or an
+/// `auth.uid()` of the project's own, is still left to Postgres.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_policies_get_the_verdicts_postgres_gives() {
+    use Verdict::{Hidden, Unauthorized, Visible};
+    let pg = TempPostgres::start();
+    pg.psql(
+        "create table public.owned (id int8 primary key, owner uuid, body text);
+         alter table public.owned enable row level security;
+         create policy mine on public.owned for select to authenticated using (owner = auth.uid());
+         grant select on public.owned to anon, authenticated;",
+    );
+    let mut engine = Engine::start(PostgresConfig::new(pg.url()));
+    let rows = || {
+        vec![
+            check("owned", json!({"id": 1, "owner": ALICE, "body": "a"})),
+            check("owned", json!({"id": 2, "owner": BOB, "body": "b"})),
+            check("owned", json!({"id": 3, "owner": null, "body": "c"})),
+        ]
+    };
+    let mut n = 0;
+    let mut ask_as = |role: &str, claims: Value| {
+        n += 1;
+        let mut question = query(n, role, "", rows(), vec![]);
+        question.claims = Arc::new(claims.as_object().expect("an object").clone());
+        question
+    };
+    let upper = ALICE.to_uppercase();
+    let cases = [
+        (
+            ask_as("authenticated", json!({"sub": ALICE})),
+            vec![Visible, Hidden, Hidden],
+        ),
+        (
+            ask_as("authenticated", json!({"sub": upper})),
+            vec![Visible, Hidden, Hidden],
+        ),
+        (
+            ask_as("authenticated", json!({"sub": BOB})),
+            vec![Hidden, Visible, Hidden],
+        ),
+        // No policy for anon: nothing passes.
+        (ask_as("anon", json!({"sub": ALICE})), vec![Hidden; 3]),
+        // No sub: auth.uid() is null.
+        (ask_as("authenticated", json!({})), vec![Hidden; 3]),
+        // Not a uuid: auth.uid() raises in Postgres, and the subscriber is told so.
+        (
+            ask_as("authenticated", json!({"sub": "alice"})),
+            vec![Unauthorized; 3],
+        ),
+    ];
+    for (question, expected) in cases {
+        let claims = question.claims.clone();
+        assert_eq!(
+            ask(&mut engine, question).await,
+            Some(expected),
+            "{claims:?}"
+        );
+    }
+    // A helper of the project's own reads another claim: Postgres decides by it.
+    pg.psql(
+        "create or replace function auth.uid() returns uuid language sql stable as $$
+           select (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'uid')::uuid
+         $$;",
+    );
+    let question = ask_as("authenticated", json!({"sub": ALICE, "uid": BOB}));
+    assert_eq!(
+        ask(&mut engine, question).await,
+        Some(vec![Hidden, Visible, Hidden])
+    );
+}

@@ -74,6 +74,9 @@ struct Policies {
     permissive: Vec<String>,
     /// Likewise for the restrictive ones.
     restrictive: Vec<String>,
+    /// The column of the table's one policy `col = auth.uid()`: a row passes exactly when
+    /// it holds the subscriber's `sub` ([`owner_column`]).
+    owner: Option<String>,
 }
 
 /// The role and claims of a question, transaction-local as Supabase's helpers read them.
@@ -100,7 +103,8 @@ const WAIT: &str = "select coalesce(bool_and(pg_visible_in_snapshot(
 /// Per table (`$1` schemas, `$2` names): whether it exists, whether RLS applies to the
 /// current role, whether it may read the key, and the policies that apply to it for
 /// `SELECT`, as `check_role_for_policy` picks them (`PUBLIC`, or a role it has the
-/// privileges of). A policy without `USING` adds nothing to a `SELECT`.
+/// privileges of). A policy without `USING` adds nothing to a `SELECT`. Then its uuid
+/// columns and the source of `auth.uid()`, for [`owner_column`].
 const POLICIES: &str = "select c.oid is not null,
         coalesce(row_security_active(c.oid), false),
         coalesce(not exists (
@@ -119,7 +123,11 @@ const POLICIES: &str = "select c.oid is not null,
                 and p.polqual is not null
                 and (0 = any(p.polroles) or exists (select 1 from unnest(p.polroles) r
                      where r <> 0 and pg_has_role(current_user, r, 'USAGE')))
-              order by p.polname)
+              order by p.polname),
+        array(select a.attname::text from pg_catalog.pg_attribute a
+              where a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
+                and a.atttypid = 'pg_catalog.uuid'::pg_catalog.regtype),
+        (select p.prosrc from pg_catalog.pg_proc p where p.oid = to_regprocedure('auth.uid()'))
     from unnest($1::text[], $2::text[]) with ordinality as t(schema, name, i)
     left join pg_catalog.pg_namespace n on n.nspname = t.schema
     left join pg_catalog.pg_class c on c.relnamespace = n.oid and c.relname = t.name
@@ -353,9 +361,18 @@ impl Checker {
                 } else {
                     None
                 };
-                match decided {
-                    Some(verdict) => group.iter().for_each(|&c| own[c] = verdict),
-                    None => {
+                let sub = query.claims.get("sub").map(text).unwrap_or_default();
+                let owned = decided
+                    .is_none()
+                    .then(|| policy.by_owner(&query.checks, &group, &sub))
+                    .flatten();
+                match (decided, owned) {
+                    (Some(verdict), _) => group.iter().for_each(|&c| own[c] = verdict),
+                    (None, Some(owned)) => group
+                        .iter()
+                        .zip(owned)
+                        .for_each(|(&c, verdict)| own[c] = verdict),
+                    (None, None) => {
                         let first = &query.checks[group[0]];
                         let statement = self.statement(&first.schema, &first.table, policy).await?;
                         let rows: Vec<&serde_json::Map<String, Value>> =
@@ -377,6 +394,10 @@ impl Checker {
         let mut steps: Vec<Step<'_>> = Vec::new();
         let mut evaluated = evaluations.iter().peekable();
         for (m, (claims, sub)) in claims.iter().enumerate() {
+            if evaluated.peek().is_none_or(|e| e.0 != m) {
+                // Nothing of this member's needs Postgres.
+                continue;
+            }
             steps.push(Box::pin(async move {
                 let params: [&(dyn ToSql + Sync); 2] = [claims, sub];
                 client
@@ -404,6 +425,9 @@ impl Checker {
         // Each member's claims step (no rows), then its evaluations, in order.
         let mut answers = answers.into_iter();
         for (m, own) in verdicts.iter_mut().enumerate() {
+            if !evaluations.iter().any(|e| e.0 == m) {
+                continue;
+            }
             answers.next().expect("the member's claims step");
             for (_, group, _, _) in evaluations.iter().filter(|e| e.0 == m) {
                 let rows = answers.next().expect("one answer per evaluation");
@@ -461,6 +485,7 @@ impl Checker {
     ) -> Result<Vec<Verdict>, Unanswered> {
         let mut verdicts = vec![Verdict::Hidden; query.checks.len()];
         let several = tables.len() > 1;
+        let sub = query.claims.get("sub").map(text).unwrap_or_default();
         for (group, policy) in tables.iter().zip(policies) {
             let all = |verdict| group.iter().map(move |&i| (i, verdict));
             let judged: Vec<(usize, Verdict)> = if !policy.exists || !policy.readable {
@@ -470,6 +495,8 @@ impl Checker {
             } else if policy.permissive.is_empty() {
                 // No permissive policy: Postgres lets nothing through.
                 all(Verdict::Hidden).collect()
+            } else if let Some(owned) = policy.by_owner(&query.checks, group, &sub) {
+                group.iter().copied().zip(owned).collect()
             } else {
                 // A failed statement aborts the transaction: a savepoint keeps the tables
                 // after it answerable.
@@ -575,13 +602,38 @@ fn passed(answer: &[Row], rows: usize) -> impl Iterator<Item = usize> + '_ {
 impl Policies {
     /// One row of [`POLICIES`].
     fn from_row(row: &tokio_postgres::Row) -> Policies {
+        let permissive: Vec<String> = row.get(3);
+        let restrictive: Vec<String> = row.get(4);
+        let uuid_columns: Vec<String> = row.get(5);
+        let uid: Option<String> = row.get(6);
+        let owner = owner_column(&permissive, &restrictive, &uuid_columns, uid.as_deref());
         Policies {
             exists: row.get(0),
             active: row.get(1),
             readable: row.get(2),
-            permissive: row.get(3),
-            restrictive: row.get(4),
+            permissive,
+            restrictive,
+            owner,
         }
+    }
+
+    /// Verdicts for the rows at `group` of `checks` without asking Postgres, when the
+    /// table's policy is `owner = auth.uid()` and `sub` is a uuid as Postgres prints one:
+    /// the row passes exactly when its owner column holds `sub`. Most tables in Supabase
+    /// projects are guarded so; it spares evaluating every row for every claims group,
+    /// which is what bounds a batch seen by many users.
+    fn by_owner(&self, checks: &[RowCheck], group: &[usize], sub: &str) -> Option<Vec<Verdict>> {
+        let column = self.owner.as_deref()?;
+        let sub = canonical_uuid(sub)?;
+        Some(
+            group
+                .iter()
+                .map(|&i| match checks[i].row.get(column) {
+                    Some(Value::String(owner)) if *owner == sub => Verdict::Visible,
+                    _ => Verdict::Hidden,
+                })
+                .collect(),
+        )
     }
 }
 
@@ -613,6 +665,57 @@ async fn in_order<T>(mut steps: Vec<Pin<Box<dyn Future<Output = T> + Send + '_>>
     done.into_iter()
         .map(|answer| answer.expect("every step completed"))
         .collect()
+}
+
+/// Supabase's bodies of `auth.uid()`, without whitespace: the claim `sub` as a uuid.
+const SUPABASE_UID: [&str; 2] = [
+    "selectcoalesce(nullif(current_setting('request.jwt.claim.sub',true),''),(nullif(current_setting('request.jwt.claims',true),'')::jsonb->>'sub'))::uuid",
+    "selectnullif(current_setting('request.jwt.claim.sub',true),'')::uuid",
+];
+
+/// The column `col` when a table's policies for a role are exactly one permissive
+/// `(col = auth.uid())` (or `(auth.uid() = col)`, as `pg_get_expr` prints them) and no
+/// restrictive one, `col` is a plainly named uuid column, and `auth.uid()` is Supabase's.
+/// Anything else is left to Postgres.
+fn owner_column(
+    permissive: &[String],
+    restrictive: &[String],
+    uuid_columns: &[String],
+    uid: Option<&str>,
+) -> Option<String> {
+    let [only] = permissive else {
+        return None;
+    };
+    let source: String = uid?
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect::<String>()
+        .to_ascii_lowercase();
+    let standard = SUPABASE_UID.contains(&source.trim_end_matches(';'));
+    if !restrictive.is_empty() || !standard {
+        return None;
+    }
+    let inner = only.strip_prefix('(')?.strip_suffix(')')?;
+    let column = inner
+        .strip_suffix(" = auth.uid()")
+        .or_else(|| inner.strip_prefix("auth.uid() = "))?;
+    let plain = column.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && column
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    (plain && uuid_columns.iter().any(|c| c == column)).then(|| column.to_owned())
+}
+
+/// `sub` as Postgres prints a uuid (lowercase, hyphenated 8-4-4-4-12), if it is one in
+/// that form up to case; the other spellings Postgres accepts are left to Postgres.
+fn canonical_uuid(sub: &str) -> Option<String> {
+    let lower = sub.to_ascii_lowercase();
+    let canonical = lower.len() == 36
+        && lower.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        });
+    canonical.then_some(lower)
 }
 
 /// Indices of `batch` grouped by role, in first-seen order: each group shares a
@@ -681,6 +784,78 @@ mod tests {
     }
 
     #[test]
+    fn only_supabases_owner_policy_is_judged_without_postgres() {
+        let uid = "select coalesce(\n    nullif(current_setting('request.jwt.claim.sub', true), ''),\n    \
+                   (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub')\n  )::uuid\n";
+        let uuids = ["owner".to_owned(), "id".to_owned()];
+        let one = |expr: &str| vec![expr.to_owned()];
+        let owner = |permissive: &[String], restrictive: &[String], uid: Option<&str>| {
+            owner_column(permissive, restrictive, &uuids, uid)
+        };
+        assert_eq!(
+            owner(&one("(owner = auth.uid())"), &[], Some(uid)).as_deref(),
+            Some("owner")
+        );
+        assert_eq!(
+            owner(&one("(auth.uid() = id)"), &[], Some(uid)).as_deref(),
+            Some("id")
+        );
+        let old_uid = "select nullif(current_setting('request.jwt.claim.sub', true), '')::uuid;";
+        assert!(owner(&one("(owner = auth.uid())"), &[], Some(old_uid)).is_some());
+        // A helper of the project's own, a restrictive policy, a second permissive one, a
+        // column that is not a uuid, a quoted name, another expression: Postgres decides.
+        let custom = "select (current_setting('request.jwt.claims', true)::jsonb ->> 'uid')::uuid";
+        assert!(owner(&one("(owner = auth.uid())"), &[], Some(custom)).is_none());
+        assert!(owner(&one("(owner = auth.uid())"), &[], None).is_none());
+        assert!(owner(&one("(owner = auth.uid())"), &one("(x)"), Some(uid)).is_none());
+        let two = ["(owner = auth.uid())".to_owned(), "shared".to_owned()];
+        assert!(owner(&two, &[], Some(uid)).is_none());
+        assert!(owner(&one("(name = auth.uid())"), &[], Some(uid)).is_none());
+        assert!(owner(&one("(\"Owner\" = auth.uid())"), &[], Some(uid)).is_none());
+        assert!(owner(&one("((owner = auth.uid()) or true)"), &[], Some(uid)).is_none());
+    }
+
+    #[test]
+    fn owner_verdicts_need_a_canonical_uuid_sub() {
+        let alice = "1111aaaa-1111-1111-1111-111111111111";
+        assert_eq!(
+            canonical_uuid("1111AAAA-1111-1111-1111-111111111111").as_deref(),
+            Some(alice)
+        );
+        assert!(canonical_uuid("1111aaaa111111111111111111111111").is_none());
+        assert!(canonical_uuid("").is_none());
+        assert!(canonical_uuid("not-a-uuid").is_none());
+        let policies = Policies {
+            exists: true,
+            active: true,
+            readable: true,
+            permissive: vec!["(owner = auth.uid())".into()],
+            restrictive: vec![],
+            owner: Some("owner".into()),
+        };
+        let row = |owner: Value| RowCheck {
+            schema: "public".into(),
+            table: "notes".into(),
+            row: Arc::new(
+                json!({"id": 1, "owner": owner})
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+            ),
+        };
+        let checks = [
+            row(json!(alice)),
+            row(json!("2222bbbb-2222-2222-2222-222222222222")),
+            row(Value::Null),
+        ];
+        assert_eq!(
+            policies.by_owner(&checks, &[0, 1, 2], "1111AAAA-1111-1111-1111-111111111111"),
+            Some(vec![Verdict::Visible, Verdict::Hidden, Verdict::Hidden])
+        );
+        assert_eq!(policies.by_owner(&checks, &[0], "someone"), None);
+    }
+
+    #[test]
     fn policies_combine_as_postgres_combines_them() {
         let policies = Policies {
             exists: true,
@@ -688,6 +863,7 @@ mod tests {
             readable: true,
             permissive: vec!["a = 1".into(), "b".into()],
             restrictive: vec!["c".into(), "d".into()],
+            owner: None,
         };
         let sql = evaluation("public", "we\"ird", &policies);
         assert!(sql.contains("null::\"public\".\"we\"\"ird\""), "{sql}");
