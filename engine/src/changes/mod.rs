@@ -700,9 +700,7 @@ impl Engine {
             // An answer too short for its question leaves the rest hidden: the runtime
             // answers every check, so this only guards a runtime bug from leaking rows.
             let verdict = verdicts.get(n).copied().unwrap_or(Verdict::Hidden);
-            batch
-                .verdicts
-                .insert((question.group, index), verdict);
+            batch.verdicts.insert((question.group, index), verdict);
         }
         self.deliver_ready();
     }
