@@ -50,6 +50,16 @@ $$;",
     ),
 ];
 
+/// The body of Supabase's `auth.uid()` in [`AUTH_HELPERS`]: the visibility checker knows
+/// the helper by it.
+pub(super) fn auth_uid_body() -> &'static str {
+    AUTH_HELPERS[0]
+        .1
+        .split("$$")
+        .nth(1)
+        .expect("the definition has a body")
+}
+
 /// An unreachable host fails the check in this long rather than after TCP gives up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -38,7 +38,7 @@ use tokio_postgres::{Client, Row, Statement};
 use tracing::{debug, warn};
 
 use super::pool::Answerer;
-use super::{catalog, text};
+use super::{catalog, check, text};
 
 /// Longest one visibility statement may run. A stuck query fails its question, which the
 /// engine asks again later: it holds back its batch, never drops it.
@@ -222,41 +222,17 @@ impl Checker {
     /// One verdict per check, in order.
     async fn verdicts(&mut self, query: &VisibilityQuery) -> Result<Vec<Verdict>, Unanswered> {
         let tables = tables(&query.checks);
-        let claims = serde_json::to_string(&*query.claims).expect("a JSON map serialises");
-        let sub = query.claims.get("sub").map(text).unwrap_or_default();
         let xids: Vec<i64> = query.xids.iter().map(|&x| i64::from(x)).collect();
-        let schemas: Vec<&str> = tables
+        let names: Vec<(&str, &str)> = tables
             .iter()
-            .map(|t| query.checks[t[0]].schema.as_str())
+            .map(|t| &query.checks[t[0]])
+            .map(|check| (check.schema.as_str(), check.table.as_str()))
             .collect();
-        let names: Vec<&str> = tables
-            .iter()
-            .map(|t| query.checks[t[0]].table.as_str())
-            .collect();
-        let client = &self.client;
-        let settings: [&(dyn ToSql + Sync); 4] = [&query.role, &claims, &sub, &STATEMENT_TIMEOUT];
-        let wait: [&(dyn ToSql + Sync); 1] = [&xids];
-        let tables_of: [&(dyn ToSql + Sync); 2] = [&schemas, &names];
-        // One pipeline: every statement is sent before the first answer is read.
-        let (begun, settings, visible, policies) = tokio::join!(
-            client.batch_execute("begin isolation level read committed"),
-            client.execute(&self.settings, &settings),
-            client.query_one(&self.wait, &wait),
-            client.query(&self.policies, &tables_of),
-        );
-        begun?;
-        let outcome = match settings {
-            Err(error) if !transient(&error) => {
-                // The role does not exist, say: nothing under it can be read.
-                debug!(role = %query.role, %error, "visibility settings refused");
-                Ok(vec![Verdict::Unauthorized; query.checks.len()])
-            }
-            Err(error) => Err(error.into()),
-            Ok(_) => {
-                self.wait_visible(visible?.get(0), &xids).await?;
-                let policies = policies?.iter().map(Policies::from_row).collect::<Vec<_>>();
-                self.judge(query, &tables, &policies).await
-            }
+        let opened = self.begin(query, &xids, &names).await?;
+        let outcome = match opened {
+            Ok(Some(policies)) => self.judge(query, &tables, &policies).await,
+            Ok(None) => Ok(vec![Verdict::Unauthorized; query.checks.len()]),
+            Err(error) => Err(error),
         };
         // Nothing to keep: rolling back also restores the role and the settings.
         self.client.batch_execute("rollback").await?;
@@ -270,7 +246,6 @@ impl Checker {
         batch: &[VisibilityQuery],
         members: &[usize],
     ) -> Result<Option<Vec<Vec<Verdict>>>, Unanswered> {
-        let first = &batch[members[0]];
         let mut xids: Vec<i64> = members
             .iter()
             .flat_map(|&i| batch[i].xids.iter().map(|&x| i64::from(x)))
@@ -287,18 +262,41 @@ impl Checker {
                 }
             }
         }
+        // The first member's claims open the transaction; each member sets its own.
+        let opened = self.begin(&batch[members[0]], &xids, &names).await?;
+        let outcome = match opened {
+            Ok(Some(policies)) => self.judge_together(batch, members, &names, &policies).await,
+            Ok(None) => Ok(Some(
+                members
+                    .iter()
+                    .map(|&i| vec![Verdict::Unauthorized; batch[i].checks.len()])
+                    .collect(),
+            )),
+            Err(error) => Err(error),
+        };
+        self.client.batch_execute("rollback").await?;
+        outcome
+    }
+
+    /// Begins a transaction under `query`'s role and claims, asking in the same pipeline
+    /// whether the writing transactions `xids` are visible and what the policies of the
+    /// tables `names` are, then waits until they are visible. The outer error is the
+    /// `begin`'s: there is no transaction to roll back. Inside, `None` is a role Postgres
+    /// refused (it does not exist, say: nothing under it can be read).
+    async fn begin(
+        &self,
+        query: &VisibilityQuery,
+        xids: &[i64],
+        names: &[(&str, &str)],
+    ) -> Result<Result<Option<Vec<Policies>>, Unanswered>, Unanswered> {
+        let (claims, sub) = (claims_text(query), sub_of(query));
         let schemas: Vec<&str> = names.iter().map(|n| n.0).collect();
         let tables: Vec<&str> = names.iter().map(|n| n.1).collect();
-        let claims = |query: &VisibilityQuery| {
-            let claims = serde_json::to_string(&*query.claims).expect("a JSON map serialises");
-            let sub = query.claims.get("sub").map(text).unwrap_or_default();
-            (claims, sub)
-        };
-        let (claims0, sub0) = claims(first);
         let client = &self.client;
-        let settings: [&(dyn ToSql + Sync); 4] = [&first.role, &claims0, &sub0, &STATEMENT_TIMEOUT];
+        let settings: [&(dyn ToSql + Sync); 4] = [&query.role, &claims, &sub, &STATEMENT_TIMEOUT];
         let wait: [&(dyn ToSql + Sync); 1] = [&xids];
         let tables_of: [&(dyn ToSql + Sync); 2] = [&schemas, &tables];
+        // One pipeline: every statement is sent before the first answer is read.
         let (begun, settings, visible, policies) = tokio::join!(
             client.batch_execute("begin isolation level read committed"),
             client.execute(&self.settings, &settings),
@@ -306,23 +304,20 @@ impl Checker {
             client.query(&self.policies, &tables_of),
         );
         begun?;
-        let outcome = match settings {
-            // The role does not exist, say: nothing under it can be read.
-            Err(error) if !transient(&error) => Ok(Some(
-                members
-                    .iter()
-                    .map(|&i| vec![Verdict::Unauthorized; batch[i].checks.len()])
-                    .collect(),
-            )),
+        Ok(match settings {
+            Err(error) if !transient(&error) => {
+                debug!(role = %query.role, %error, "visibility settings refused");
+                Ok(None)
+            }
             Err(error) => Err(error.into()),
             Ok(_) => {
-                self.wait_visible(visible?.get(0), &xids).await?;
-                let policies: Vec<Policies> = policies?.iter().map(Policies::from_row).collect();
-                self.judge_together(batch, members, &names, &policies).await
+                async {
+                    self.wait_visible(visible?.get(0), xids).await?;
+                    Ok(Some(policies?.iter().map(Policies::from_row).collect()))
+                }
+                .await
             }
-        };
-        self.client.batch_execute("rollback").await?;
-        outcome
+        })
     }
 
     /// The verdicts of [`Checker::together`] once the role is set and the policies read:
@@ -349,45 +344,26 @@ impl Checker {
         let mut claims: Vec<(String, String)> = Vec::with_capacity(members.len());
         for (m, &i) in members.iter().enumerate() {
             let query = &batch[i];
+            let sub = sub_of(query);
             let mut own = vec![Verdict::Hidden; query.checks.len()];
             for group in tables(&query.checks) {
                 let policy = policy_of(&query.checks[group[0]]);
-                let decided = if !policy.exists || !policy.readable {
-                    Some(Verdict::Unauthorized)
-                } else if !policy.active {
-                    Some(Verdict::Visible)
-                } else if policy.permissive.is_empty() {
-                    Some(Verdict::Hidden)
-                } else {
-                    None
-                };
-                let sub = query.claims.get("sub").map(text).unwrap_or_default();
-                let owned = decided
-                    .is_none()
-                    .then(|| policy.by_owner(&query.checks, &group, &sub))
-                    .flatten();
-                match (decided, owned) {
-                    (Some(verdict), _) => group.iter().for_each(|&c| own[c] = verdict),
-                    (None, Some(owned)) => group
-                        .iter()
-                        .zip(owned)
-                        .for_each(|(&c, verdict)| own[c] = verdict),
-                    (None, None) => {
+                match policy.decide(&query.checks, &group, &sub) {
+                    Some(decided) => {
+                        for (&c, verdict) in group.iter().zip(decided) {
+                            own[c] = verdict;
+                        }
+                    }
+                    None => {
                         let first = &query.checks[group[0]];
                         let statement = self.statement(&first.schema, &first.table, policy).await?;
-                        let rows: Vec<&serde_json::Map<String, Value>> =
-                            group.iter().map(|&c| &*query.checks[c].row).collect();
-                        let rows = serde_json::to_string(&rows).expect("rows serialise");
+                        let rows = rows_text(&query.checks, &group);
                         evaluations.push((m, group, statement, rows));
                     }
                 }
             }
             verdicts.push(own);
-            let sub = query.claims.get("sub").map(text).unwrap_or_default();
-            claims.push((
-                serde_json::to_string(&*query.claims).expect("a JSON map serialises"),
-                sub,
-            ));
+            claims.push((claims_text(query), sub));
         }
         // In order: member 0's claims, its evaluations, member 1's claims, and so on.
         let (client, set_claims) = (&self.client, &self.claims);
@@ -485,58 +461,52 @@ impl Checker {
     ) -> Result<Vec<Verdict>, Unanswered> {
         let mut verdicts = vec![Verdict::Hidden; query.checks.len()];
         let several = tables.len() > 1;
-        let sub = query.claims.get("sub").map(text).unwrap_or_default();
+        let sub = sub_of(query);
         for (group, policy) in tables.iter().zip(policies) {
             let all = |verdict| group.iter().map(move |&i| (i, verdict));
-            let judged: Vec<(usize, Verdict)> = if !policy.exists || !policy.readable {
-                all(Verdict::Unauthorized).collect()
-            } else if !policy.active {
-                all(Verdict::Visible).collect()
-            } else if policy.permissive.is_empty() {
-                // No permissive policy: Postgres lets nothing through.
-                all(Verdict::Hidden).collect()
-            } else if let Some(owned) = policy.by_owner(&query.checks, group, &sub) {
-                group.iter().copied().zip(owned).collect()
-            } else {
-                // A failed statement aborts the transaction: a savepoint keeps the tables
-                // after it answerable.
-                if several {
-                    self.client.batch_execute("savepoint visibility").await?;
-                }
-                match self.evaluate(&query.checks, group, policy).await {
-                    Ok(visible) => {
-                        if several {
-                            self.client
-                                .batch_execute("release savepoint visibility")
-                                .await?;
-                        }
-                        let mut judged: Vec<(usize, Verdict)> =
-                            group.iter().map(|&i| (i, Verdict::Hidden)).collect();
-                        for n in visible {
-                            judged[n].1 = Verdict::Visible;
-                        }
-                        judged
+            let judged: Vec<(usize, Verdict)> =
+                if let Some(decided) = policy.decide(&query.checks, group, &sub) {
+                    group.iter().copied().zip(decided).collect()
+                } else {
+                    // A failed statement aborts the transaction: a savepoint keeps the tables
+                    // after it answerable.
+                    if several {
+                        self.client.batch_execute("savepoint visibility").await?;
                     }
-                    Err(error) if !transient(&error) => {
-                        // A policy that cannot be evaluated for this role (it raises, or
-                        // reads a table the role may not): the subscriber learns a change
-                        // happened, without its data, rather than nothing.
-                        warn!(
-                            role = %query.role,
-                            table = %query.checks[group[0]].table,
-                            %error,
-                            "a policy failed for this role; delivering as unauthorized"
-                        );
-                        if several {
-                            self.client
-                                .batch_execute("rollback to savepoint visibility")
-                                .await?;
+                    match self.evaluate(&query.checks, group, policy).await {
+                        Ok(visible) => {
+                            if several {
+                                self.client
+                                    .batch_execute("release savepoint visibility")
+                                    .await?;
+                            }
+                            let mut judged: Vec<(usize, Verdict)> =
+                                group.iter().map(|&i| (i, Verdict::Hidden)).collect();
+                            for n in visible {
+                                judged[n].1 = Verdict::Visible;
+                            }
+                            judged
                         }
-                        all(Verdict::Unauthorized).collect()
+                        Err(error) if !transient(&error) => {
+                            // A policy that cannot be evaluated for this role (it raises, or
+                            // reads a table the role may not): the subscriber learns a change
+                            // happened, without its data, rather than nothing.
+                            warn!(
+                                role = %query.role,
+                                table = %query.checks[group[0]].table,
+                                %error,
+                                "a policy failed for this role; delivering as unauthorized"
+                            );
+                            if several {
+                                self.client
+                                    .batch_execute("rollback to savepoint visibility")
+                                    .await?;
+                            }
+                            all(Verdict::Unauthorized).collect()
+                        }
+                        Err(error) => return Err(error.into()),
                     }
-                    Err(error) => return Err(error.into()),
-                }
-            };
+                };
             for (index, verdict) in judged {
                 verdicts[index] = verdict;
             }
@@ -555,9 +525,7 @@ impl Checker {
         let statement = self
             .statement(&first.schema, &first.table, policies)
             .await?;
-        let rows: Vec<&serde_json::Map<String, Value>> =
-            group.iter().map(|&i| &*checks[i].row).collect();
-        let rows = serde_json::to_string(&rows).expect("rows serialise");
+        let rows = rows_text(checks, group);
         let params: [&(dyn ToSql + Sync); 1] = [&rows];
         let answer = self.client.query(&statement, &params).await?;
         Ok(passed(&answer, group.len()).collect())
@@ -590,6 +558,23 @@ fn evaluation(schema: &str, table: &str, policies: &Policies) -> String {
     )
 }
 
+/// The question's claims as JSON, for `request.jwt.claims`.
+fn claims_text(query: &VisibilityQuery) -> String {
+    serde_json::to_string(&*query.claims).expect("a JSON map serialises")
+}
+
+/// The question's `sub` claim as text, for `request.jwt.claim.sub`: what `auth.uid()` reads.
+fn sub_of(query: &VisibilityQuery) -> String {
+    query.claims.get("sub").map(text).unwrap_or_default()
+}
+
+/// The rows at `group` of `checks` as one JSON array, what an evaluation reads.
+fn rows_text(checks: &[RowCheck], group: &[usize]) -> String {
+    let rows: Vec<&serde_json::Map<String, Value>> =
+        group.iter().map(|&i| &*checks[i].row).collect();
+    serde_json::to_string(&rows).expect("rows serialise")
+}
+
 /// The positions an evaluation let through, among `rows` rows asked about.
 fn passed(answer: &[Row], rows: usize) -> impl Iterator<Item = usize> + '_ {
     answer.iter().filter_map(move |row| {
@@ -614,6 +599,23 @@ impl Policies {
             permissive,
             restrictive,
             owner,
+        }
+    }
+
+    /// The verdicts for the rows at `group` of `checks` that need no policy evaluated (the
+    /// table is gone or unreadable, RLS does not apply, no permissive policy, or an owner
+    /// policy), or `None` when Postgres must evaluate them.
+    fn decide(&self, checks: &[RowCheck], group: &[usize], sub: &str) -> Option<Vec<Verdict>> {
+        let all = |verdict| Some(vec![verdict; group.len()]);
+        if !self.exists || !self.readable {
+            all(Verdict::Unauthorized)
+        } else if !self.active {
+            all(Verdict::Visible)
+        } else if self.permissive.is_empty() {
+            // No permissive policy: Postgres lets nothing through.
+            all(Verdict::Hidden)
+        } else {
+            self.by_owner(checks, group, sub)
         }
     }
 
@@ -667,11 +669,16 @@ async fn in_order<T>(mut steps: Vec<Pin<Box<dyn Future<Output = T> + Send + '_>>
         .collect()
 }
 
-/// Supabase's bodies of `auth.uid()`, without whitespace: the claim `sub` as a uuid.
-const SUPABASE_UID: [&str; 2] = [
-    "selectcoalesce(nullif(current_setting('request.jwt.claim.sub',true),''),(nullif(current_setting('request.jwt.claims',true),'')::jsonb->>'sub'))::uuid",
-    "selectnullif(current_setting('request.jwt.claim.sub',true),'')::uuid",
-];
+/// `auth.uid()` as Supabase defined it before it also read `request.jwt.claims`; today's
+/// body is [`check::auth_uid_body`]. Both are the claim `sub` as a uuid.
+const LEGACY_UID: &str = "select nullif(current_setting('request.jwt.claim.sub', true), '')::uuid";
+
+/// SQL without whitespace, in lower case and without a final `;`: how two bodies of a
+/// function are compared.
+fn squashed(sql: &str) -> String {
+    let squashed: String = sql.chars().filter(|c| !c.is_whitespace()).collect();
+    squashed.trim_end_matches(';').to_ascii_lowercase()
+}
 
 /// The column `col` when a table's policies for a role are exactly one permissive
 /// `(col = auth.uid())` (or `(auth.uid() = col)`, as `pg_get_expr` prints them) and no
@@ -686,12 +693,10 @@ fn owner_column(
     let [only] = permissive else {
         return None;
     };
-    let source: String = uid?
-        .chars()
-        .filter(|c| !c.is_whitespace())
-        .collect::<String>()
-        .to_ascii_lowercase();
-    let standard = SUPABASE_UID.contains(&source.trim_end_matches(';'));
+    let source = squashed(uid?);
+    let standard = [check::auth_uid_body(), LEGACY_UID]
+        .iter()
+        .any(|body| squashed(body) == source);
     if !restrictive.is_empty() || !standard {
         return None;
     }
