@@ -186,14 +186,9 @@ async fn policies_decide_what_each_subscriber_sees_from_the_rows_written() {
     assert_eq!(counted.get(), 6);
 }
 
-/// A policy that reads another table judges what the writing transaction committed there:
-/// the answer waits until that transaction is visible to the checker.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_answer_waits_for_the_writing_transaction() {
-    let pg = TempPostgres::start();
-    pg.psql(SCHEMA);
-    let mut engine = Engine::start(PostgresConfig::new(pg.url()));
-    let writer = pg.client().await;
+/// Begins a transaction on `writer` that puts Alice in the lobby and leaves it open;
+/// returns its xid as pgoutput sends it (32 bits).
+async fn alice_joins_the_lobby_uncommitted(writer: &tokio_postgres::Client) -> u32 {
     writer.batch_execute("begin").await.expect("begin");
     writer
         .execute(
@@ -207,7 +202,18 @@ async fn the_answer_waits_for_the_writing_transaction() {
         .await
         .expect("the xid")
         .get(0);
-    let xid = (xid.parse::<u64>().expect("a number") & 0xffff_ffff) as u32;
+    (xid.parse::<u64>().expect("a number") & 0xffff_ffff) as u32
+}
+
+/// A policy that reads another table judges what the writing transaction committed there:
+/// the answer waits until that transaction is visible to the checker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_answer_waits_for_the_writing_transaction() {
+    let pg = TempPostgres::start();
+    pg.psql(SCHEMA);
+    let mut engine = Engine::start(PostgresConfig::new(pg.url()));
+    let writer = pg.client().await;
+    let xid = alice_joins_the_lobby_uncommitted(&writer).await;
     let committer = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(500)).await;
         writer.batch_execute("commit").await.expect("commit");
@@ -258,20 +264,7 @@ async fn questions_queued_together_get_the_verdicts_each_gets_alone() {
     for failing in [false, true] {
         // Hold the one connection on a question that waits for an open transaction, so
         // the others queue behind it and are taken together.
-        writer.batch_execute("begin").await.expect("begin");
-        writer
-            .execute(
-                &format!("insert into public.members values ('lobby', '{ALICE}')"),
-                &[],
-            )
-            .await
-            .expect("joining the room");
-        let xid: String = writer
-            .query_one("select pg_current_xact_id()::text", &[])
-            .await
-            .expect("the xid")
-            .get(0);
-        let xid = (xid.parse::<u64>().expect("a number") & 0xffff_ffff) as u32;
+        let xid = alice_joins_the_lobby_uncommitted(&writer).await;
         let message = check("messages", json!({"id": 1, "room": "lobby"}));
         n += 1;
         let mut expected = vec![(n, vec![Visible])];
