@@ -105,6 +105,16 @@ pub fn deliveries(engine: &mut Engine) -> usize {
     delivered
 }
 
+/// A connection to the database at `url`, its driver running on the current runtime: what
+/// the load generators that write rows (`rls_load`, `join_load`) start with.
+pub async fn database(url: &str) -> tokio_postgres::Client {
+    let (db, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("database reachable");
+    tokio::spawn(connection);
+    db
+}
+
 /// The value of a counter or gauge in the /metrics of the switchboard at `addr`, 0 when it
 /// cannot be read: the load generators report what the server did, not only what they saw.
 pub async fn metric(addr: &str, name: &str) -> f64 {

@@ -13,7 +13,7 @@ use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
-use switchboard_benches::metric;
+use switchboard_benches::{database, metric};
 use switchboard_engine::auth;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -129,10 +129,7 @@ async fn round(args: &Args, private: bool) -> Value {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let (db, connection) = tokio_postgres::connect(&args.database_url, tokio_postgres::NoTls)
-        .await
-        .expect("database reachable");
-    tokio::spawn(connection);
+    let db = database(&args.database_url).await;
     // serve installs the realtime schema at start.
     for _ in 0..100 {
         if db.batch_execute(SETUP).await.is_ok() {

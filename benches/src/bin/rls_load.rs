@@ -23,7 +23,7 @@ use clap::{Parser, ValueEnum};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
-use switchboard_benches::metric;
+use switchboard_benches::{database, metric};
 use switchboard_engine::auth;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -294,10 +294,7 @@ async fn step(
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let (db, connection) = tokio_postgres::connect(&args.database_url, tokio_postgres::NoTls)
-        .await
-        .expect("database reachable");
-    tokio::spawn(connection);
+    let db = database(&args.database_url).await;
     db.batch_execute(SETUP).await.expect("bench schema");
     // Wait until switchboard knows the new tables: a row makes the WAL reader announce
     // them (once its slot exists), and a probe subscription tells when that happened.
