@@ -194,10 +194,9 @@ async fn accept_loop<L: Listener, R: Runtime>(
                 }
             },
         };
-        let local = peer.ip().is_loopback();
         let connection = connection(
             stream,
-            local,
+            peer.ip().is_loopback(),
             state.clone(),
             sockets.clone(),
             runtime.clone(),
@@ -287,14 +286,19 @@ impl Drop for InFlight {
 type Accepted = Rc<Cell<Option<(ConnId, SocketEnd)>>>;
 
 /// Serves one connection: HTTP requests until it closes or upgrades, then the WebSocket.
-async fn connection<S, R>(io: S, local: bool, state: State, sockets: mpsc::Sender<()>, runtime: R)
-where
+async fn connection<S, R>(
+    io: S,
+    peer_is_loopback: bool,
+    state: State,
+    sockets: mpsc::Sender<()>,
+    runtime: R,
+) where
     S: AsyncRead + AsyncWrite + Unpin + 'static,
     R: Runtime,
 {
     // The HTTP phase on the heap: its state (hyper's connection and buffers) is freed
     // before the socket phase, which an idle socket spends its life in.
-    let upgraded = Box::pin(http(io, local, state.clone(), runtime.clone())).await;
+    let upgraded = Box::pin(http(io, peer_is_loopback, state.clone(), runtime.clone())).await;
     let Some((io, read, conn, end)) = upgraded else {
         return;
     };
@@ -307,7 +311,7 @@ where
 /// was read past the upgrade request, and the socket's end.
 async fn http<S, R>(
     io: S,
-    local: bool,
+    peer_is_loopback: bool,
     state: State,
     runtime: R,
 ) -> Option<(S, Vec<u8>, ConnId, SocketEnd)>
@@ -321,7 +325,7 @@ where
         let (state, accepted, activity) = (state.clone(), accepted.clone(), activity.clone());
         service_fn(move |request| {
             let in_flight = InFlight::new(activity.clone());
-            let answer = route(request, local, state.clone(), accepted.clone());
+            let answer = route(request, peer_is_loopback, state.clone(), accepted.clone());
             Box::pin(async move {
                 let answer = answer.await;
                 drop(in_flight);
@@ -426,17 +430,14 @@ async fn route(
         ),
         Route::InspectorToken => {
             let local = local();
-            match Limited::new(request.into_body(), INSPECTOR_BODY_BYTES_MAX)
-                .collect()
-                .await
-            {
-                Ok(body) => Answer::inspector_token(
+            match body(request, INSPECTOR_BODY_BYTES_MAX).await {
+                Some(body) => Answer::inspector_token(
                     state.development.as_deref(),
                     local,
                     state.clock.unix_secs(),
-                    &body.to_bytes(),
+                    &body,
                 ),
-                Err(_) => Answer::too_large(),
+                None => Answer::too_large(),
             }
         }
         Route::Preflight => Answer::preflight(),
@@ -448,6 +449,12 @@ async fn route(
 
 /// Largest body of a token request from the Inspector (a role, a `sub` and a lifetime).
 const INSPECTOR_BODY_BYTES_MAX: usize = 4096;
+
+/// The request's body, or `None` once it passes `max` bytes (the rest is left unread).
+async fn body(request: Request<Incoming>, max: usize) -> Option<Bytes> {
+    let collected = Limited::new(request.into_body(), max).collect().await;
+    collected.ok().map(|collected| collected.to_bytes())
+}
 
 fn header(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
@@ -470,12 +477,8 @@ async fn rest(request: Request<Incoming>, target: RestTarget, state: State) -> A
     };
     let content_type = header(request.headers(), "content-type");
     let private = query(&request, "private").is_some_and(|p| p == "true");
-    let body = match Limited::new(request.into_body(), state.rest_body_bytes_max)
-        .collect()
-        .await
-    {
-        Ok(collected) => collected.to_bytes(),
-        Err(_) => return Answer::too_large(),
+    let Some(body) = body(request, state.rest_body_bytes_max).await else {
+        return Answer::too_large();
     };
     let request = target.request(auth, content_type, private, body);
     let (status, body) = state.engine.rest(request).await;
