@@ -220,6 +220,9 @@ pub enum Input {
         /// not answer (connection lost, timeout, database down). A failure is never a
         /// verdict: the engine asks again after a backoff.
         verdicts: Option<Vec<changes::Verdict>>,
+        /// The rule of each table the question named, under its role, as the same
+        /// transaction found it; a table left out counts as judged by the database.
+        rules: Vec<changes::TableRule>,
     },
     /// The database's answer to an [`Output::Authorize`] question; `None` when it could
     /// not answer (connection lost, timeout, database down).
@@ -401,6 +404,9 @@ pub struct Stats {
     pub malformed: u64,
     /// Visibility questions the database failed to answer, each asked again.
     pub visibility_retries: u64,
+    /// Batches planned again because an answer found another rule than the one their
+    /// deliveries relied on ([`changes::Rule`]): a table's policies changed.
+    pub visibility_replans: u64,
     /// postgres_changes messages queued to subscribers, counting each recipient.
     pub changes_delivered: u64,
     /// Presence entries (metas) this replica owns: those of its own channels. A gauge.
@@ -580,7 +586,11 @@ impl Engine {
             }
             Input::Publication(tables) => self.publication(tables),
             Input::Changes(batch) => self.changes(batch),
-            Input::Visibility { id, verdicts } => self.visibility(id, verdicts),
+            Input::Visibility {
+                id,
+                verdicts,
+                rules,
+            } => self.visibility(id, verdicts, rules),
             Input::Authorized { id, answer } => self.authorized(id, answer),
             Input::Replication(live) => self.replication(live),
             Input::Jwks(jwks) => {

@@ -31,7 +31,7 @@ enum Kind {
 type Row = (&'static str, &'static str, Kind, fn(&Stats) -> u64);
 
 /// The engine's figures.
-const ENGINE: [Row; 10] = [
+const ENGINE: [Row; 11] = [
     (
         "connections",
         "Open WebSocket connections",
@@ -77,6 +77,12 @@ const ENGINE: [Row; 10] = [
         "Visibility questions the database failed to answer, each asked again",
         Kind::Counter,
         |s| s.visibility_retries,
+    ),
+    (
+        "visibility_replans",
+        "Change batches planned again because a table's policies changed under them",
+        Kind::Counter,
+        |s| s.visibility_replans,
     ),
     (
         "changes_delivered",

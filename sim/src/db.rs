@@ -5,6 +5,10 @@
 //! channels' authorization questions ([`may_read`], [`may_write`]). Some commits are
 //! messages sent from SQL (`realtime.send`) to a public or a private room.
 //!
+//! Answers report the owner rule the model is, so engines judge rows themselves and ask
+//! once per batch to confirm; some answers, as the seed says, report no rule instead, as if
+//! the policies had been rewritten into an equivalent the engine cannot judge.
+//!
 //! The database misbehaves as the seed says: visibility answers are delayed, some fail,
 //! and during an outage every one fails and the change stream stops, as when Postgres is
 //! down. A correct engine asks failed questions again and loses nothing.
@@ -18,7 +22,7 @@ use rand_core::{RngCore, SeedableRng};
 use serde_json::{json, Value};
 use switchboard_engine::authz::{AuthzAnswer, AuthzQuery, Permissions};
 use switchboard_engine::changes::{
-    Change, ChangeBatch, ChangeKind, Column, Progress, Table, Verdict,
+    Change, ChangeBatch, ChangeKind, Column, Progress, Rule, Table, TableRule, Verdict,
 };
 use switchboard_engine::{Input, Output, PlantedBug};
 use switchboard_tokio::{to_shards, EngineHandle};
@@ -35,6 +39,10 @@ pub struct DbFaults {
     pub delay_ms_max: u64,
     /// Number of outages: every question fails and no change is streamed meanwhile.
     pub outages: u32,
+    /// Chance that an answer finds the table's policies in a form only the database can
+    /// evaluate (same verdicts, no owner rule): batches the engine planned by the rule are
+    /// planned again.
+    pub rule_flaps: f64,
 }
 
 /// The private room clients use: its policies are [`may_read`] and [`may_write`].
@@ -107,6 +115,8 @@ struct State {
     down: bool,
     /// Slots confirmed past a change some shard had not handed out.
     violations: Vec<String>,
+    /// Questions asked under a role alone, to confirm a rule engines judged rows by.
+    confirmations: u64,
 }
 
 /// Shared by the writer and every node.
@@ -170,6 +180,12 @@ impl Db {
         self.state.lock().expect("db lock").violations.clone()
     }
 
+    /// Visibility questions asked under a role alone (every client has a `sub`): engines
+    /// judged rows by the owner rule and asked only to confirm it.
+    pub fn confirmations(&self) -> u64 {
+        self.state.lock().expect("db lock").confirmations
+    }
+
     /// Everything committed.
     pub fn log(&self) -> Vec<Commit> {
         self.state.lock().expect("db lock").log.clone()
@@ -221,7 +237,11 @@ impl Db {
                 output = outputs.recv() => match output {
                     Some(Output::Visibility(query)) => {
                         let sub = query.claims.get("sub").and_then(Value::as_str).unwrap_or_default().to_owned();
-                        let down = self.state.lock().expect("db lock").down;
+                        let down = {
+                            let mut state = self.state.lock().expect("db lock");
+                            state.confirmations += u64::from(!query.claims.contains_key("sub"));
+                            state.down
+                        };
                         let failed = down || (rng.next_u64() % 1000) as f64 / 1000.0 < self.faults.fail;
                         let verdicts = (!failed).then(|| {
                             query
@@ -233,6 +253,11 @@ impl Db {
                                 })
                                 .collect()
                         });
+                        let flapped = self.faults.rule_flaps > 0.0
+                            && (rng.next_u64() % 1000) as f64 / 1000.0 < self.faults.rule_flaps;
+                        let rule = (!flapped).then(|| Rule::Owner { column: "owner".into() });
+                        let table = table();
+                        let rules = vec![TableRule { schema: table.schema, table: table.name, rule }];
                         let delay = match self.faults.delay_ms_max {
                             0 => 0,
                             max => rng.next_u64() % max,
@@ -240,7 +265,7 @@ impl Db {
                         let asker = shards[usize::from(query.id.shard.0)].clone();
                         tokio::spawn(async move {
                             tokio::time::sleep(Duration::from_millis(delay)).await;
-                            asker.input(Input::Visibility { id: query.id, verdicts });
+                            asker.input(Input::Visibility { id: query.id, verdicts, rules });
                         });
                     }
                     Some(Output::Authorize(query)) => {

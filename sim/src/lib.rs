@@ -178,6 +178,8 @@ pub struct Report {
     pub reconnects: usize,
     /// Sockets the servers closed because their send queue overflowed.
     pub slow_consumers: u64,
+    /// Visibility questions that only confirmed an owner rule the engines judged rows by.
+    pub rule_confirmations: u64,
     /// How connections ended, as their clients saw it.
     pub endings: BTreeMap<String, usize>,
 }
@@ -220,6 +222,7 @@ impl Scenario {
                     fail: [0.0, 0.05, 0.3][pick(3) as usize],
                     delay_ms_max: [0, 30, 300][pick(3) as usize],
                     outages: pick(3) as u32,
+                    rule_flaps: [0.0, 0.1, 0.5][pick(3) as usize],
                 }
             },
         };
@@ -501,6 +504,7 @@ impl Scenario {
                 .map(|m| m.slow_consumers.get())
                 .sum(),
             endings: BTreeMap::new(),
+            rule_confirmations: db.confirmations(),
         };
         for event in &events {
             match event {

@@ -56,9 +56,11 @@ fn invariants_hold_on_every_seed() {
             .or_default() += 1;
     }
     let slow_consumers: u64 = reports.iter().map(|r| r.slow_consumers).sum();
+    let confirmations: u64 = reports.iter().map(|r| r.rule_confirmations).sum();
     eprintln!(
         "{} seeds in {secs:.1} s ({:.2} seeds/s): {reconnects} reconnects, \
-         {slow_consumers} slow consumers closed, endings {endings:?}, \
+         {slow_consumers} slow consumers closed, {confirmations} owner rules confirmed, \
+         endings {endings:?}, \
          runs by (nodes, shards) {topologies:?}",
         seeds.len(),
         seeds.len() as f64 / secs
@@ -72,6 +74,7 @@ fn invariants_hold_on_every_seed() {
     // A sweep that stopped exercising a fault would pass for the wrong reason.
     if seeds.len() >= 100 {
         assert!(reconnects > 0 && slow_consumers > 0, "faults not exercised");
+        assert!(confirmations > 0, "no change was judged by an owner rule");
         assert!(
             topologies
                 .keys()

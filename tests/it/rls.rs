@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use switchboard_engine::changes::{QueryId, RowCheck, Verdict, VisibilityQuery};
+use switchboard_engine::changes::{QueryId, RowCheck, Rule, TableRule, Verdict, VisibilityQuery};
 use switchboard_engine::{Input, Output, ShardId};
 use switchboard_tokio::postgres::PostgresConfig;
 
@@ -39,12 +39,25 @@ fn query(n: u64, role: &str, sub: &str, checks: Vec<RowCheck>, xids: Vec<u32>) -
 }
 
 async fn ask(engine: &mut Engine, question: VisibilityQuery) -> Option<Vec<Verdict>> {
+    answer(engine, question).await.0
+}
+
+/// The verdicts, and the rules the answer found for the tables asked about.
+async fn answer(
+    engine: &mut Engine,
+    question: VisibilityQuery,
+) -> (Option<Vec<Verdict>>, Vec<TableRule>) {
     let asked = question.id;
     engine.send(Output::Visibility(question));
     loop {
-        if let Input::Visibility { id, verdicts } = engine.next().await {
+        if let Input::Visibility {
+            id,
+            verdicts,
+            rules,
+        } = engine.next().await
+        {
             assert_eq!(id, asked);
-            return verdicts;
+            return (verdicts, rules);
         }
     }
 }
@@ -313,7 +326,7 @@ async fn questions_queued_together_get_the_verdicts_each_gets_alone() {
         writer.batch_execute("commit").await.expect("commit");
         let mut answered = Vec::new();
         while answered.len() < expected.len() {
-            if let Input::Visibility { id, verdicts } = engine.next().await {
+            if let Input::Visibility { id, verdicts, .. } = engine.next().await {
                 answered.push((id.n, verdicts.expect("answered")));
             }
         }
@@ -376,13 +389,22 @@ async fn owner_policies_get_the_verdicts_postgres_gives() {
             vec![Unauthorized; 3],
         ),
     ];
+    let owned = |column: Option<&str>| {
+        vec![TableRule {
+            schema: "public".into(),
+            table: "owned".into(),
+            rule: column.map(|column| Rule::Owner {
+                column: column.into(),
+            }),
+        }]
+    };
     for (question, expected) in cases {
-        let claims = question.claims.clone();
-        assert_eq!(
-            ask(&mut engine, question).await,
-            Some(expected),
-            "{claims:?}"
-        );
+        let (claims, role) = (question.claims.clone(), question.role.clone());
+        let (verdicts, rules) = answer(&mut engine, question).await;
+        assert_eq!(verdicts, Some(expected), "{claims:?}");
+        // The rule is the role's: anon has no policy, so only Postgres can judge for it.
+        let rule = (role == "authenticated").then_some("owner");
+        assert_eq!(rules, owned(rule), "{claims:?}");
     }
     // A helper of the project's own reads another claim: Postgres decides by it.
     pg.psql(
@@ -392,7 +414,8 @@ async fn owner_policies_get_the_verdicts_postgres_gives() {
     );
     let question = ask_as("authenticated", json!({"sub": ALICE, "uid": BOB}));
     assert_eq!(
-        ask(&mut engine, question).await,
-        Some(vec![Hidden, Visible, Hidden])
+        answer(&mut engine, question).await,
+        (Some(vec![Hidden, Visible, Hidden]), owned(None)),
+        "no rule the engine could judge by"
     );
 }

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::pg::TempPostgres;
-use crate::support::{token as role_token, Server, Ws, SECRET};
+use crate::support::{metric, token as role_token, Server, Ws, SECRET};
 use crate::wal::wait_streaming;
 
 const USERS: [&str; 4] = [
@@ -550,6 +550,79 @@ async fn rls_judges_each_change_by_the_row_it_wrote() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(alice_sees.seen(), alice_wants);
     assert_eq!(bob_sees.seen(), bob_wants);
+}
+
+/// Policies are read again for every batch: a changed policy applies from the next change
+/// on, though the server judged the table's rows by its owner rule without asking until then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_policy_applies_to_the_next_change() {
+    let pg = TempPostgres::start();
+    pg.psql(SCHEMA);
+    let server = Server::start(&["--database-url", &pg.url()]);
+    let (_addr_tx, addr) = watch::channel(server.addr.clone());
+    let [alice, bob, ..] = USERS;
+    let alice_sees = Subscriber::start(addr.clone(), Watch::Table("r"), user_token(alice)).await;
+    let bob_sees = Subscriber::start(addr.clone(), Watch::Table("r"), user_token(bob)).await;
+    let db = pg.client().await;
+    wait_streaming(&db).await;
+    let ids = |seen: Vec<Seen>| -> Vec<i64> { seen.into_iter().map(|(_, id)| id).collect() };
+    let until = |what: &'static str, done: Box<dyn Fn() -> bool>| async move {
+        for _ in 0..200 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("timed out waiting for {what}");
+    };
+    let insert = |id: i64, owner: &str| format!("insert into r values ({id}, '{owner}', 0)");
+    // The first answer teaches the server the owner rule; the second batch is judged by it.
+    for id in [2001, 2002] {
+        db.batch_execute(&insert(id, alice)).await.expect("insert");
+        let seen = alice_sees.clone();
+        until(
+            "alice's row",
+            Box::new(move || seen.seen().len() as i64 == id - 2000),
+        )
+        .await;
+    }
+    db.batch_execute(
+        "drop policy own on r;
+         create policy everyone on r for select to authenticated using (true);",
+    )
+    .await
+    .expect("opening the table");
+    db.batch_execute(&insert(2003, alice))
+        .await
+        .expect("insert");
+    let seen = bob_sees.clone();
+    until(
+        "bob to see alice's row",
+        Box::new(move || !seen.seen().is_empty()),
+    )
+    .await;
+    db.batch_execute(
+        "drop policy everyone on r;
+         create policy own on r for select to authenticated using (owner = auth.uid());",
+    )
+    .await
+    .expect("closing the table");
+    db.batch_execute(&insert(2004, bob)).await.expect("insert");
+    let seen = bob_sees.clone();
+    until("bob's own row", Box::new(move || seen.seen().len() == 2)).await;
+    db.batch_execute(&insert(2005, alice))
+        .await
+        .expect("insert");
+    let seen = alice_sees.clone();
+    until("alice's last row", Box::new(move || seen.seen().len() == 4)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(ids(alice_sees.seen()), [2001, 2002, 2003, 2005]);
+    assert_eq!(ids(bob_sees.seen()), [2003, 2004]);
+    let replans = metric(&server, "switchboard_visibility_replans_total").await;
+    assert_ne!(
+        replans, "0",
+        "the owner rule was relied on, then found changed"
+    );
 }
 
 /// Sequential and index scans of `r` so far.

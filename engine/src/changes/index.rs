@@ -1,9 +1,11 @@
 //! Which channels may want a change, without looking at every subscription.
 //!
 //! Subscriptions to one table with an `eq` filter on a scalar column are found by a hash
-//! lookup of the row's value; other subscriptions to the table are scanned, and wildcard
-//! subscriptions are scanned for every change. Candidates are then checked in full, so the
-//! index only has to never miss.
+//! lookup of the row's value; so are those of subscribers whose table's policies show them
+//! only the rows they own ([`super::Rule::Owner`]), by their owner key, except for deletes,
+//! which reach every subscriber of the table. Other subscriptions to the table are scanned,
+//! and wildcard subscriptions are scanned for every change. Candidates are then checked in
+//! full, so the index only has to never miss a channel that may see the change.
 
 use std::collections::BTreeSet;
 
@@ -76,18 +78,73 @@ pub(super) enum Slot {
         column: String,
         key: String,
     },
+    /// Inserts and updates of one table whose owner `column` has canonical value `key` are
+    /// candidates, and every delete: what a subscriber of `role` may see under the table's
+    /// owner rule.
+    Owner {
+        schema: String,
+        table: String,
+        column: String,
+        key: String,
+        role: String,
+    },
 }
+
+/// Channel sets by column and canonical value.
+type ByValue = FxHashMap<String, FxHashMap<String, BTreeSet<ChannelKey>>>;
 
 #[derive(Debug, Default)]
 struct TableIndex {
     scan: BTreeSet<ChannelKey>,
-    eq: FxHashMap<String, FxHashMap<String, BTreeSet<ChannelKey>>>,
+    eq: ByValue,
+    owned: ByValue,
+    /// Subscriptions filed by owner, by role: the roles whose owner rule a change of the
+    /// table relies on.
+    owner_roles: FxHashMap<String, usize>,
 }
 
 impl TableIndex {
     fn is_empty(&self) -> bool {
-        self.scan.is_empty() && self.eq.is_empty()
+        self.scan.is_empty() && self.eq.is_empty() && self.owned.is_empty()
     }
+}
+
+fn file(values: &mut ByValue, column: &str, key: &str, channel: ChannelKey) {
+    values
+        .entry(column.to_owned())
+        .or_default()
+        .entry(key.to_owned())
+        .or_default()
+        .insert(channel);
+}
+
+fn unfile(values: &mut ByValue, column: &str, key: &str, channel: ChannelKey) {
+    if let Some(by_key) = values.get_mut(column) {
+        if let Some(set) = by_key.get_mut(key) {
+            set.remove(&channel);
+            if set.is_empty() {
+                by_key.remove(key);
+            }
+        }
+        if by_key.is_empty() {
+            values.remove(column);
+        }
+    }
+}
+
+/// The channels of `values` whose value is the row's.
+fn lookup<'a>(
+    values: &'a ByValue,
+    row: &'a serde_json::Map<String, Value>,
+) -> impl Iterator<Item = ChannelKey> + 'a {
+    values.iter().flat_map(move |(column, by_key)| {
+        row.get(column)
+            .and_then(value_key)
+            .and_then(|key| by_key.get(&key))
+            .into_iter()
+            .flatten()
+            .copied()
+    })
 }
 
 /// The candidate index over every registered channel.
@@ -111,15 +168,17 @@ impl Index {
                 table,
                 column,
                 key,
+            } => file(&mut self.table_mut(schema, table).eq, column, key, channel),
+            Slot::Owner {
+                schema,
+                table,
+                column,
+                key,
+                role,
             } => {
                 let index = self.table_mut(schema, table);
-                index
-                    .eq
-                    .entry(column.clone())
-                    .or_default()
-                    .entry(key.clone())
-                    .or_default()
-                    .insert(channel);
+                file(&mut index.owned, column, key, channel);
+                *index.owner_roles.entry(role.clone()).or_default() += 1;
             }
         }
     }
@@ -130,7 +189,9 @@ impl Index {
                 self.wildcard.remove(&channel);
                 return;
             }
-            Slot::Table { schema, table } | Slot::Eq { schema, table, .. } => (schema, table),
+            Slot::Table { schema, table }
+            | Slot::Eq { schema, table, .. }
+            | Slot::Owner { schema, table, .. } => (schema, table),
         };
         let Some(tables) = self.tables.get_mut(schema) else {
             return;
@@ -139,16 +200,15 @@ impl Index {
             return;
         };
         match slot {
-            Slot::Eq { column, key, .. } => {
-                if let Some(values) = index.eq.get_mut(column) {
-                    if let Some(set) = values.get_mut(key) {
-                        set.remove(&channel);
-                        if set.is_empty() {
-                            values.remove(key);
-                        }
-                    }
-                    if values.is_empty() {
-                        index.eq.remove(column);
+            Slot::Eq { column, key, .. } => unfile(&mut index.eq, column, key, channel),
+            Slot::Owner {
+                column, key, role, ..
+            } => {
+                unfile(&mut index.owned, column, key, channel);
+                if let Some(count) = index.owner_roles.get_mut(role) {
+                    *count -= 1;
+                    if *count == 0 {
+                        index.owner_roles.remove(role);
                     }
                 }
             }
@@ -187,16 +247,26 @@ impl Index {
             ChangeKind::Delete => change.old_record.as_ref(),
             _ => change.record.as_ref(),
         };
+        if change.kind == ChangeKind::Delete {
+            // A delete reaches every subscriber of the table, its row reduced to the key.
+            let owned = index.owned.values().flat_map(FxHashMap::values).flatten();
+            out.extend(owned.copied());
+        }
         let Some(row) = row else { return out };
-        for (column, values) in &index.eq {
-            if let Some(set) = row
-                .get(column)
-                .and_then(value_key)
-                .and_then(|key| values.get(&key))
-            {
-                out.extend(set.iter().copied());
-            }
+        out.extend(lookup(&index.eq, row));
+        if change.kind != ChangeKind::Delete {
+            out.extend(lookup(&index.owned, row));
         }
         out
+    }
+
+    /// The roles with channels filed by owner on `schema.table`: a change of it relies on
+    /// their owner rules.
+    pub(super) fn owner_roles(&self, schema: &str, table: &str) -> impl Iterator<Item = &str> {
+        self.tables
+            .get(schema)
+            .and_then(|t| t.get(table))
+            .into_iter()
+            .flat_map(|index| index.owner_roles.keys().map(String::as_str))
     }
 }

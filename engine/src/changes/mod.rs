@@ -27,7 +27,8 @@ use serde_json::{json, Map, Value};
 
 pub use progress::Progress;
 pub use types::{
-    Change, ChangeBatch, ChangeKind, Column, QueryId, RowCheck, Table, Verdict, VisibilityQuery,
+    owner_key, Change, ChangeBatch, ChangeKind, Column, QueryId, RowCheck, Rule, Table, TableRule,
+    Verdict, VisibilityQuery,
 };
 
 use crate::auth::Claims;
@@ -52,6 +53,8 @@ struct ClaimsGroup {
     key: String,
     role: String,
     claims: Arc<Map<String, Value>>,
+    /// The `sub` claim when it is a string: what an owner rule compares rows with.
+    sub: Option<String>,
 }
 
 /// One validated binding of a channel.
@@ -64,7 +67,9 @@ struct Subscription {
     /// `None` is every table of the schema.
     table: Option<String>,
     conditions: Vec<Condition>,
-    /// Where the candidate index files it.
+    /// Where its filters would have the candidate index file it.
+    base: Slot,
+    /// Where the index files it: `base`, or by owner when an owner rule applies ([`slot`]).
     slot: Slot,
 }
 
@@ -114,6 +119,20 @@ struct PendingBatch {
     awaiting: BTreeSet<u64>,
     /// Messages sent from SQL (`realtime.send`), by change index: broadcast in their place.
     sent: FxHashMap<usize, Sent>,
+    /// Changes at or below this WAL position were resends when the batch arrived.
+    skip_to: u64,
+    /// The rules the deliveries were planned with, each with the first change that relied
+    /// on it: the batch is planned again if one of its answers finds another rule.
+    assumed: Vec<(Assumption, usize)>,
+}
+
+/// An owner rule a batch relied on for one table and role, instead of asking.
+#[derive(Debug, PartialEq)]
+struct Assumption {
+    schema: String,
+    table: String,
+    role: String,
+    rule: Rule,
 }
 
 /// Questions sent and not yet answered: which group, which changes, and the query itself
@@ -155,6 +174,57 @@ pub(crate) struct State {
     /// Channels whose bindings named a table or column the publication lacked, waiting for
     /// the publication to be read again before they are refused.
     refreshing: Vec<ChannelKey>,
+    /// The last rule the database reported per table and role (absent: evaluated there).
+    rules: FxHashMap<(String, String), BTreeMap<String, Rule>>,
+}
+
+/// Where a subscription with filter slot `base` of a channel in `group` is filed: by its
+/// owner key when its table's rule for the group's role is an owner rule and its `sub`
+/// has a key, so only changes of rows it owns find it; else by its filters.
+fn slot(
+    base: &Slot,
+    group: &ClaimsGroup,
+    rules: &FxHashMap<(String, String), BTreeMap<String, Rule>>,
+    tables: Option<&BTreeMap<(String, String), Table>>,
+) -> Slot {
+    let Slot::Table { schema, table } = base else {
+        return base.clone();
+    };
+    let owner = || {
+        let name = (schema.clone(), table.clone());
+        let Rule::Owner { column } = rules.get(&name)?.get(&group.role)?;
+        let type_name = &tables?
+            .get(&name)?
+            .columns
+            .iter()
+            .find(|c| c.name == *column)?
+            .type_name;
+        Some(Slot::Owner {
+            schema: schema.clone(),
+            table: table.clone(),
+            column: column.clone(),
+            key: owner_key(type_name, group.sub.as_deref()?)?,
+            role: group.role.clone(),
+        })
+    };
+    match group.role.as_str() {
+        // Sees every row whatever the policies: never asked, never filed by owner.
+        "service_role" => base.clone(),
+        _ => owner().unwrap_or_else(|| base.clone()),
+    }
+}
+
+/// The verdict `rule` gives `change` for `group`, or `None` when only the database can
+/// tell (the group's `sub` has no owner key, the column is gone).
+fn judged(rule: &Rule, group: &ClaimsGroup, change: &Change, table: &Table) -> Option<Verdict> {
+    let Rule::Owner { column } = rule;
+    let type_name = &table.columns.iter().find(|c| c.name == *column)?.type_name;
+    let key = owner_key(type_name, group.sub.as_deref()?)?;
+    let owner = change.record.as_ref().and_then(|row| row.get(column));
+    Some(match owner {
+        Some(Value::String(owner)) if *owner == key => Verdict::Visible,
+        _ => Verdict::Hidden,
+    })
 }
 
 /// `[event: INSERT, schema: public, table: todos, filters: [], select: nil]`, as upstream
@@ -279,6 +349,7 @@ fn subscription(
         schema,
         table,
         conditions,
+        base: slot.clone(),
         slot,
     })
 }
@@ -434,10 +505,13 @@ impl Engine {
             }
         }
         let payload = match message {
-            Ok(subscriptions) => {
+            Ok(mut subscriptions) => {
                 let group = self.claims_group(&claims);
                 self.unsubscribe_changes(conn, instance);
-                for subscription in &subscriptions {
+                let tables = self.changes.publication.as_ref();
+                for subscription in &mut subscriptions {
+                    subscription.slot =
+                        slot(&subscription.base, &group, &self.changes.rules, tables);
                     self.changes.index.insert(key, &subscription.slot);
                 }
                 self.changes.channels.insert(
@@ -482,6 +556,11 @@ impl Engine {
                     key,
                     role: claims.role.clone(),
                     claims: claims.all.clone(),
+                    sub: claims
+                        .all
+                        .get("sub")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned),
                 })
             })
             .clone()
@@ -493,6 +572,8 @@ impl Engine {
             .map(|t| ((t.schema.clone(), t.name.clone()), t))
             .collect();
         self.changes.publication = Some(tables);
+        // Owner keys follow the columns' types.
+        self.reslot(|_, _, _| true);
         let waiting = std::mem::take(&mut self.changes.waiting);
         let refreshing = std::mem::take(&mut self.changes.refreshing);
         for (conn, instance) in waiting.into_iter().chain(refreshing) {
@@ -518,8 +599,17 @@ impl Engine {
     }
 
     pub(crate) fn changes(&mut self, batch: Arc<ChangeBatch>) {
-        let accepted = self.changes.accepted_lsn;
-        self.changes.accepted_lsn = accepted.max(batch.lsn);
+        let skip_to = self.changes.accepted_lsn;
+        self.changes.accepted_lsn = skip_to.max(batch.lsn);
+        let pending = self.plan(batch, skip_to);
+        self.changes.batches.push_back(pending);
+        self.deliver_ready();
+    }
+
+    /// Who gets each change of `batch` (skipping those at or below `skip_to`), and the
+    /// visibility questions that decide it, sent now: one per claims group whose verdicts
+    /// no rule gives, and one per rule relied on that no such question confirms.
+    fn plan(&mut self, batch: Arc<ChangeBatch>, skip_to: u64) -> PendingBatch {
         let tables = self.changes.publication.as_ref();
         let mut deliveries = Vec::with_capacity(batch.changes.len());
         // Per claims group, the changes whose visibility it needs, in first-seen order. A
@@ -529,8 +619,20 @@ impl Engine {
         let mut asks: Vec<(Arc<ClaimsGroup>, Vec<usize>)> = Vec::new();
         let mut slots: FxHashMap<*const ClaimsGroup, u32> = FxHashMap::default();
         let mut sent = FxHashMap::default();
+        let mut assumed: Vec<(Assumption, usize)> = Vec::new();
+        let mut assume = |change: &Change, role: &str, rule: &Rule, index: usize| {
+            let assumption = Assumption {
+                schema: change.schema.clone(),
+                table: change.table.clone(),
+                role: role.to_owned(),
+                rule: rule.clone(),
+            };
+            if !assumed.iter().any(|(a, _)| *a == assumption) {
+                assumed.push((assumption, index));
+            }
+        };
         for (index, change) in batch.changes.iter().enumerate() {
-            if change.lsn <= accepted {
+            if change.lsn <= skip_to {
                 // A resend: handed out already.
                 deliveries.push(Vec::new());
                 continue;
@@ -541,9 +643,26 @@ impl Engine {
                 deliveries.push(Vec::new());
                 continue;
             }
-            let table = tables.and_then(|t| t.get(&(change.schema.clone(), change.table.clone())));
+            let name = (change.schema.clone(), change.table.clone());
+            let table = tables.and_then(|t| t.get(&name));
             let needs_verdict = table.is_some_and(|t| t.rls && !t.primary_key.is_empty())
                 && change.kind != ChangeKind::Delete;
+            let rules = needs_verdict
+                .then(|| self.changes.rules.get(&name))
+                .flatten();
+            if let Some(rules) = rules {
+                // Channels filed by owner that this change does not reach rely on the rule.
+                let roles: BTreeSet<&str> = self
+                    .changes
+                    .index
+                    .owner_roles(&change.schema, &change.table)
+                    .collect();
+                for role in roles {
+                    if let Some(rule) = rules.get(role) {
+                        assume(change, role, rule, index);
+                    }
+                }
+            }
             let mut list = Vec::new();
             for key in self.changes.index.candidates(change) {
                 let Some(channel) = self.changes.channels.get(&key) else {
@@ -558,24 +677,64 @@ impl Engine {
                 if ids.is_empty() {
                     continue;
                 }
-                let group = (needs_verdict && channel.group.role != "service_role").then(|| {
-                    let slot = *slots.entry(Arc::as_ptr(&channel.group)).or_insert_with(|| {
-                        asks.push((channel.group.clone(), Vec::new()));
-                        (asks.len() - 1) as u32
-                    });
-                    let ask = &mut asks[slot as usize].1;
-                    if ask.last() != Some(&index) {
-                        ask.push(index);
+                let group = &channel.group;
+                let mut asked = None;
+                if needs_verdict && group.role != "service_role" {
+                    let by_rule = rules
+                        .and_then(|rules| rules.get(&group.role))
+                        .zip(table)
+                        .and_then(|(rule, table)| {
+                            Some((rule, judged(rule, group, change, table)?))
+                        });
+                    match by_rule {
+                        Some((rule, verdict)) => {
+                            assume(change, &group.role, rule, index);
+                            if verdict == Verdict::Hidden {
+                                continue;
+                            }
+                        }
+                        None => {
+                            let slot = *slots.entry(Arc::as_ptr(group)).or_insert_with(|| {
+                                asks.push((group.clone(), Vec::new()));
+                                (asks.len() - 1) as u32
+                            });
+                            let ask = &mut asks[slot as usize].1;
+                            if ask.last() != Some(&index) {
+                                ask.push(index);
+                            }
+                            asked = Some(slot);
+                        }
                     }
-                    slot
-                });
+                }
                 list.push(Delivery {
                     channel: key,
                     ids,
-                    group,
+                    group: asked,
                 });
             }
             deliveries.push(list);
+        }
+        // A rule no question of its role and table confirms gets a question of its own,
+        // under the role alone: its verdict reaches nobody, the rule it reports decides.
+        for (assumption, index) in &assumed {
+            let confirmed = asks.iter().any(|(group, indices)| {
+                group.role == assumption.role
+                    && indices.iter().any(|&i| {
+                        let change = &batch.changes[i];
+                        change.schema == assumption.schema && change.table == assumption.table
+                    })
+            });
+            if !confirmed {
+                let role = assumption.role.clone();
+                let claims = Map::from_iter([("role".to_owned(), json!(role))]);
+                let group = ClaimsGroup {
+                    key: String::new(),
+                    role,
+                    claims: Arc::new(claims),
+                    sub: None,
+                };
+                asks.push((Arc::new(group), vec![*index]));
+            }
         }
         let mut pending = PendingBatch {
             batch,
@@ -583,6 +742,8 @@ impl Engine {
             verdicts: FxHashMap::default(),
             awaiting: BTreeSet::new(),
             sent,
+            skip_to,
+            assumed,
         };
         // Each row checked is shared by every group that checks it.
         let mut rows: FxHashMap<usize, Arc<Map<String, Value>>> = FxHashMap::default();
@@ -636,11 +797,83 @@ impl Engine {
         for query in queries {
             self.emit(Output::Visibility(query));
         }
-        self.changes.batches.push_back(pending);
-        self.deliver_ready();
+        pending
     }
 
-    pub(crate) fn visibility(&mut self, id: QueryId, verdicts: Option<Vec<Verdict>>) {
+    /// Plans the batch at `position` again with the rules as now known, dropping its
+    /// questions: an answer found a rule other than the one it relied on.
+    fn replan(&mut self, position: usize) {
+        let pending = &mut self.changes.batches[position];
+        let (batch, skip_to) = (pending.batch.clone(), pending.skip_to);
+        for id in std::mem::take(&mut pending.awaiting) {
+            if let Some(question) = self.changes.questions.remove(&id) {
+                if question.backing_off {
+                    self.changes.backing_off -= 1;
+                }
+            }
+        }
+        self.stats.visibility_replans += 1;
+        let planned = self.plan(batch, skip_to);
+        self.changes.batches[position] = planned;
+    }
+
+    /// Records the rule an answer found for a table under `role`, and files that role's
+    /// channels of the table again if it changed.
+    fn learn(&mut self, role: &str, found: &TableRule) {
+        let name = (found.schema.clone(), found.table.clone());
+        let known = self.changes.rules.get(&name).and_then(|r| r.get(role));
+        if known == found.rule.as_ref() {
+            return;
+        }
+        match &found.rule {
+            Some(rule) => {
+                self.changes
+                    .rules
+                    .entry(name)
+                    .or_default()
+                    .insert(role.to_owned(), rule.clone());
+            }
+            None => {
+                if let Some(rules) = self.changes.rules.get_mut(&name) {
+                    rules.remove(role);
+                    if rules.is_empty() {
+                        self.changes.rules.remove(&name);
+                    }
+                }
+            }
+        }
+        self.reslot(|schema, table, r| schema == found.schema && table == found.table && r == role);
+    }
+
+    /// Files again the subscriptions to a whole table of the channels `which` picks (by
+    /// schema, table and role), where the rules now put them.
+    fn reslot(&mut self, which: impl Fn(&str, &str, &str) -> bool) {
+        let state = &mut self.changes;
+        let tables = state.publication.as_ref();
+        for (key, channel) in state.channels.iter_mut() {
+            for subscription in &mut channel.subscriptions {
+                let Slot::Table { schema, table } = &subscription.base else {
+                    continue;
+                };
+                if !which(schema, table, &channel.group.role) {
+                    continue;
+                }
+                let filed = slot(&subscription.base, &channel.group, &state.rules, tables);
+                if filed != subscription.slot {
+                    state.index.remove(*key, &subscription.slot);
+                    state.index.insert(*key, &filed);
+                    subscription.slot = filed;
+                }
+            }
+        }
+    }
+
+    pub(crate) fn visibility(
+        &mut self,
+        id: QueryId,
+        verdicts: Option<Vec<Verdict>>,
+        rules: Vec<TableRule>,
+    ) {
         if id.shard != self.shard {
             return;
         }
@@ -687,20 +920,48 @@ impl Engine {
         let Some(question) = self.changes.questions.remove(&id) else {
             return;
         };
-        let Some(batch) = self
+        let role = question.query.role.as_str();
+        for found in &rules {
+            self.learn(role, found);
+        }
+        let Some(position) = self
             .changes
             .batches
-            .iter_mut()
-            .find(|b| b.awaiting.contains(&id))
+            .iter()
+            .position(|b| b.awaiting.contains(&id))
         else {
             return;
         };
+        let batch = &mut self.changes.batches[position];
         batch.awaiting.remove(&id);
-        for (n, index) in question.changes.into_iter().enumerate() {
+        for (n, &index) in question.changes.iter().enumerate() {
             // An answer too short for its question leaves the rest hidden: the runtime
             // answers every check, so this only guards a runtime bug from leaking rows.
             let verdict = verdicts.get(n).copied().unwrap_or(Verdict::Hidden);
             batch.verdicts.insert((question.group, index), verdict);
+        }
+        // Each rule the batch relied on for a table this question asked about must be the
+        // one its answer found; a table the answer left out counts as evaluated there.
+        let asked = |schema: &str, table: &str| {
+            question
+                .query
+                .checks
+                .iter()
+                .any(|c| c.schema == schema && c.table == table)
+        };
+        let found = |schema: &str, table: &str| {
+            rules
+                .iter()
+                .find(|r| r.schema == schema && r.table == table)
+                .and_then(|r| r.rule.as_ref())
+        };
+        let broken = batch.assumed.iter().any(|(a, _)| {
+            a.role == role
+                && asked(&a.schema, &a.table)
+                && found(&a.schema, &a.table) != Some(&a.rule)
+        });
+        if broken {
+            self.replan(position);
         }
         self.deliver_ready();
     }

@@ -129,6 +129,52 @@ pub struct VisibilityQuery {
     pub xids: Vec<u32>,
 }
 
+/// How a table's policies judge rows for one role when the judgment needs no database. The
+/// runtime reports it with every answer, for each table the question named; the engine then
+/// asks only the claims groups the rule cannot judge, and files each channel under its
+/// owner so a change costs its recipients, not every subscriber. A batch judged by a rule
+/// still sends one question of the role, whose answer confirms the rule holds for it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Rule {
+    /// A row is visible exactly when its `column` holds the subscriber's `sub`, spelled as
+    /// the column's type prints it ([`owner_key`]): Supabase's `owner = auth.uid()`.
+    Owner {
+        /// The owner column.
+        column: String,
+    },
+}
+
+/// The [`Rule`] of one table under a question's role, as the answer found it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableRule {
+    /// Schema of the table.
+    pub schema: String,
+    /// Table name.
+    pub table: String,
+    /// `None` when the database must evaluate the table's policies.
+    pub rule: Option<Rule>,
+}
+
+/// `sub` as a column of `type_name` prints it, for an [`Rule::Owner`] comparison: a uuid
+/// in lowercase hyphenated form, text as it is. `None` for other types, and for a `sub` that
+/// is no uuid in that form up to case: the other spellings Postgres accepts, and what it
+/// refuses (raising, so the subscriber is told it is unauthorized), are left to Postgres.
+pub fn owner_key(type_name: &str, sub: &str) -> Option<String> {
+    match type_name {
+        "uuid" => {
+            let lower = sub.to_ascii_lowercase();
+            let canonical = lower.len() == 36
+                && lower.char_indices().all(|(i, c)| match i {
+                    8 | 13 | 18 | 23 => c == '-',
+                    _ => c.is_ascii_hexdigit(),
+                });
+            canonical.then_some(lower)
+        }
+        "text" | "varchar" => Some(sub.to_owned()),
+        _ => None,
+    }
+}
+
 /// The answer for one [`RowCheck`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Verdict {

@@ -246,6 +246,7 @@ fn delivered_changes_count_each_recipient_of_a_shared_frame_and_not_hidden_rows(
     t.handle(Input::Visibility {
         id: asked[0].id,
         verdicts: Some(vec![Verdict::Visible, Verdict::Hidden]),
+        rules: Vec::new(),
     });
     let shared = t.sends.iter().filter(|(to, _)| to.iter().count() == 3);
     assert_eq!(
@@ -381,6 +382,7 @@ fn rls_is_one_query_per_claims_group_per_batch_and_hidden_rows_are_not_delivered
         t.handle(Input::Visibility {
             id: q.id,
             verdicts: Some(verdicts),
+            rules: Vec::new(),
         });
     }
     for (conn, user) in &users {
@@ -436,6 +438,7 @@ fn batches_stay_in_commit_order_while_verdicts_are_pending_and_progress_follows_
         Input::Visibility {
             id: asked[0].id,
             verdicts: Some(vec![Verdict::Visible]),
+            rules: Vec::new(),
         },
     );
     let mut order = Vec::new();
@@ -535,6 +538,7 @@ fn unauthorized_verdict_sends_the_error_without_row_data() {
     t.handle(Input::Visibility {
         id: asked[0].id,
         verdicts: Some(vec![Verdict::Unauthorized]),
+        rules: Vec::new(),
     });
     let got = changes_for(&mut t, conn);
     let data = &got[0]["data"];
@@ -621,6 +625,7 @@ fn a_failed_visibility_check_is_asked_again_until_it_is_answered() {
         t.handle(Input::Visibility {
             id: asked[0].id,
             verdicts: None,
+            rules: Vec::new(),
         });
         assert!(
             changes_for(&mut t, conn).is_empty(),
@@ -636,6 +641,7 @@ fn a_failed_visibility_check_is_asked_again_until_it_is_answered() {
     t.handle(Input::Visibility {
         id: asked[0].id,
         verdicts: Some(vec![Verdict::Visible]),
+        rules: Vec::new(),
     });
     assert_eq!(changes_for(&mut t, conn).len(), 1);
     assert_eq!(t.progress, [5]);
@@ -666,6 +672,7 @@ fn an_answer_to_one_question_asks_the_ones_backing_off_again_at_once() {
         t.handle(Input::Visibility {
             id: asked[0].id,
             verdicts: None,
+            rules: Vec::new(),
         });
         t.advance(5_000);
         assert_eq!(queries(&mut t).len(), 1);
@@ -673,11 +680,13 @@ fn an_answer_to_one_question_asks_the_ones_backing_off_again_at_once() {
     t.handle(Input::Visibility {
         id: asked[0].id,
         verdicts: None,
+        rules: Vec::new(),
     });
     // The database answers the other question: the first is asked again now, not in 5 s.
     t.handle(Input::Visibility {
         id: asked[1].id,
         verdicts: Some(vec![Verdict::Hidden]),
+        rules: Vec::new(),
     });
     assert_eq!(queries(&mut t), [asked[0].clone()]);
     // Its old backoff timer no longer asks it.
@@ -773,6 +782,76 @@ mod index {
                 prop_assert_eq!(changes_for(&mut t, *conn).len(), want, "filter {:?}", filter);
             }
         }
+
+        /// Filed by owner and judged by the owner rule, subscribers get exactly what the
+        /// database's verdicts would give them: their own inserts and updates that pass
+        /// their filters, every delete, and everything for `service_role`.
+        #[test]
+        fn owner_filing_equals_asking_every_group(
+            subscribers in prop::collection::vec((prop::sample::select(vec!["ann", "bob", "cy", "service_role"]), filter_strategy()), 1..10),
+            rows in prop::collection::vec((0..6i64, prop::sample::select(vec!["ann", "bob", "a b"]), 0..3u8), 1..10),
+        ) {
+            use crate::changes::{Rule, TableRule};
+            let mut t = engine();
+            let conns: Vec<ConnId> = subscribers.iter().map(|_| t.connect(Vsn::V2)).collect();
+            for (i, (conn, (sub, filter))) in conns.iter().zip(&subscribers).enumerate() {
+                let mut binding = json!({"event": "*", "schema": "public", "table": "secrets"});
+                if let Some(f) = filter {
+                    binding["filter"] = json!(f);
+                }
+                let role = if *sub == "service_role" { "service_role" } else { "authenticated" };
+                let token = crate::auth::sign(
+                    crate::tests::SECRET,
+                    &json!({"role": role, "sub": sub, "exp": 4_000_000_000u64}),
+                );
+                subscribe(&mut t, *conn, &format!("c{i}"), json!([binding]), Some(token));
+            }
+            // Answers as the database would: by owner, and the rule that says so.
+            let answer_all = |t: &mut TestEngine| {
+                for q in queries(t) {
+                    let sub = q.claims.get("sub").and_then(Value::as_str);
+                    let verdicts = q.checks.iter().map(|c| {
+                        if c.row.get("owner").and_then(Value::as_str) == sub { Verdict::Visible } else { Verdict::Hidden }
+                    }).collect();
+                    let rule = Some(Rule::Owner { column: "owner".into() });
+                    let rules = vec![TableRule { schema: "public".into(), table: "secrets".into(), rule }];
+                    t.handle(Input::Visibility { id: q.id, verdicts: Some(verdicts), rules });
+                }
+            };
+            // Rows every filter passes, so every group is asked once and learns the rule.
+            let learn = (0..6).flat_map(|id| ["ann", "bob", "a b"].map(|owner| insert("secrets", id, owner))).collect();
+            batch(&mut t, 1, learn);
+            answer_all(&mut t);
+            for conn in &conns {
+                changes_for(&mut t, *conn);
+            }
+            let changes: Vec<Change> = rows
+                .iter()
+                .map(|(id, owner, kind)| {
+                    let row = json!({"id": id, "owner": owner});
+                    match kind {
+                        0 => change("secrets", ChangeKind::Insert, row, Value::Null),
+                        1 => change("secrets", ChangeKind::Update, row, Value::Null),
+                        _ => change("secrets", ChangeKind::Delete, Value::Null, row),
+                    }
+                })
+                .collect();
+            batch(&mut t, 2, changes);
+            let asked = queries(&mut t);
+            prop_assert!(asked.len() <= 1, "at most a confirmation: {:?}", asked);
+            t.visibility = asked;
+            answer_all(&mut t);
+            for (conn, (sub, filter)) in conns.iter().zip(&subscribers) {
+                let want = rows
+                    .iter()
+                    .filter(|(id, owner, kind)| {
+                        expected(filter, *id as f64, owner)
+                            && (*kind == 2 || *sub == "service_role" || owner == sub)
+                    })
+                    .count();
+                prop_assert_eq!(changes_for(&mut t, *conn).len(), want, "{} {:?}", sub, filter);
+            }
+        }
     }
 }
 
@@ -801,6 +880,7 @@ fn an_rls_subscription_made_before_the_publication_is_known_gets_its_changes() {
     t.handle(Input::Visibility {
         id: asked[0].id,
         verdicts: Some(vec![Verdict::Visible]),
+        rules: Vec::new(),
     });
     assert_eq!(changes_for(&mut t, conn).len(), 1);
 }
@@ -861,4 +941,127 @@ fn messages_sent_from_sql_are_broadcast_to_their_room_once_in_commit_order() {
     assert!(t.broadcasts(public).is_empty());
     // The batch counts as handed out like any other.
     assert_eq!(t.progress.last(), Some(&10));
+}
+
+#[test]
+fn an_owner_rule_spares_questions_and_a_rule_that_stops_holding_replans_the_batch() {
+    use crate::changes::{Rule, TableRule};
+    let mut t = engine();
+    let users = [
+        ("ann", t.connect(Vsn::V2)),
+        ("ann", t.connect(Vsn::V2)),
+        ("bob", t.connect(Vsn::V2)),
+    ];
+    for (i, (user, conn)) in users.iter().enumerate() {
+        let token = crate::auth::sign(
+            super::SECRET,
+            &json!({"role": "authenticated", "sub": user, "exp": 4_000_000_000u64}),
+        );
+        let bindings = json!([{"event": "*", "schema": "public", "table": "secrets"}]);
+        subscribe(&mut t, *conn, &format!("s{i}"), bindings, Some(token));
+    }
+    let owner = |rule: bool| {
+        vec![TableRule {
+            schema: "public".into(),
+            table: "secrets".into(),
+            rule: rule.then(|| Rule::Owner {
+                column: "owner".into(),
+            }),
+        }]
+    };
+    let answer = |t: &mut TestEngine, q: &VisibilityQuery, rule: bool, everyone: bool| {
+        let sub = q.claims.get("sub").and_then(Value::as_str);
+        let verdicts = q
+            .checks
+            .iter()
+            .map(
+                |c| match everyone || c.row.get("owner").and_then(Value::as_str) == sub {
+                    true => Verdict::Visible,
+                    false => Verdict::Hidden,
+                },
+            )
+            .collect();
+        t.handle(Input::Visibility {
+            id: q.id,
+            verdicts: Some(verdicts),
+            rules: owner(rule),
+        });
+    };
+    let none: [Vec<Value>; 3] = Default::default();
+    let got = |t: &mut TestEngine| -> Vec<Vec<Value>> {
+        users
+            .iter()
+            .map(|(_, conn)| {
+                changes_for(t, *conn)
+                    .iter()
+                    .map(|c| c["data"]["record"]["id"].clone())
+                    .collect()
+            })
+            .collect()
+    };
+    let send = |t: &mut TestEngine, lsn: u64, changes: Vec<Change>| {
+        t.engine.handle(
+            t.now,
+            Input::Changes(std::sync::Arc::new(stamped(lsn, changes))),
+        );
+        queries(t)
+    };
+
+    // No rule known yet: each claims group is asked; the answers report the owner rule.
+    let asked = send(&mut t, 1, vec![insert("secrets", 1, "ann")]);
+    assert_eq!(asked.len(), 2, "ann's group and bob's");
+    for q in &asked {
+        answer(&mut t, q, true, false);
+    }
+    assert_eq!(got(&mut t), [vec![json!(1)], vec![json!(1)], vec![]]);
+
+    // Known: the engine judges the rows itself and asks once, under the role alone, to
+    // confirm the rule still holds. The delete reaches everyone, as without the rule.
+    let delete = change("secrets", ChangeKind::Delete, Value::Null, json!({"id": 9}));
+    let asked = send(
+        &mut t,
+        2,
+        vec![
+            insert("secrets", 2, "ann"),
+            insert("secrets", 3, "carl"),
+            delete,
+        ],
+    );
+    assert_eq!(asked.len(), 1, "one confirmation, not a question per group");
+    assert_eq!(asked[0].role, "authenticated");
+    assert!(
+        asked[0].claims.get("sub").is_none(),
+        "no subscriber's claims"
+    );
+    assert_eq!(got(&mut t), none, "held until confirmed");
+    answer(&mut t, &asked[0], true, false);
+    assert_eq!(
+        got(&mut t),
+        [
+            vec![json!(2), Value::Null],
+            vec![json!(2), Value::Null],
+            vec![Value::Null]
+        ]
+    );
+
+    // The policy changed: the confirmation finds no owner rule, so the batch is planned
+    // again and every group asked; the new policy shows ann's row to bob too.
+    let asked = send(&mut t, 3, vec![insert("secrets", 4, "ann")]);
+    assert_eq!(asked.len(), 1);
+    answer(&mut t, &asked[0], false, true);
+    assert_eq!(t.engine.stats().visibility_replans, 1);
+    let asked = queries(&mut t);
+    assert_eq!(asked.len(), 2, "asked again, per group");
+    assert_eq!(got(&mut t), none);
+    for q in &asked {
+        answer(&mut t, q, false, true);
+    }
+    assert_eq!(
+        got(&mut t),
+        [vec![json!(4)], vec![json!(4)], vec![json!(4)]]
+    );
+
+    // And the rule is forgotten: the next batch asks every group from the start.
+    let asked = send(&mut t, 4, vec![insert("secrets", 5, "bob")]);
+    assert_eq!(asked.len(), 2);
 }

@@ -29,7 +29,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use serde_json::Value;
-use switchboard_engine::changes::{RowCheck, Verdict, VisibilityQuery};
+use switchboard_engine::changes::{owner_key, RowCheck, Rule, TableRule, Verdict, VisibilityQuery};
 use switchboard_engine::Input;
 use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
@@ -159,7 +159,7 @@ impl Answerer for Checker {
         &mut self,
         batch: &[VisibilityQuery],
     ) -> Result<Vec<Input>, tokio_postgres::Error> {
-        let mut answers: Vec<Option<Vec<Verdict>>> = vec![None; batch.len()];
+        let mut answers: Vec<Option<Answer>> = vec![None; batch.len()];
         for members in same_role(batch) {
             let together = match members.len() {
                 1 => None,
@@ -169,15 +169,15 @@ impl Answerer for Checker {
                     .map_err(|Unanswered(e)| e)?,
             };
             match together {
-                Some(verdicts) => {
+                Some((verdicts, rules)) => {
                     for (&i, verdicts) in members.iter().zip(verdicts) {
-                        answers[i] = Some(verdicts);
+                        answers[i] = Some((verdicts, rules.clone()));
                     }
                 }
                 None => {
                     for &i in &members {
-                        let verdicts = self.verdicts(&batch[i]).await.map_err(|Unanswered(e)| e)?;
-                        answers[i] = Some(verdicts);
+                        let answer = self.verdicts(&batch[i]).await.map_err(|Unanswered(e)| e)?;
+                        answers[i] = Some(answer);
                     }
                 }
             }
@@ -185,9 +185,13 @@ impl Answerer for Checker {
         Ok(batch
             .iter()
             .zip(answers)
-            .map(|(query, verdicts)| Input::Visibility {
-                id: query.id,
-                verdicts,
+            .map(|(query, answer)| {
+                let (verdicts, rules) = answer.unzip();
+                Input::Visibility {
+                    id: query.id,
+                    verdicts,
+                    rules: rules.unwrap_or_default(),
+                }
             })
             .collect())
     }
@@ -196,6 +200,7 @@ impl Answerer for Checker {
         Input::Visibility {
             id: query.id,
             verdicts: None,
+            rules: Vec::new(),
         }
     }
 }
@@ -219,8 +224,8 @@ impl Checker {
         })
     }
 
-    /// One verdict per check, in order.
-    async fn verdicts(&mut self, query: &VisibilityQuery) -> Result<Vec<Verdict>, Unanswered> {
+    /// One verdict per check, in order, and the rules of the tables asked about.
+    async fn verdicts(&mut self, query: &VisibilityQuery) -> Result<Answer, Unanswered> {
         let tables = tables(&query.checks);
         let xids: Vec<i64> = query.xids.iter().map(|&x| i64::from(x)).collect();
         let names: Vec<(&str, &str)> = tables
@@ -230,8 +235,14 @@ impl Checker {
             .collect();
         let opened = self.begin(query, &xids, &names).await?;
         let outcome = match opened {
-            Ok(Some(policies)) => self.judge(query, &tables, &policies).await,
-            Ok(None) => Ok(vec![Verdict::Unauthorized; query.checks.len()]),
+            Ok(Some(policies)) => {
+                let verdicts = self.judge(query, &tables, &policies).await;
+                verdicts.map(|verdicts| (verdicts, rules(&names, Some(&policies))))
+            }
+            Ok(None) => Ok((
+                vec![Verdict::Unauthorized; query.checks.len()],
+                rules(&names, None),
+            )),
             Err(error) => Err(error),
         };
         // Nothing to keep: rolling back also restores the role and the settings.
@@ -245,7 +256,7 @@ impl Checker {
         &mut self,
         batch: &[VisibilityQuery],
         members: &[usize],
-    ) -> Result<Option<Vec<Vec<Verdict>>>, Unanswered> {
+    ) -> Result<Option<(Vec<Vec<Verdict>>, Vec<TableRule>)>, Unanswered> {
         let mut xids: Vec<i64> = members
             .iter()
             .flat_map(|&i| batch[i].xids.iter().map(|&x| i64::from(x)))
@@ -265,13 +276,17 @@ impl Checker {
         // The first member's claims open the transaction; each member sets its own.
         let opened = self.begin(&batch[members[0]], &xids, &names).await?;
         let outcome = match opened {
-            Ok(Some(policies)) => self.judge_together(batch, members, &names, &policies).await,
-            Ok(None) => Ok(Some(
+            Ok(Some(policies)) => {
+                let verdicts = self.judge_together(batch, members, &names, &policies).await;
+                verdicts.map(|v| v.map(|v| (v, rules(&names, Some(&policies)))))
+            }
+            Ok(None) => Ok(Some((
                 members
                     .iter()
                     .map(|&i| vec![Verdict::Unauthorized; batch[i].checks.len()])
                     .collect(),
-            )),
+                rules(&names, None),
+            ))),
             Err(error) => Err(error),
         };
         self.client.batch_execute("rollback").await?;
@@ -344,11 +359,11 @@ impl Checker {
         let mut claims: Vec<(String, String)> = Vec::with_capacity(members.len());
         for (m, &i) in members.iter().enumerate() {
             let query = &batch[i];
-            let sub = sub_of(query);
+            let sub = claimed_sub(query);
             let mut own = vec![Verdict::Hidden; query.checks.len()];
             for group in tables(&query.checks) {
                 let policy = policy_of(&query.checks[group[0]]);
-                match policy.decide(&query.checks, &group, &sub) {
+                match policy.decide(&query.checks, &group, sub.as_deref()) {
                     Some(decided) => {
                         for (&c, verdict) in group.iter().zip(decided) {
                             own[c] = verdict;
@@ -363,7 +378,7 @@ impl Checker {
                 }
             }
             verdicts.push(own);
-            claims.push((claims_text(query), sub));
+            claims.push((claims_text(query), sub.unwrap_or_default()));
         }
         // In order: member 0's claims, its evaluations, member 1's claims, and so on.
         let (client, set_claims) = (&self.client, &self.claims);
@@ -461,11 +476,11 @@ impl Checker {
     ) -> Result<Vec<Verdict>, Unanswered> {
         let mut verdicts = vec![Verdict::Hidden; query.checks.len()];
         let several = tables.len() > 1;
-        let sub = sub_of(query);
+        let sub = claimed_sub(query);
         for (group, policy) in tables.iter().zip(policies) {
             let all = |verdict| group.iter().map(move |&i| (i, verdict));
             let judged: Vec<(usize, Verdict)> =
-                if let Some(decided) = policy.decide(&query.checks, group, &sub) {
+                if let Some(decided) = policy.decide(&query.checks, group, sub.as_deref()) {
                     group.iter().copied().zip(decided).collect()
                 } else {
                     // A failed statement aborts the transaction: a savepoint keeps the tables
@@ -558,6 +573,23 @@ fn evaluation(schema: &str, table: &str, policies: &Policies) -> String {
     )
 }
 
+/// A question's verdicts, and the rules of the tables it named under its role.
+type Answer = (Vec<Verdict>, Vec<TableRule>);
+
+/// The rule of each table `names` under the role whose `policies` the catalog gave (`None`:
+/// the role was refused, nothing is judged without Postgres).
+fn rules(names: &[(&str, &str)], policies: Option<&[Policies]>) -> Vec<TableRule> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, &(schema, table))| TableRule {
+            schema: schema.to_owned(),
+            table: table.to_owned(),
+            rule: policies.and_then(|p| p[i].rule()),
+        })
+        .collect()
+}
+
 /// The question's claims as JSON, for `request.jwt.claims`.
 fn claims_text(query: &VisibilityQuery) -> String {
     serde_json::to_string(&*query.claims).expect("a JSON map serialises")
@@ -565,7 +597,12 @@ fn claims_text(query: &VisibilityQuery) -> String {
 
 /// The question's `sub` claim as text, for `request.jwt.claim.sub`: what `auth.uid()` reads.
 fn sub_of(query: &VisibilityQuery) -> String {
-    query.claims.get("sub").map(text).unwrap_or_default()
+    claimed_sub(query).unwrap_or_default()
+}
+
+/// The question's `sub` claim as text, `None` when it has none: `auth.uid()` is then null.
+fn claimed_sub(query: &VisibilityQuery) -> Option<String> {
+    query.claims.get("sub").filter(|v| !v.is_null()).map(text)
 }
 
 /// The rows at `group` of `checks` as one JSON array, what an evaluation reads.
@@ -605,7 +642,12 @@ impl Policies {
     /// The verdicts for the rows at `group` of `checks` that need no policy evaluated (the
     /// table is gone or unreadable, RLS does not apply, no permissive policy, or an owner
     /// policy), or `None` when Postgres must evaluate them.
-    fn decide(&self, checks: &[RowCheck], group: &[usize], sub: &str) -> Option<Vec<Verdict>> {
+    fn decide(
+        &self,
+        checks: &[RowCheck],
+        group: &[usize],
+        sub: Option<&str>,
+    ) -> Option<Vec<Verdict>> {
         let all = |verdict| Some(vec![verdict; group.len()]);
         if !self.exists || !self.readable {
             all(Verdict::Unauthorized)
@@ -619,14 +661,31 @@ impl Policies {
         }
     }
 
+    /// The rule the engine may judge this table's rows by for the role, without asking:
+    /// an owner policy that applies ([`Policies::by_owner`]).
+    fn rule(&self) -> Option<Rule> {
+        let applies = self.exists && self.readable && self.active && !self.permissive.is_empty();
+        let column = self.owner.clone().filter(|_| applies)?;
+        Some(Rule::Owner { column })
+    }
+
     /// Verdicts for the rows at `group` of `checks` without asking Postgres, when the
     /// table's policy is `owner = auth.uid()` and `sub` is a uuid as Postgres prints one:
     /// the row passes exactly when its owner column holds `sub`. Most tables in Supabase
     /// projects are guarded so; it spares evaluating every row for every claims group,
-    /// which is what bounds a batch seen by many users.
-    fn by_owner(&self, checks: &[RowCheck], group: &[usize], sub: &str) -> Option<Vec<Verdict>> {
+    /// which is what bounds a batch seen by many users. Without a `sub`, `auth.uid()` is
+    /// null and no row passes.
+    fn by_owner(
+        &self,
+        checks: &[RowCheck],
+        group: &[usize],
+        sub: Option<&str>,
+    ) -> Option<Vec<Verdict>> {
         let column = self.owner.as_deref()?;
-        let sub = canonical_uuid(sub)?;
+        let Some(sub) = sub else {
+            return Some(vec![Verdict::Hidden; group.len()]);
+        };
+        let sub = owner_key("uuid", sub)?;
         Some(
             group
                 .iter()
@@ -709,18 +768,6 @@ fn owner_column(
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     (plain && uuid_columns.iter().any(|c| c == column)).then(|| column.to_owned())
-}
-
-/// `sub` as Postgres prints a uuid (lowercase, hyphenated 8-4-4-4-12), if it is one in
-/// that form up to case; the other spellings Postgres accepts are left to Postgres.
-fn canonical_uuid(sub: &str) -> Option<String> {
-    let lower = sub.to_ascii_lowercase();
-    let canonical = lower.len() == 36
-        && lower.char_indices().all(|(i, c)| match i {
-            8 | 13 | 18 | 23 => c == '-',
-            _ => c.is_ascii_hexdigit(),
-        });
-    canonical.then_some(lower)
 }
 
 /// Indices of `batch` grouped by role, in first-seen order: each group shares a
@@ -823,13 +870,14 @@ mod tests {
     #[test]
     fn owner_verdicts_need_a_canonical_uuid_sub() {
         let alice = "1111aaaa-1111-1111-1111-111111111111";
+        let canonical = |sub| owner_key("uuid", sub);
         assert_eq!(
-            canonical_uuid("1111AAAA-1111-1111-1111-111111111111").as_deref(),
+            canonical("1111AAAA-1111-1111-1111-111111111111").as_deref(),
             Some(alice)
         );
-        assert!(canonical_uuid("1111aaaa111111111111111111111111").is_none());
-        assert!(canonical_uuid("").is_none());
-        assert!(canonical_uuid("not-a-uuid").is_none());
+        assert!(canonical("1111aaaa111111111111111111111111").is_none());
+        assert!(canonical("").is_none());
+        assert!(canonical("not-a-uuid").is_none());
         let policies = Policies {
             exists: true,
             active: true,
@@ -854,10 +902,25 @@ mod tests {
             row(Value::Null),
         ];
         assert_eq!(
-            policies.by_owner(&checks, &[0, 1, 2], "1111AAAA-1111-1111-1111-111111111111"),
+            policies.by_owner(
+                &checks,
+                &[0, 1, 2],
+                Some("1111AAAA-1111-1111-1111-111111111111")
+            ),
             Some(vec![Verdict::Visible, Verdict::Hidden, Verdict::Hidden])
         );
-        assert_eq!(policies.by_owner(&checks, &[0], "someone"), None);
+        assert_eq!(policies.by_owner(&checks, &[0], Some("someone")), None);
+        assert_eq!(
+            policies.by_owner(&checks, &[0, 1], None),
+            Some(vec![Verdict::Hidden; 2]),
+            "no sub: auth.uid() is null"
+        );
+        assert_eq!(
+            policies.rule(),
+            Some(Rule::Owner {
+                column: "owner".into()
+            })
+        );
     }
 
     #[test]
