@@ -37,7 +37,7 @@ fn sweep(seeds: &[u64]) -> Vec<Report> {
 #[test]
 fn invariants_hold_on_every_seed() {
     let started = Instant::now();
-    let seeds = seeds(200);
+    let seeds = seeds(100);
     let reports = sweep(&seeds);
     let secs = started.elapsed().as_secs_f64();
     let mut endings: BTreeMap<&str, usize> = BTreeMap::new();
