@@ -29,7 +29,7 @@ log="$out/$result.jsonl"
 : > "$log"
 
 cargo build --release -q -p switchboard -p switchboard-benches
-bin=target/release
+bin="${CARGO_TARGET_DIR:-target}/release"
 # The last commit with the one-engine multi-thread runtime, built once, outside the repo.
 multi_thread_commit=703d198^
 scratch="${BENCH_SCRATCH:-$HOME/.cache/switchboard-bench}"
