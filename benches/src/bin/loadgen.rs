@@ -255,9 +255,11 @@ async fn open(args: &Args, index: usize, room: usize) -> Result<(Sink, Source), 
                 "1",
                 &channel,
                 "phx_join",
-                // What realtime-js 2.x sends for `channel(name).subscribe()` (PROTOCOL.md §2.2).
+                // What realtime-js 2.x sends for `channel(name).subscribe()` (PROTOCOL.md §2.2),
+                // with presence enabled as it is for a channel with presence listeners: a
+                // channel without gets no presence diffs.
                 json!({"config": {"broadcast": {"ack": false, "self": false},
-                    "presence": {"key": "", "enabled": false}, "postgres_changes": [],
+                    "presence": {"key": "", "enabled": args.presence}, "postgres_changes": [],
                     "private": false}}),
             );
             sink.send(join).await.map_err(|e| e.to_string())?;
