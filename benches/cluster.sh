@@ -13,7 +13,7 @@ log="$out/cluster.jsonl"
 : > "$log"
 command -v nats-server > /dev/null || { echo "nats-server is missing (apt-get install nats-server)" >&2; exit 1; }
 cargo build --release -q -p switchboard -p switchboard-benches
-bin=target/release
+bin="${CARGO_TARGET_DIR:-target}/release"
 secret="bench-secret-bench-secret-bench-secret-0"
 ulimit -n 20000 || true
 key=$(python3 - "$secret" <<'PY'

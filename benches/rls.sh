@@ -27,7 +27,7 @@ else
   : > "$log"
 fi
 cargo build --release -q -p switchboard -p switchboard-benches
-bin=target/release
+bin="${CARGO_TARGET_DIR:-target}/release"
 secret="bench-secret-bench-secret-bench-secret-0"
 ulimit -n 20000 || true
 # shellcheck source=benches/pg.sh

@@ -7,6 +7,11 @@
 #            work-stealing pool that switchboard no longer offers, built from its last
 #            commit into a scratch folder outside the repo (BENCH_SCRATCH, default
 #            ~/.cache/switchboard-bench).
+#            `peers`: switchboard (tokio) beside sockudo, a Rust server of the Pusher
+#            protocol, driven by the load generator's Pusher mode. sockudo is built from
+#            crates.io into the scratch folder on first use (it needs protoc, from Debian's
+#            protobuf-compiler), not in CI; presence and vsn 1.0.0 are switchboard's own,
+#            so those scenarios run for switchboard alone.
 #   SWITCHBOARD_SHARDS: the server's shard count (default: one per core); <result> is the
 #            runtimes joined by `-vs-`, with `-N-shards` when it is set.
 #   repetitions: each scenario runs this often, alternating servers and floor, and the
@@ -19,7 +24,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runtimes="${1:-tokio}"
-IFS=, read -r -a servers <<< "$runtimes"
+if [ "$runtimes" = peers ]; then
+  servers=(tokio sockudo)
+else
+  IFS=, read -r -a servers <<< "$runtimes"
+fi
 result="${runtimes//,/-vs-}${SWITCHBOARD_SHARDS:+-$SWITCHBOARD_SHARDS-shards}"
 secs="${2:-10}"
 reps="${3:-3}"
@@ -29,7 +38,7 @@ log="$out/$result.jsonl"
 : > "$log"
 
 cargo build --release -q -p switchboard -p switchboard-benches
-bin=target/release
+bin="${CARGO_TARGET_DIR:-target}/release"
 # The last commit with the one-engine multi-thread runtime, built once, outside the repo.
 multi_thread_commit=703d198^
 scratch="${BENCH_SCRATCH:-$HOME/.cache/switchboard-bench}"
@@ -40,6 +49,60 @@ if [[ ",$runtimes," == *,tokio-multi-thread,* ]]; then
     git archive "$multi_thread_commit" | tar -x -C "$old"
     (cd "$old" && cargo build --release -q --locked -p switchboard)
   fi
+fi
+# sockudo, from crates.io, built once outside the repo; its one app has no limits a
+# scenario reaches.
+sockudo_version=5.2.0
+peer="$scratch/sockudo-$sockudo_version"
+app_key=bench-key
+app_secret=bench-secret
+if [[ " ${servers[*]} " == *" sockudo "* ]]; then
+  if [ ! -x "$peer/bin/sockudo" ]; then
+    if ! command -v protoc >/dev/null && [ "$(id -u)" = 0 ]; then
+      apt-get install -y -qq protobuf-compiler >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq protobuf-compiler >/dev/null; }
+    fi
+    mkdir -p "$peer"
+    nice -n 19 cargo install sockudo --version "$sockudo_version" --locked --no-default-features \
+      --features local --root "$peer" --target-dir "$peer/target"
+    rm -rf "$peer/target"
+  fi
+  # The port comes from PORT at each start. Metrics, the connection rate limiter (20 per
+  # minute per address) and the webhook queue (Redis by default) are off, and the stop
+  # does not wait out a 10 s grace for sockets the load generator has closed already.
+  # Each socket's send queue keeps sockudo's default of 1,000 messages, not switchboard's
+  # 8,192: sockudo allocates it whole, and 8,192 cost 0.9 MB per socket.
+  cat > "$peer/config.toml" <<EOF
+host = "127.0.0.1"
+shutdown_grace_period = 0
+
+[app_manager]
+driver = "memory"
+
+[[app_manager.array.apps]]
+id = "bench"
+key = "$app_key"
+secret = "$app_secret"
+enabled = true
+
+[app_manager.array.apps.policy.limits]
+max_connections = 0
+max_client_events_per_second = 0
+
+[app_manager.array.apps.policy.features]
+enable_client_messages = true
+
+[metrics]
+enabled = false
+
+[rate_limiter]
+enabled = false
+
+[queue]
+driver = "none"
+
+[logging]
+colors_enabled = false
+EOF
 fi
 secret="bench-secret-bench-secret-bench-secret-0"
 ulimit -n 20000 || true
@@ -87,6 +150,26 @@ start_floor() {
   echo "floor did not start" >&2; exit 1
 }
 
+# sockudo cannot bind port 0 and say which it got: a free port is chosen here. Its
+# environment is emptied, since it reads many variables (REDIS_URL, DATABASE_URL, …). A
+# config file it cannot parse is silently replaced by its defaults, so the run stops
+# unless sockudo logged the bench app among those it registered before listening.
+start_sockudo() {
+  local port
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  env -i PORT="$port" RUST_LOG=error,sockudo::bootstrap::server=info \
+    "$peer/bin/sockudo" --config "$peer/config.toml" > "$out/.server.out" 2>&1 &
+  server=$!
+  for _ in $(seq 100); do
+    if (exec 3<> "/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      grep -q "registered app app_id=bench " "$out/.server.out" || break
+      addr="127.0.0.1:$port"; return
+    fi
+    sleep 0.1
+  done
+  echo "sockudo did not start" >&2; cat "$out/.server.out" >&2; exit 1
+}
+
 stop() { kill "$server" 2>/dev/null; wait "$server" 2>/dev/null || true; }
 
 # name | loadgen arguments
@@ -110,14 +193,19 @@ for entry in "${scenarios[@]}"; do
   args="${entry#*|}"
   if [ -n "${BENCH_ONLY:-}" ] && ! grep -qE "$BENCH_ONLY" <<< "$name"; then continue; fi
   for run in $(for _ in $(seq "$reps"); do echo "${servers[@]}" floor; done); do
-    case "$name" in presence*|"1k v1"*) [ "$run" = floor ] && continue ;; esac
-    if [ "$run" = floor ]; then mode=floor; start_floor; else mode=switchboard; start_switchboard "$run"; fi
+    case "$name" in presence*|"1k v1"*) [ "$run" = floor ] || [ "$run" = sockudo ] && continue ;; esac
+    case "$run" in
+      floor) mode=floor; start_floor ;;
+      sockudo) mode=pusher; start_sockudo ;;
+      *) mode=switchboard; start_switchboard "$run" ;;
+    esac
     counting=""
     if [ "${BENCH_SYSCALLS:-}" = 1 ]; then
       perf stat -x, -e "$events" -p "$server" -o "$out/.perf" & counting=$!
     fi
     # shellcheck disable=SC2086
     line=$("$bin/loadgen" --mode "$mode" --addr "$addr" --key "$key" --duration "$secs" \
+      --app-key "$app_key" --app-secret "$app_secret" \
       --server-pid "$server" --label "$name" $args 2>/dev/null | tail -n 1)
     if [ -n "$counting" ]; then
       kill -INT "$counting"; wait "$counting" || true
@@ -131,12 +219,13 @@ for entry in "${scenarios[@]}"; do
 done
 
 # On a throwaway Postgres: postgres_changes with RLS (100 subscribers in 10 claims groups),
-# then the join rate of public and private channels (1000 connections × 5 channels).
+# then the join rate of public and private channels (1000 connections × 5 channels); not
+# for peers, which have no database side to compare.
 rls_line=""
 join_line=""
 # shellcheck source=benches/pg.sh
 . benches/pg.sh
-if pg_start; then
+if [ "$runtimes" != peers ] && pg_start; then
   # shellcheck disable=SC2046
   $(server_command "${servers[0]}") --bind 127.0.0.1:0 --jwt-secret "$secret" \
     --database-url "$dburl" --max-concurrent-users 1000000 --max-joins-per-second 0 \
@@ -171,9 +260,10 @@ for (server, mode, label), group in seen.items():
     rows.append(row)
 floor = {r["label"]: r for r in rows if r["mode"] == "floor"}
 reps = max(r["reps"] for r in rows)
-names = list(dict.fromkeys(r["server"] for r in rows if r["mode"] == "switchboard"))
+names = list(dict.fromkeys(r["server"] for r in rows if r["mode"] != "floor"))
+kind = "Runtime" if all(r["mode"] in ("switchboard", "floor") for r in rows) else "Server"
 lines = [
-    f"Runtime{'s' if len(names) > 1 else ''} {', '.join(f'`{n}`' for n in names)} vs the raw fan-out floor, "
+    f"{kind}{'s' if len(names) > 1 else ''} {', '.join(f'`{n}`' for n in names)} vs the raw fan-out floor, "
     f"same load generator, same run, loopback, "
     f"2 cores shared by server and load generator; medians of {reps} runs each.",
     "",
@@ -201,7 +291,7 @@ def line(r, f, name):
 if syscalls:
     lines[2] += " syscalls per delivery | io_uring submissions per delivery |"
     lines[3] += " ---: | ---: |"
-for r in sorted((r for r in rows if r["mode"] == "switchboard"), key=lambda r: [x["label"] for x in rows].index(r["label"])):
+for r in sorted((r for r in rows if r["mode"] != "floor"), key=lambda r: [x["label"] for x in rows].index(r["label"])):
     name = r["label"] if len(names) == 1 else f"{r['label']}: {r['server']}"
     lines.append(line(r, floor.get(r["label"]), name))
 for r in rows:
@@ -237,7 +327,7 @@ with open(sys.argv[2] + ".dat", "w") as d:
     for label in dict.fromkeys(r["label"] for r in rows):
         if label not in floor:
             continue
-        by = {r["server"]: r for r in rows if r["label"] == label and r["mode"] == "switchboard"}
+        by = {r["server"]: r for r in rows if r["label"] == label and r["mode"] != "floor"}
         values = " ".join(str(by[n]["delivered_per_sec"]) if n in by else "0" for n in names)
         d.write(f"\"{label}\" {values} {floor[label]['delivered_per_sec']}\n")
 print("\n".join(lines))
@@ -247,10 +337,12 @@ if ! command -v gnuplot >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   apt-get install -y -qq gnuplot-nox >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq gnuplot-nox >/dev/null; }
 fi
 columns=$(( ${#servers[@]} + 2 ))
+title="switchboard ($result)"
+if [ "$runtimes" = peers ]; then title="switchboard (tokio) and sockudo"; fi
 gnuplot <<EOF
 set terminal pngcairo size 900,450
 set output "$out/$result.png"
-set title "Delivered messages/s: switchboard ($result) vs raw fan-out floor"
+set title "Delivered messages/s: $title vs raw fan-out floor"
 set key autotitle columnhead
 set style data histograms
 set style histogram clustered gap 1

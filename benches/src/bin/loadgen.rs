@@ -4,7 +4,9 @@
 //! end-to-end latency percentiles, connection setup rate and server memory.
 //!
 //! It stays on loopback, stops by itself after `--duration`, and prints one
-//! machine-readable JSON line last. `--mode floor` drives the raw fan-out floor instead.
+//! machine-readable JSON line last. `--mode floor` drives the raw fan-out floor instead, and
+//! `--mode pusher` a Pusher-protocol server (sockudo), so a peer is measured by the same
+//! load, clock and figures: only connecting, joining and the publish frame differ.
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -17,7 +19,9 @@ use clap::{Parser, ValueEnum};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
+use hmac::{Hmac, KeyInit, Mac};
 use serde_json::json;
+use sha2::Sha256;
 use switchboard_engine::protocol::{encode_user_broadcast_push, UserBroadcastPush};
 use switchboard_engine::Encoding;
 use tokio::net::{TcpSocket, TcpStream};
@@ -31,6 +35,10 @@ enum Mode {
     Switchboard,
     /// The raw fan-out floor (`floor` binary).
     Floor,
+    /// A Pusher-protocol server (protocol 7), such as sockudo: private channels whose
+    /// subscriptions are signed with the app secret, and client events, which Pusher never
+    /// echoes to their sender, as switchboard does not with `self: false`.
+    Pusher,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -52,6 +60,13 @@ struct Args {
     /// API key (a JWT) for switchboard.
     #[arg(long, env = "SWITCHBOARD_ANON_KEY", default_value = "")]
     key: String,
+    /// The Pusher app's key, in the socket's path and in subscription signatures.
+    #[arg(long, default_value = "")]
+    app_key: String,
+    /// The Pusher app's secret: private channels are signed here, as an app's auth
+    /// endpoint would, so joining costs no HTTP round trip.
+    #[arg(long, default_value = "")]
+    app_secret: String,
     /// Serializer version of every connection.
     #[arg(long, value_enum, default_value = "v2")]
     vsn: Vsn,
@@ -155,8 +170,12 @@ fn rss_kib(pid: Option<u32>) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-fn topic(room: usize) -> String {
-    format!("realtime:load-{room}")
+/// The channel of `room`: Pusher allows client events on private channels only.
+fn topic(mode: Mode, room: usize) -> String {
+    match mode {
+        Mode::Pusher => format!("private-load-{room}"),
+        _ => format!("realtime:load-{room}"),
+    }
 }
 
 /// Leaves the port to connect(), which picks one free for the whole address pair. A port
@@ -212,6 +231,11 @@ async fn open(args: &Args, index: usize, room: usize) -> Result<(Sink, Source), 
             )
         }
         Mode::Floor => format!("ws://{}/?room={room}", args.addr),
+        Mode::Pusher => format!(
+            "ws://{}/app/{}?protocol=7&client=loadgen&version=1",
+            args.addr_of(index),
+            args.app_key
+        ),
     };
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
@@ -221,34 +245,81 @@ async fn open(args: &Args, index: usize, room: usize) -> Result<(Sink, Source), 
         .await
         .map_err(|e| e.to_string())?;
     let (mut sink, mut source) = ws.split();
-    if args.mode == Mode::Switchboard {
-        let join = frame(
-            args.vsn,
-            Some("1"),
-            "1",
-            &topic(room),
-            "phx_join",
-            // What realtime-js 2.x sends for `channel(name).subscribe()` (PROTOCOL.md §2.2).
-            json!({"config": {"broadcast": {"ack": false, "self": false},
-                "presence": {"key": "", "enabled": false}, "postgres_changes": [],
-                "private": false}}),
-        );
-        sink.send(join).await.map_err(|e| e.to_string())?;
-        // Wait for the join reply before counting the connection as set up.
-        loop {
-            match source.next().await {
-                Some(Ok(Message::Text(text))) if text.contains("phx_reply") => {
-                    if !text.contains("\"ok\"") {
-                        return Err(format!("join refused: {text}"));
-                    }
-                    break;
-                }
-                Some(Ok(_)) => {}
-                other => return Err(format!("closed during join: {other:?}")),
+    let channel = topic(args.mode, room);
+    // A connection counts as set up once its join is confirmed.
+    match args.mode {
+        Mode::Switchboard => {
+            let join = frame(
+                args.vsn,
+                Some("1"),
+                "1",
+                &channel,
+                "phx_join",
+                // What realtime-js 2.x sends for `channel(name).subscribe()` (PROTOCOL.md §2.2),
+                // with presence enabled as it is for a channel with presence listeners: a
+                // channel without gets no presence diffs.
+                json!({"config": {"broadcast": {"ack": false, "self": false},
+                    "presence": {"key": "", "enabled": args.presence}, "postgres_changes": [],
+                    "private": false}}),
+            );
+            sink.send(join).await.map_err(|e| e.to_string())?;
+            let reply = first_text(&mut source, &["phx_reply"]).await?;
+            if !reply.contains("\"ok\"") {
+                return Err(format!("join refused: {reply}"));
             }
         }
+        Mode::Pusher => {
+            let established = first_text(&mut source, &["pusher:connection_established"]).await?;
+            let socket_id =
+                socket_id(&established).ok_or_else(|| format!("no socket_id in {established}"))?;
+            let auth = pusher_auth(&args.app_key, &args.app_secret, &socket_id, &channel);
+            let subscribe = json!({"event": "pusher:subscribe",
+                "data": {"channel": channel, "auth": auth}});
+            sink.send(Message::Text(subscribe.to_string().into()))
+                .await
+                .map_err(|e| e.to_string())?;
+            let reply = first_text(&mut source, &["subscription_succeeded", "error"]).await?;
+            if !reply.contains("subscription_succeeded") {
+                return Err(format!("subscription refused: {reply}"));
+            }
+        }
+        Mode::Floor => {}
     }
     Ok((sink, source))
+}
+
+/// The first text frame that contains one of `markers`, skipping the rest.
+async fn first_text(source: &mut Source, markers: &[&str]) -> Result<String, String> {
+    loop {
+        match source.next().await {
+            Some(Ok(Message::Text(text))) if markers.iter().any(|m| text.contains(m)) => {
+                return Ok(text.to_string())
+            }
+            Some(Ok(_)) => {}
+            other => return Err(format!("closed waiting for {markers:?}: {other:?}")),
+        }
+    }
+}
+
+/// The `socket_id` of `pusher:connection_established`, whose `data` is JSON in a string.
+fn socket_id(established: &str) -> Option<String> {
+    let event: serde_json::Value = serde_json::from_str(established).ok()?;
+    let data: serde_json::Value = serde_json::from_str(event["data"].as_str()?).ok()?;
+    Some(data["socket_id"].as_str()?.to_owned())
+}
+
+/// What a Pusher app's auth endpoint answers for a private channel:
+/// `<key>:<hex HMAC-SHA256(secret, "<socket_id>:<channel>")>`.
+fn pusher_auth(key: &str, secret: &str, socket_id: &str, channel: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(format!("{socket_id}:{channel}").as_bytes());
+    let signature: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
+    format!("{key}:{signature}")
 }
 
 fn frame(
@@ -277,13 +348,20 @@ fn message(args: &Args, room: usize, seq: u64, origin: Instant, padding: &str) -
             args.vsn,
             Some("1"),
             &seq.to_string(),
-            &topic(room),
+            &topic(args.mode, room),
             "presence",
             track,
         );
     }
     match (args.mode, args.vsn) {
         (Mode::Floor, _) => Message::Text(body.into()),
+        (Mode::Pusher, _) => Message::Text(
+            format!(
+                r#"{{"event":"client-e","channel":"{}","data":{body}}}"#,
+                topic(args.mode, room)
+            )
+            .into(),
+        ),
         (Mode::Switchboard, Vsn::V2) => {
             let push = UserBroadcastPush {
                 event: "m".into(),
@@ -291,9 +369,13 @@ fn message(args: &Args, room: usize, seq: u64, origin: Instant, padding: &str) -
                 encoding: Encoding::Json,
                 payload: Bytes::from(body),
             };
-            let bytes =
-                encode_user_broadcast_push(Some("1"), Some(&seq.to_string()), &topic(room), &push)
-                    .expect("short header strings");
+            let bytes = encode_user_broadcast_push(
+                Some("1"),
+                Some(&seq.to_string()),
+                &topic(args.mode, room),
+                &push,
+            )
+            .expect("short header strings");
             Message::Binary(bytes)
         }
         (Mode::Switchboard, Vsn::V1) => {
@@ -302,7 +384,7 @@ fn message(args: &Args, room: usize, seq: u64, origin: Instant, padding: &str) -
                 Vsn::V1,
                 Some("1"),
                 &seq.to_string(),
-                &topic(room),
+                &topic(args.mode, room),
                 "broadcast",
                 json!({"type": "broadcast", "event": "m", "payload": payload}),
             )
@@ -325,6 +407,10 @@ fn timestamp_join(data: &[u8]) -> Option<u64> {
     timestamp(&data[from..to])
 }
 
+fn contains(data: &[u8], needle: &[u8]) -> bool {
+    data.windows(needle.len()).any(|w| w == needle)
+}
+
 /// Finds `"t":<digits>` in a received frame.
 fn timestamp(data: &[u8]) -> Option<u64> {
     let at = data.windows(4).position(|w| w == b"\"t\":")? + 4;
@@ -338,6 +424,10 @@ fn timestamp(data: &[u8]) -> Option<u64> {
 #[tokio::main]
 async fn main() {
     let args = Arc::new(Args::parse());
+    if args.presence && args.mode != Mode::Switchboard {
+        eprintln!("--presence needs --mode switchboard");
+        std::process::exit(2);
+    }
     let origin = Instant::now();
     let rss_before = rss_kib(args.server_pid);
 
@@ -384,11 +474,13 @@ async fn main() {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut publishers = Vec::new();
     let mut readers = Vec::new();
-    for (index, (i, room, (sink, mut source))) in connections.into_iter().enumerate() {
+    for (index, (i, room, (mut sink, mut source))) in connections.into_iter().enumerate() {
         if index < args.publishers {
             publishers.push((room, sink));
         } else {
-            // Subscribers keep their sink alive (dropping it would close the socket).
+            // Subscribers keep their sink alive (dropping it would close the socket), and
+            // answer a Pusher server's pings with it.
+            let mode = args.mode;
             let histogram = if args.is_remote(i) {
                 remote_histogram.clone()
             } else {
@@ -397,7 +489,6 @@ async fn main() {
             let received = received.clone();
             let mut stopped = stopped.clone();
             readers.push(tokio::spawn(async move {
-                let _sink = sink;
                 let mut local =
                     Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
                 let mut count = 0u64;
@@ -425,7 +516,7 @@ async fn main() {
                         _ => continue,
                     };
                     // A presence diff quotes the old meta too: its timestamp is the new one's.
-                    let stamp = if data.windows(7).any(|w| w == b"\"joins\"") {
+                    let stamp = if contains(data, b"\"joins\"") {
                         timestamp_join(data)
                     } else {
                         timestamp(data)
@@ -437,6 +528,9 @@ async fn main() {
                         if count >= 256 {
                             flush(&mut local, &mut count);
                         }
+                    } else if mode == Mode::Pusher && contains(data, b"\"pusher:ping\"") {
+                        let pong = r#"{"event":"pusher:pong","data":{}}"#;
+                        let _ = sink.send(Message::Text(pong.into())).await;
                     }
                 }
                 flush(&mut local, &mut count);
