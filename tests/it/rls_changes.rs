@@ -512,20 +512,47 @@ async fn rls_changes_survive_a_server_crash() {
     run(Fault::ServerKill).await;
 }
 
+/// Alice and Bob subscribed to `r` on a server streaming from a fresh database.
+struct Pair {
+    _pg: TempPostgres,
+    server: Server,
+    _addr: watch::Sender<String>,
+    alice_sees: Subscriber,
+    bob_sees: Subscriber,
+    db: tokio_postgres::Client,
+}
+
+impl Pair {
+    async fn start() -> Pair {
+        let pg = TempPostgres::start();
+        pg.psql(SCHEMA);
+        let server = Server::start(&["--database-url", &pg.url()]);
+        let (addr_tx, addr) = watch::channel(server.addr.clone());
+        let [alice, bob, ..] = USERS;
+        let alice_sees =
+            Subscriber::start(addr.clone(), Watch::Table("r"), user_token(alice)).await;
+        let bob_sees = Subscriber::start(addr, Watch::Table("r"), user_token(bob)).await;
+        let db = pg.client().await;
+        wait_streaming(&db).await;
+        Pair {
+            _pg: pg,
+            server,
+            _addr: addr_tx,
+            alice_sees,
+            bob_sees,
+            db,
+        }
+    }
+}
+
 /// Each change is judged by the row it wrote, not by the table as it is when the check runs:
 /// a row deleted (or given away) right after its insert still reaches its owner, and the new
 /// owner does not see the insert it was not allowed to see.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rls_judges_each_change_by_the_row_it_wrote() {
-    let pg = TempPostgres::start();
-    pg.psql(SCHEMA);
-    let server = Server::start(&["--database-url", &pg.url()]);
-    let (_addr_tx, addr) = watch::channel(server.addr.clone());
+    let pair = Pair::start().await;
+    let (alice_sees, bob_sees, db) = (&pair.alice_sees, &pair.bob_sees, &pair.db);
     let [alice, bob, ..] = USERS;
-    let alice_sees = Subscriber::start(addr.clone(), Watch::Table("r"), user_token(alice)).await;
-    let bob_sees = Subscriber::start(addr.clone(), Watch::Table("r"), user_token(bob)).await;
-    let db = pg.client().await;
-    wait_streaming(&db).await;
     // Separate transactions, sent together: they commit microseconds apart, so every check
     // runs after the last of them.
     db.batch_execute(&format!(
@@ -556,15 +583,9 @@ async fn rls_judges_each_change_by_the_row_it_wrote() {
 /// on, though the server judged the table's rows by its owner rule without asking until then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_policy_applies_to_the_next_change() {
-    let pg = TempPostgres::start();
-    pg.psql(SCHEMA);
-    let server = Server::start(&["--database-url", &pg.url()]);
-    let (_addr_tx, addr) = watch::channel(server.addr.clone());
+    let pair = Pair::start().await;
+    let (alice_sees, bob_sees, db) = (&pair.alice_sees, &pair.bob_sees, &pair.db);
     let [alice, bob, ..] = USERS;
-    let alice_sees = Subscriber::start(addr.clone(), Watch::Table("r"), user_token(alice)).await;
-    let bob_sees = Subscriber::start(addr.clone(), Watch::Table("r"), user_token(bob)).await;
-    let db = pg.client().await;
-    wait_streaming(&db).await;
     let ids = |seen: Vec<Seen>| -> Vec<i64> { seen.into_iter().map(|(_, id)| id).collect() };
     let until = |what: &'static str, done: Box<dyn Fn() -> bool>| async move {
         for _ in 0..200 {
@@ -618,7 +639,7 @@ async fn a_changed_policy_applies_to_the_next_change() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(ids(alice_sees.seen()), [2001, 2002, 2003, 2005]);
     assert_eq!(ids(bob_sees.seen()), [2003, 2004]);
-    let replans = metric(&server, "switchboard_visibility_replans_total").await;
+    let replans = metric(&pair.server, "switchboard_visibility_replans_total").await;
     assert_ne!(
         replans, "0",
         "the owner rule was relied on, then found changed"
