@@ -44,8 +44,10 @@ use crate::runtime::Runtime;
 fn config(message_bytes_max: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         // Realtime frames are small; a larger one grows the buffer as it arrives. 1 KiB instead
-        // of 4 KiB took idle joined sockets from 12.4 KB to 9.5 KB of RSS each.
-        .read_buffer_size(1024)
+        // of 4 KiB took idle joined sockets from 12.4 KB to 9.5 KB of RSS each; 256 B instead
+        // of 1 KiB from 5,169 B to 4,616 B, with the same CPU per delivery at 1k and 10k
+        // (`benches/run.sh tokio`, medians of 3): a join takes two reads instead of one.
+        .read_buffer_size(256)
         .write_buffer_size(8 * 1024)
         .max_message_size(Some(message_bytes_max))
         .max_frame_size(Some(message_bytes_max))
