@@ -53,8 +53,15 @@ struct ClaimsGroup {
     key: String,
     role: String,
     claims: Arc<Map<String, Value>>,
-    /// The `sub` claim when it is a string: what an owner rule compares rows with.
-    sub: Option<String>,
+}
+
+impl ClaimsGroup {
+    /// The group's owner key for `column` of `table` ([`owner_key`]): its `sub` claim as
+    /// the column's type prints it; `None` when it has no string `sub` or the column is gone.
+    fn owner_key(&self, table: &Table, column: &str) -> Option<String> {
+        let type_name = &table.columns.iter().find(|c| c.name == column)?.type_name;
+        owner_key(type_name, self.claims.get("sub")?.as_str()?)
+    }
 }
 
 /// One validated binding of a channel.
@@ -193,17 +200,11 @@ fn slot(
     let owner = || {
         let name = (schema.clone(), table.clone());
         let Rule::Owner { column } = rules.get(&name)?.get(&group.role)?;
-        let type_name = &tables?
-            .get(&name)?
-            .columns
-            .iter()
-            .find(|c| c.name == *column)?
-            .type_name;
         Some(Slot::Owner {
             schema: schema.clone(),
             table: table.clone(),
             column: column.clone(),
-            key: owner_key(type_name, group.sub.as_deref()?)?,
+            key: group.owner_key(tables?.get(&name)?, column)?,
             role: group.role.clone(),
         })
     };
@@ -218,13 +219,8 @@ fn slot(
 /// tell (the group's `sub` has no owner key, the column is gone).
 fn judged(rule: &Rule, group: &ClaimsGroup, change: &Change, table: &Table) -> Option<Verdict> {
     let Rule::Owner { column } = rule;
-    let type_name = &table.columns.iter().find(|c| c.name == *column)?.type_name;
-    let key = owner_key(type_name, group.sub.as_deref()?)?;
-    let owner = change.record.as_ref().and_then(|row| row.get(column));
-    Some(match owner {
-        Some(Value::String(owner)) if *owner == key => Verdict::Visible,
-        _ => Verdict::Hidden,
-    })
+    let key = group.owner_key(table, column)?;
+    Some(rule.verdict(change.record.as_ref(), &key))
 }
 
 /// `[event: INSERT, schema: public, table: todos, filters: [], select: nil]`, as upstream
@@ -556,11 +552,6 @@ impl Engine {
                     key,
                     role: claims.role.clone(),
                     claims: claims.all.clone(),
-                    sub: claims
-                        .all
-                        .get("sub")
-                        .and_then(Value::as_str)
-                        .map(str::to_owned),
                 })
             })
             .clone()
@@ -620,14 +611,21 @@ impl Engine {
         let mut slots: FxHashMap<*const ClaimsGroup, u32> = FxHashMap::default();
         let mut sent = FxHashMap::default();
         let mut assumed: Vec<(Assumption, usize)> = Vec::new();
+        // Called per candidate judged by a rule: compares before it copies anything.
         let mut assume = |change: &Change, role: &str, rule: &Rule, index: usize| {
-            let assumption = Assumption {
-                schema: change.schema.clone(),
-                table: change.table.clone(),
-                role: role.to_owned(),
-                rule: rule.clone(),
-            };
-            if !assumed.iter().any(|(a, _)| *a == assumption) {
+            let known = assumed.iter().any(|(a, _)| {
+                a.schema == change.schema
+                    && a.table == change.table
+                    && a.role == role
+                    && a.rule == *rule
+            });
+            if !known {
+                let assumption = Assumption {
+                    schema: change.schema.clone(),
+                    table: change.table.clone(),
+                    role: role.to_owned(),
+                    rule: rule.clone(),
+                };
                 assumed.push((assumption, index));
             }
         };
@@ -731,7 +729,6 @@ impl Engine {
                     key: String::new(),
                     role,
                     claims: Arc::new(claims),
-                    sub: None,
                 };
                 asks.push((Arc::new(group), vec![*index]));
             }

@@ -144,6 +144,18 @@ pub enum Rule {
     },
 }
 
+impl Rule {
+    /// The verdict for `row` of a subscriber whose owner key ([`owner_key`]) is `key`: the
+    /// one comparison both the engine and the checker judge owner rows by.
+    pub fn verdict(&self, row: Option<&Map<String, Value>>, key: &str) -> Verdict {
+        let Rule::Owner { column } = self;
+        match row.and_then(|row| row.get(column)) {
+            Some(Value::String(owner)) if owner == key => Verdict::Visible,
+            _ => Verdict::Hidden,
+        }
+    }
+}
+
 /// The [`Rule`] of one table under a question's role, as the answer found it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableRule {

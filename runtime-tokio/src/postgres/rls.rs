@@ -681,18 +681,15 @@ impl Policies {
         group: &[usize],
         sub: Option<&str>,
     ) -> Option<Vec<Verdict>> {
-        let column = self.owner.as_deref()?;
+        let rule = self.rule()?;
         let Some(sub) = sub else {
             return Some(vec![Verdict::Hidden; group.len()]);
         };
-        let sub = owner_key("uuid", sub)?;
+        let key = owner_key("uuid", sub)?;
         Some(
             group
                 .iter()
-                .map(|&i| match checks[i].row.get(column) {
-                    Some(Value::String(owner)) if *owner == sub => Verdict::Visible,
-                    _ => Verdict::Hidden,
-                })
+                .map(|&i| rule.verdict(Some(&checks[i].row), &key))
                 .collect(),
         )
     }
