@@ -440,6 +440,11 @@ impl Engine {
             .conns
             .get_mut(&conn)
             .expect("join runs on a live connection");
+        // Most sockets hold one or two channels: grown one at a time, a first push would
+        // reserve room for four (about 540 B more per idle socket).
+        if c.channels.len() < 4 {
+            c.channels.reserve_exact(1);
+        }
         c.channels.push(channel);
         c.empty_since = None;
         let mut interested = false;

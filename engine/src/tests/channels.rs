@@ -613,3 +613,13 @@ fn in_a_cluster_a_rooms_first_joins_are_answered_once_its_subscription_is_in_pla
     assert_eq!(t.broadcasts(a).len(), 1, "answered members hear the room");
     assert_eq!(t.broadcasts(d).len(), 1);
 }
+
+#[test]
+fn a_socket_holds_room_for_the_channels_it_joined_and_no_more() {
+    let mut t = TestEngine::new();
+    let conn = t.connect(Vsn::V2);
+    t.join(conn, "room", json!({}));
+    assert_eq!(t.engine.conns[&conn].channels.capacity(), 1);
+    t.join(conn, "other", json!({}));
+    assert_eq!(t.engine.conns[&conn].channels.capacity(), 2);
+}
