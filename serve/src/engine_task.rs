@@ -7,9 +7,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant as StdInstant;
 
-use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use async_tungstenite::tungstenite::protocol::CloseFrame;
-use async_tungstenite::tungstenite::{Message, Utf8Bytes};
 use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use rustc_hash::FxHashMap;
@@ -20,12 +17,15 @@ use switchboard_engine::{
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::{Message, Utf8Bytes};
 
 use crate::outbox::{Batch, Outbox, Picks};
 use crate::runtime::{Runtime, Timer};
 use crate::{Options, Shared};
 
-/// The connection task's end of a socket the engine accepted: give it to [`crate::socket`].
+/// The connection task's end of a socket the engine accepted: the HTTP task serves it as a socket.
 /// It brings what the socket needs from its process, so an adapter passes only the stream.
 pub struct SocketEnd {
     /// Frames to write, in the engine's order; a close frame comes last.

@@ -17,7 +17,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_tungstenite::tungstenite::handshake::derive_accept_key;
 use bytes::Bytes;
 use futures_io::{AsyncRead, AsyncWrite};
 use http_body_util::{BodyExt, Full, Limited};
@@ -32,12 +31,14 @@ use switchboard_engine::rest::RestAuth;
 use switchboard_engine::{ConnId, ConnectParams};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, debug_span, info, warn, Instrument};
+use tungstenite::handshake::derive_accept_key;
 
 use crate::clock::Clock;
 use crate::engine_task::driver;
 use crate::engine_task::{EngineHandle, Engined, SocketEnd};
 use crate::metrics::Metrics;
 use crate::runtime::{Runtime, Timer};
+use crate::ws::{socket, Connection};
 use crate::Options;
 
 type Body = Full<Bytes>;
@@ -286,35 +287,39 @@ impl Drop for InFlight {
 type Accepted = Rc<Cell<Option<(ConnId, SocketEnd)>>>;
 
 /// Serves one connection: HTTP requests until it closes or upgrades, then the WebSocket.
-async fn connection<S, R>(
+///
+/// Everything the HTTP phase holds (hyper's connection and buffers, the server's state)
+/// moves into its boxed future, freed before the socket phase, which an idle socket spends
+/// its life in: the task then holds the socket's state and nothing else.
+fn connection<S, R>(
     io: S,
     peer_is_loopback: bool,
     state: State,
     sockets: mpsc::Sender<()>,
     runtime: R,
-) where
+) -> impl Future<Output = ()>
+where
     S: AsyncRead + AsyncWrite + Unpin + 'static,
     R: Runtime,
 {
-    // The HTTP phase on the heap: its state (hyper's connection and buffers) is freed
-    // before the socket phase, which an idle socket spends its life in.
-    let upgraded = Box::pin(http(io, peer_is_loopback, state.clone(), runtime.clone())).await;
-    let Some((io, read, conn, end)) = upgraded else {
-        return;
-    };
-    let _socket = sockets;
-    debug!(conn = conn.0, "socket open");
-    crate::socket(io, read, conn, end, state.engine, runtime).await;
+    let http = Box::pin(http(io, peer_is_loopback, state, sockets, runtime));
+    async move {
+        let Some(socket) = http.await else {
+            return;
+        };
+        socket.await;
+    }
 }
 
-/// Serves HTTP requests until the connection closes, or upgrades: then its stream, what
-/// was read past the upgrade request, and the socket's end.
+/// Serves HTTP requests until the connection closes, or upgrades: then the socket, to be
+/// served on.
 async fn http<S, R>(
     io: S,
     peer_is_loopback: bool,
     state: State,
+    sockets: mpsc::Sender<()>,
     runtime: R,
-) -> Option<(S, Vec<u8>, ConnId, SocketEnd)>
+) -> Option<Connection<S, R, mpsc::Sender<()>>>
 where
     S: AsyncRead + AsyncWrite + Unpin + 'static,
     R: Runtime,
@@ -341,7 +346,9 @@ where
     match parts {
         Some(Ok(parts)) => {
             let (conn, end) = upgrade?;
-            Some((parts.io.into_inner(), parts.read_buf.to_vec(), conn, end))
+            debug!(conn = conn.0, "socket open");
+            let (io, read) = (parts.io.into_inner(), parts.read_buf.to_vec());
+            Some(socket(io, read, conn, end, state.engine, runtime, sockets))
         }
         Some(Err(e)) => {
             debug!(error = %e, "http connection ended");

@@ -16,6 +16,7 @@ mod metrics;
 mod outbox;
 pub mod runtime;
 mod shards;
+pub mod wire;
 mod ws;
 
 pub use clock::{Clock, WallClock};
@@ -24,7 +25,6 @@ pub use http::{Listener, Server, ServerTask};
 pub use metrics::Metrics;
 pub use runtime::{Runtime, Timer};
 pub use shards::{peer_links, to_shards, ShardSet, ToCluster};
-use ws::socket;
 pub use ws::Budget;
 
 use std::sync::Arc;

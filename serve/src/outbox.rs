@@ -16,8 +16,8 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
-use async_tungstenite::tungstenite::Message;
 use smallvec::SmallVec;
+use tungstenite::Message;
 
 /// Frames for one socket from one hand-over, in order.
 #[derive(Debug, PartialEq)]
