@@ -180,7 +180,7 @@ scenarios=(
   "10k fan-out 1→10000, 400/s (saturating)|--connections 10000 --rooms 1 --publishers 1 --rate 400"
   "1k v1.0.0 fan-out 1→1000|--connections 1001 --rooms 1 --publishers 1 --rate 2000 --vsn v1"
   "presence churn 1k|--connections 1000 --rooms 1 --publishers 500 --rate 50 --presence"
-  "19k idle joined|--connections 19000 --rooms 190 --publishers 0 --rate 0 --connect-concurrency 512"
+  "19k idle joined|--connections 19000 --rooms 190 --publishers 0 --rate 0 --connect-concurrency 512 --settle-secs 15"
 )
 
 # perf's tracepoints for the syscalls that move bytes, and every syscall and submission.

@@ -94,6 +94,11 @@ struct Args {
     /// Concurrent connection attempts while setting up.
     #[arg(long, default_value_t = 256)]
     connect_concurrency: usize,
+    /// Seconds between the last connection set up and the idle RSS reading. What the
+    /// set-up freed leaves the server's RSS as the allocator decays it (jemalloc: about
+    /// 10 s), so the idle scenario waits that out and reads what the sockets hold.
+    #[arg(long, default_value_t = 0.5)]
+    settle_secs: f64,
     /// Label echoed in the summary (e.g. the runtime).
     #[arg(long, default_value = "")]
     label: String,
@@ -459,7 +464,7 @@ async fn main() {
     if let Some(e) = &first_error {
         eprintln!("{failures} connections failed, first: {e}");
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_secs_f64(args.settle_secs)).await;
     let rss_idle = rss_kib(args.server_pid);
 
     // Receivers record latency; publishers are the first connections of each room.
