@@ -381,7 +381,7 @@ impl<R: Runtime> Driver<R> {
             Event::Input(input) => (input, None),
         };
         if let Input::Closed { conn } = &input {
-            // Let the writer flush tungstenite's reply to the client's close frame.
+            // Let the writer send its reply to the client's close frame.
             if let Some(socket) = self.sockets.remove(conn) {
                 self.release(socket, None);
             }
