@@ -3,31 +3,14 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use switchboard_serve::wire::{Decoder, Event};
-use switchboard_engine::FrameError;
-
-/// Every event of `bytes` fed `chunk` bytes at a time; the first error ends it.
-fn decode(bytes: &[u8], chunk: usize) -> Vec<Result<Event, FrameError>> {
-    let mut decoder = Decoder::new(4096, Vec::new());
-    let mut events = Vec::new();
-    for mut input in bytes.chunks(chunk.max(1)) {
-        loop {
-            match decoder.next(&mut input) {
-                Ok(Some(event)) => events.push(Ok(event)),
-                Ok(None) => break,
-                Err(error) => {
-                    events.push(Err(error));
-                    return events;
-                }
-            }
-        }
-    }
-    events
-}
+use switchboard_serve::wire::decode_in_chunks;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&cut, bytes)) = data.split_first() else {
         return;
     };
-    assert_eq!(decode(bytes, usize::from(cut)), decode(bytes, bytes.len()));
+    assert_eq!(
+        decode_in_chunks(bytes, usize::from(cut), 4096),
+        decode_in_chunks(bytes, bytes.len(), 4096)
+    );
 });

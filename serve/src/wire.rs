@@ -248,6 +248,28 @@ fn whole(text: bool, payload: Vec<u8>) -> Result<Option<Event>, FrameError> {
     Ok(Some(Event::Message(WsMessage::Text(payload.into()))))
 }
 
+/// Every event of `bytes`, fed to a fresh decoder of messages up to `max` bytes `chunk`
+/// bytes at a time, up to the first error: how the tests and the fuzz target check that
+/// the way reads cut the bytes changes nothing.
+pub fn decode_in_chunks(bytes: &[u8], chunk: usize, max: usize) -> Vec<Result<Event, FrameError>> {
+    let mut decoder = Decoder::new(max, Vec::new());
+    let mut events = Vec::new();
+    for mut input in bytes.chunks(chunk.max(1)) {
+        loop {
+            match decoder.next(&mut input) {
+                Ok(Some(event)) => events.push(Ok(event)),
+                Ok(None) => break,
+                Err(error) => {
+                    events.push(Err(error));
+                    return events;
+                }
+            }
+        }
+        debug_assert!(input.is_empty(), "`None` means the input was used up");
+    }
+    events
+}
+
 /// Undoes a client's masking (RFC 6455 §5.3).
 fn unmask(payload: &mut [u8], mask: [u8; 4]) {
     let word = u32::from_ne_bytes(mask);
@@ -338,26 +360,6 @@ mod tests {
     const PING: OpCode = OpCode::Control(Control::Ping);
     const CLOSE: OpCode = OpCode::Control(Control::Close);
 
-    /// Every event in `bytes`, fed in chunks of `chunk` bytes; the first error ends it.
-    fn decode(bytes: &[u8], chunk: usize, max: usize) -> Vec<Result<Event, FrameError>> {
-        let mut decoder = Decoder::new(max, Vec::new());
-        let mut events = Vec::new();
-        for mut input in bytes.chunks(chunk.max(1)) {
-            loop {
-                match decoder.next(&mut input) {
-                    Ok(Some(event)) => events.push(Ok(event)),
-                    Ok(None) => break,
-                    Err(error) => {
-                        events.push(Err(error));
-                        return events;
-                    }
-                }
-            }
-            assert!(input.is_empty(), "`None` means the input was used up");
-        }
-        events
-    }
-
     fn text(s: &str) -> Result<Event, FrameError> {
         Ok(Event::Message(WsMessage::Text(Bytes::copy_from_slice(
             s.as_bytes(),
@@ -374,7 +376,7 @@ mod tests {
         bytes.extend(client(CLOSE, true, &[3, 232, b'b', b'y', b'e'], mask));
         for chunk in [1, 2, 3, 7, 1000] {
             assert_eq!(
-                decode(&bytes, chunk, 1024),
+                decode_in_chunks(&bytes, chunk, 1024),
                 vec![
                     Ok(Event::Ping(Bytes::from_static(b"p"))),
                     text("hello ✓"),
@@ -459,7 +461,7 @@ mod tests {
         for (name, bytes, error) in cases {
             for chunk in [1, 5, 1000] {
                 assert_eq!(
-                    decode(&bytes, chunk, 10).pop(),
+                    decode_in_chunks(&bytes, chunk, 10).pop(),
                     Some(Err(error)),
                     "{name}, chunks of {chunk}"
                 );
@@ -573,7 +575,7 @@ mod tests {
                     WsMessage::Binary(payload)
                 })));
             }
-            prop_assert_eq!(decode(&bytes, chunk, 1024), expected);
+            prop_assert_eq!(decode_in_chunks(&bytes, chunk, 1024), expected);
         }
 
         /// Arbitrary bytes end in events or an error, never a panic, and cut any way they
@@ -583,7 +585,10 @@ mod tests {
             bytes in prop::collection::vec(any::<u8>(), 0..400),
             chunk in 1usize..32,
         ) {
-            prop_assert_eq!(decode(&bytes, chunk, 256), decode(&bytes, bytes.len(), 256));
+            prop_assert_eq!(
+                decode_in_chunks(&bytes, chunk, 256),
+                decode_in_chunks(&bytes, bytes.len(), 256)
+            );
         }
     }
 }
