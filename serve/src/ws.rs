@@ -398,7 +398,7 @@ where
             }
             Event::Ping(payload) => {
                 if self.writing && self.ended.is_none() {
-                    wire::encode(&Message::Pong(payload), &mut self.unsent);
+                    queue_pong(&mut self.unsent, payload);
                 }
             }
             Event::Close(code) => {
@@ -536,6 +536,15 @@ where
     }
 }
 
+/// Queues the pong for a ping behind what waits for the socket, unless that is already
+/// [`GATHER_BYTES`] or more: a client that pings and never reads cannot grow it. RFC 6455
+/// lets a server answer only the latest of several pings.
+fn queue_pong(unsent: &mut Vec<u8>, payload: bytes::Bytes) {
+    if unsent.len() < GATHER_BYTES {
+        wire::encode(&Message::Pong(payload), unsent);
+    }
+}
+
 /// What a gathering write came to.
 enum Gathered {
     /// No frame was waiting.
@@ -545,4 +554,22 @@ enum Gathered {
     /// The socket took nothing: everything is kept, and the task wakes when it has room.
     Waiting,
     Broken,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pings_from_a_client_that_does_not_read_queue_a_bounded_backlog() {
+        let mut unsent = Vec::new();
+        for _ in 0..100_000 {
+            queue_pong(&mut unsent, bytes::Bytes::from_static(&[7; 125]));
+        }
+        assert!(unsent.len() < GATHER_BYTES + 130, "{} bytes", unsent.len());
+        let mut pongs =
+            tungstenite::protocol::frame::FrameSocket::new(std::io::Cursor::new(unsent));
+        let pong = pongs.read(None).expect("valid").expect("a frame");
+        assert_eq!(pong.payload(), &[7; 125]);
+    }
 }
