@@ -319,7 +319,7 @@ async fn http<S, R>(
     state: State,
     sockets: mpsc::Sender<()>,
     runtime: R,
-) -> Option<Connection<S, R, mpsc::Sender<()>>>
+) -> Option<Connection<S, R>>
 where
     S: AsyncRead + AsyncWrite + Unpin + 'static,
     R: Runtime,

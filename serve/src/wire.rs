@@ -110,7 +110,7 @@ impl Decoder {
     /// cut short, which is left in `input`.
     fn step(&mut self, input: &mut &[u8]) -> Result<Option<Event>, FrameError> {
         loop {
-            let Some(partial) = &mut self.frame else {
+            let Some(mut partial) = self.frame.take() else {
                 let mut cursor = Cursor::new(*input);
                 let Some((header, len)) =
                     FrameHeader::parse(&mut cursor).map_err(|_| FrameError::Protocol)?
@@ -148,21 +148,21 @@ impl Decoder {
             partial.need -= take;
             *input = &input[take..];
             if partial.need > 0 {
+                self.frame = Some(partial);
                 return Ok(None);
             }
-            if let Some(Partial {
+            let Partial {
                 header, payload, ..
-            }) = self.frame.take().map(|partial| *partial)
-            {
-                if let Some(event) = self.complete(header, payload)? {
-                    return Ok(Some(event));
-                }
+            } = *partial;
+            if let Some(event) = self.complete(header, payload)? {
+                return Ok(Some(event));
             }
         }
     }
 
     /// Checks a frame's header against the protocol, the size limit and the message in
-    /// progress; its payload length if it passes.
+    /// progress; its payload length if it passes. Reserved opcodes never get here:
+    /// `FrameHeader::parse` refuses them.
     fn admit(&self, header: &FrameHeader, len: u64) -> Result<usize, FrameError> {
         if header.rsv1 || header.rsv2 || header.rsv3 || header.mask.is_none() {
             // No extension is negotiated, and a client masks every frame.
@@ -176,9 +176,6 @@ impl Decoder {
             .filter(|&len| len <= self.max)
             .ok_or(FrameError::TooLarge)?;
         match (header.opcode, &self.message) {
-            (OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)), _) => {
-                Err(FrameError::Protocol)
-            }
             (OpCode::Data(Data::Continue), None) => Err(FrameError::Protocol),
             (OpCode::Data(Data::Continue), Some(message))
                 if message.payload.len() + len > self.max =>
@@ -212,17 +209,15 @@ impl Decoder {
             OpCode::Control(Control::Ping) => Ok(Some(Event::Ping(payload.into()))),
             OpCode::Control(Control::Pong) => Ok(None),
             OpCode::Data(Data::Continue) => {
-                let Some(message) = &mut self.message else {
+                let Some(mut message) = self.message.take() else {
                     return Err(FrameError::Protocol);
                 };
                 message.payload.extend_from_slice(&payload);
                 if !header.is_final {
+                    self.message = Some(message);
                     return Ok(None);
                 }
-                match self.message.take().map(|message| *message) {
-                    Some(Fragments { text, payload }) => whole(text, payload),
-                    None => Err(FrameError::Protocol),
-                }
+                whole(message.text, message.payload)
             }
             OpCode::Data(data @ (Data::Text | Data::Binary)) => {
                 let text = data == Data::Text;

@@ -11,18 +11,17 @@
 //! socket keeps only what it has not seen whole; every frame already queued for a socket is
 //! gathered into one write, not one syscall per frame.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use std::cell::RefCell;
-
 use futures_io::{AsyncRead, AsyncWrite};
 use smallvec::SmallVec;
 use switchboard_engine::{ConnId, FrameError, Input};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 use tungstenite::Message;
 
@@ -101,16 +100,17 @@ impl Drop for Meter {
 /// Serves an upgraded WebSocket stream until both sides are done with it or the engine's
 /// deadline for it passes; the engine always hears `Closed`, after the last frame read.
 /// `io` may be any futures-io stream and `read` what was read from it past the upgrade
-/// request; `end` says how much it may buffer. `open` is held while the socket is.
-pub(crate) fn socket<S, R, T>(
+/// request; `end` says how much it may buffer. `open` is held while the socket is: the
+/// server's drain waits for every one to go.
+pub(crate) fn socket<S, R>(
     io: S,
     read: Vec<u8>,
     conn: ConnId,
     end: SocketEnd,
     engine: EngineHandle,
     runtime: R,
-    open: T,
-) -> Connection<S, R, T>
+    open: mpsc::Sender<()>,
+) -> Connection<S, R>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     R: Runtime,
@@ -170,7 +170,7 @@ enum Ended {
 /// writes it. Both directions are polled every time the task wakes, so a reader waiting for
 /// room in the engine's queue never holds up writes, and a writer stuck on a client that does
 /// not read never stops reads.
-pub(crate) struct Connection<S, R: Runtime, T> {
+pub(crate) struct Connection<S, R: Runtime> {
     io: S,
     decoder: Decoder,
     meter: Meter,
@@ -209,14 +209,13 @@ pub(crate) struct Connection<S, R: Runtime, T> {
     /// The close frame that ends a released socket is queued.
     close_replied: bool,
     /// Held while the socket is: the server waits for these to drain at shutdown.
-    _open: T,
+    _open: mpsc::Sender<()>,
 }
 
-impl<S, R, T> Future for Connection<S, R, T>
+impl<S, R> Future for Connection<S, R>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     R: Runtime,
-    T: Unpin,
 {
     type Output = ();
 
@@ -245,9 +244,10 @@ where
             }
         }
         this.poll_write(cx);
+        let waiting = this.unsent.len();
         this.poll_read(cx);
-        if !this.unsent.is_empty() {
-            // A pong the reads queued.
+        if this.unsent.len() > waiting {
+            // The reads queued a pong.
             this.poll_write(cx);
         }
         // After our close frame, wait for the client's (within the deadline); a socket that
@@ -266,14 +266,14 @@ where
     }
 }
 
-impl<S, R: Runtime, T> Drop for Connection<S, R, T> {
+impl<S, R: Runtime> Drop for Connection<S, R> {
     fn drop(&mut self) {
         self.metrics.sockets.dec();
         debug!(conn = self.conn.0, "socket ended");
     }
 }
 
-impl<S, R, T> Connection<S, R, T>
+impl<S, R> Connection<S, R>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     R: Runtime,
