@@ -13,7 +13,7 @@ use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
-use switchboard_benches::{database, metric};
+use switchboard_benches::{database, metric, websocket};
 use switchboard_engine::auth;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -91,9 +91,7 @@ async fn round(args: &Args, private: bool) -> Value {
             "ws://{}/realtime/v1/websocket?apikey={token}&vsn=2.0.0",
             args.addr
         );
-        let (ws, _) = tokio_tungstenite::connect_async(url)
-            .await
-            .expect("connected");
+        let ws = websocket(&url).await.expect("connected");
         let topics: Vec<String> = (0..args.channels)
             .map(|k| format!("room-{}", (i * args.channels + k) % args.topics))
             .collect();

@@ -22,10 +22,10 @@ use hdrhistogram::Histogram;
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::json;
 use sha2::Sha256;
+use switchboard_benches::websocket_config;
 use switchboard_engine::protocol::{encode_user_broadcast_push, UserBroadcastPush};
 use switchboard_engine::Encoding;
 use tokio::net::{TcpSocket, TcpStream};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
@@ -242,13 +242,11 @@ async fn open(args: &Args, index: usize, room: usize) -> Result<(Sink, Source), 
             args.app_key
         ),
     };
-    let config = WebSocketConfig::default()
-        .read_buffer_size(4096)
-        .write_buffer_size(4096);
     let stream = tcp(args, index).await.map_err(|e| e.to_string())?;
-    let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
-        .await
-        .map_err(|e| e.to_string())?;
+    let (ws, _) =
+        tokio_tungstenite::client_async_with_config(url, stream, Some(websocket_config()))
+            .await
+            .map_err(|e| e.to_string())?;
     let (mut sink, mut source) = ws.split();
     let channel = topic(args.mode, room);
     // A connection counts as set up once its join is confirmed.

@@ -23,7 +23,7 @@ use clap::{Parser, ValueEnum};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
-use switchboard_benches::{database, metric};
+use switchboard_benches::{database, metric, websocket, Ws};
 use switchboard_engine::auth;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -93,16 +93,11 @@ fn unix_micros() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
 /// Connects with `token` and subscribes `realtime:<sub>` to `binding`; returns once
 /// Postgres changes are live, or the error the server sent.
 async fn subscribe(addr: &str, token: &str, sub: &str, binding: &Value) -> Result<Ws, String> {
     let url = format!("ws://{addr}/realtime/v1/websocket?apikey={token}&vsn=2.0.0");
-    let (mut ws, _) = tokio_tungstenite::connect_async(url)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut ws = websocket(&url).await?;
     let join = json!(["1", "1", format!("realtime:{sub}"), "phx_join",
         {"config": {"postgres_changes": [binding]}, "access_token": token}]);
     ws.send(Message::Text(join.to_string().into()))
