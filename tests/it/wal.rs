@@ -496,6 +496,51 @@ async fn a_postgres_crash_resends_nothing_confirmed_and_streaming_resumes() {
     assert_eq!(ids(&after), (61..=80).collect::<Vec<_>>());
 }
 
+/// A batch leaves as soon as the stream has nothing more ready, not after `batch_delay`
+/// (an hour here, so waiting it out fails the test); while the engine has no room, the
+/// transactions that arrive meanwhile leave together once it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_leaves_once_the_stream_is_drained_and_grows_while_the_engine_is_busy() {
+    let pg = TempPostgres::start();
+    pg.psql(
+        "create table public.items (id int8 primary key);
+         alter publication supabase_realtime add table public.items;",
+    );
+    let mut config = PostgresConfig::new(pg.url());
+    config.batch_delay = Duration::from_secs(3600);
+    config.batches_in_flight_max = 1;
+    let mut engine = Engine::start(config);
+    let client = pg.client().await;
+    wait_streaming(&client).await;
+    insert_each(&client, 1..=1).await;
+    let first = engine.batch().await;
+    assert_eq!(ids(&first.changes), [1]);
+    // Unconfirmed, the first batch fills the flight: these wait in the socket until the
+    // walsender has sent them all.
+    insert_each(&client, 2..=6).await;
+    for attempt in 0.. {
+        let sent: bool = client
+            .query_one(
+                "select sent_lsn >= pg_current_wal_insert_lsn() from pg_stat_replication",
+                &[],
+            )
+            .await
+            .expect("reading pg_stat_replication")
+            .get(0);
+        if sent {
+            break;
+        }
+        assert!(attempt < 200, "the walsender never sent the five commits");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    engine.send(Output::WalProgress {
+        shard: ShardId(0),
+        lsn: first.lsn,
+    });
+    let second = engine.batch().await;
+    assert_eq!(ids(&second.changes), (2..=6).collect::<Vec<_>>());
+}
+
 /// A transaction open while the slot is first created (the slot waits for it): every
 /// change committed once the reader streams still arrives. Found when the `realtime` schema
 /// was installed beside the reader's start.

@@ -108,7 +108,8 @@ struct Pending {
     changes: Vec<Change>,
     /// Commit end LSN of the last transaction.
     lsn: u64,
-    /// When the first transaction arrived: the batch leaves at most `batch_delay` later.
+    /// When the first transaction arrived: the batch leaves once the stream has nothing
+    /// more ready, and at most `batch_delay` later.
     since: Instant,
     /// When the first transaction committed (pgoutput's microseconds).
     committed: i64,
@@ -230,6 +231,10 @@ impl Reader {
                     let message = parser.parse_wal_message_bytes(raw?.data)?;
                     self.message(message.message, &client).await?;
                 }
+                // Polled last: nothing more has arrived, so what is pending leaves now
+                // instead of waiting out `batch_delay` for company. Under load the stream
+                // always has more, and batches grow until full or the in-flight limit.
+                () = std::future::ready(()), if room && self.pending.is_some() => self.flush(),
             }
         }
     }
