@@ -366,6 +366,7 @@ async fn owner_policies_get_the_verdicts_postgres_gives() {
         question
     };
     let upper = ALICE.to_uppercase();
+    let braced = format!("{{{}}}", upper.replace('-', ""));
     let cases = [
         (
             ask_as("authenticated", json!({"sub": ALICE})),
@@ -373,6 +374,10 @@ async fn owner_policies_get_the_verdicts_postgres_gives() {
         ),
         (
             ask_as("authenticated", json!({"sub": upper})),
+            vec![Visible, Hidden, Hidden],
+        ),
+        (
+            ask_as("authenticated", json!({"sub": braced})),
             vec![Visible, Hidden, Hidden],
         ),
         (
@@ -405,6 +410,43 @@ async fn owner_policies_get_the_verdicts_postgres_gives() {
         // The rule is the role's: anon has no policy, so only Postgres can judge for it.
         let rule = (role == "authenticated").then_some("owner");
         assert_eq!(rules, owned(rule), "{claims:?}");
+    }
+    // The engine's spelling of a uuid is Postgres's, for what its input accepts and refuses.
+    let client = pg.client().await;
+    let canonical = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11";
+    let mut spellings = vec![
+        canonical.to_owned(),
+        canonical.to_uppercase(),
+        format!("{{{canonical}}}"),
+        canonical.replace('-', ""),
+        "a0ee-bc99-9c0b-4ef8-bb6d-6bb9-bd38-0a11".to_owned(),
+        "{a0eebc99-9c0b4ef8-bb6d6bb9-bd380a11}".to_owned(),
+        format!("{{{canonical}"),
+        format!("{canonical}}}"),
+        format!("{canonical}-"),
+        format!(" {canonical}"),
+        "a0eeb-c99-9c0b-4ef8-bb6d-6bb9bd380a11".to_owned(),
+        "a0ee--bc99-9c0b-4ef8-bb6d-6bb9bd380a11".to_owned(),
+        canonical[..35].to_owned(),
+        format!("{canonical}1"),
+        "alice".to_owned(),
+    ];
+    // A hyphen after each pair of digits in turn: Postgres allows only every second.
+    spellings.extend((2..32).step_by(2).map(|at| {
+        let digits = canonical.replace('-', "");
+        format!("{}-{}", &digits[..at], &digits[at..])
+    }));
+    for spelling in spellings {
+        let postgres: Option<String> = client
+            .query_one("select $1::text::uuid::text", &[&spelling])
+            .await
+            .ok()
+            .map(|row| row.get(0));
+        assert_eq!(
+            switchboard_engine::changes::canonical_uuid(&spelling),
+            postgres,
+            "{spelling:?}"
+        );
     }
     // A helper of the project's own reads another claim: Postgres decides by it.
     pg.psql(

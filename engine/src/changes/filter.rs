@@ -3,7 +3,7 @@
 
 use serde_json::{Map, Value};
 
-use super::types::Column;
+use super::types::{canonical_uuid, Column};
 
 /// A comparison operator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -222,11 +222,13 @@ impl Condition {
             "float8" => "double precision",
             "numeric" => "numeric",
             "bool" => "boolean",
+            "uuid" => "uuid",
             _ => return Ok(()),
         };
         for value in &self.values {
             let ok = match sql_type {
                 "boolean" => bool_value(value).is_some(),
+                "uuid" => canonical_uuid(value).is_some(),
                 "smallint" | "integer" | "bigint" => value.trim().parse::<i64>().is_ok(),
                 _ => value.trim().parse::<f64>().is_ok(),
             };
@@ -237,6 +239,21 @@ impl Condition {
             }
         }
         Ok(())
+    }
+
+    /// Spells the values as Postgres prints a uuid, for a column that is a uuid in every
+    /// table the binding covers: the row values from the WAL are spelled so, and upstream
+    /// compares the two as uuids. Call after [`Condition::validate`], which refuses values
+    /// that are no uuid; patterns (`like`, `ilike`) and `is` are left as they are.
+    pub(crate) fn spell_as_uuids(&mut self) {
+        if matches!(self.op, Op::Is | Op::Like | Op::Ilike) {
+            return;
+        }
+        for value in &mut self.values {
+            if let Some(canonical) = canonical_uuid(value) {
+                *value = canonical;
+            }
+        }
     }
 
     /// Whether `row` passes: the column must be present; NULL only matches `is` and

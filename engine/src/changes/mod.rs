@@ -27,8 +27,8 @@ use serde_json::{json, Map, Value};
 
 pub use progress::Progress;
 pub use types::{
-    owner_key, Change, ChangeBatch, ChangeKind, Column, QueryId, RowCheck, Rule, Table, TableRule,
-    Verdict, VisibilityQuery,
+    canonical_uuid, owner_key, Change, ChangeBatch, ChangeKind, Column, QueryId, RowCheck, Rule,
+    Table, TableRule, Verdict, VisibilityQuery,
 };
 
 use crate::auth::Claims;
@@ -293,7 +293,7 @@ fn subscription(
         }
         (schema, table) => (schema.unwrap_or("public"), table),
     };
-    let conditions = filter::parse(text("filter").unwrap_or_default())
+    let mut conditions = filter::parse(text("filter").unwrap_or_default())
         .map_err(|e| Refusal::Invalid(format!("Error parsing `filter` params: {e}")))?;
     let wildcard = |s: &str| s == "*";
     let matching: Vec<&Table> = tables
@@ -315,6 +315,16 @@ fn subscription(
                     describe(params, &conditions)
                 ))
             })?;
+        }
+    }
+    for condition in &mut conditions {
+        let uuid = |t: &&Table| {
+            t.columns
+                .iter()
+                .any(|c| c.name == condition.column && c.type_name == "uuid")
+        };
+        if matching.iter().all(uuid) {
+            condition.spell_as_uuids();
         }
     }
     let schema = (!wildcard(schema)).then(|| schema.to_owned());

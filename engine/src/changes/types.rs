@@ -168,23 +168,46 @@ pub struct TableRule {
 }
 
 /// `sub` as a column of `type_name` prints it, for an [`Rule::Owner`] comparison: a uuid
-/// in lowercase hyphenated form, text as it is. `None` for other types, and for a `sub` that
-/// is no uuid in that form up to case: the other spellings Postgres accepts, and what it
-/// refuses (raising, so the subscriber is told it is unauthorized), are left to Postgres.
+/// in lowercase hyphenated form ([`canonical_uuid`]), text as it is. `None` for other
+/// types, and for a `sub` that is no uuid: Postgres raises on its cast, so the subscriber
+/// is told it is unauthorized, and that is left to Postgres.
 pub fn owner_key(type_name: &str, sub: &str) -> Option<String> {
     match type_name {
-        "uuid" => {
-            let lower = sub.to_ascii_lowercase();
-            let canonical = lower.len() == 36
-                && lower.char_indices().all(|(i, c)| match i {
-                    8 | 13 | 18 | 23 => c == '-',
-                    _ => c.is_ascii_hexdigit(),
-                });
-            canonical.then_some(lower)
-        }
+        "uuid" => canonical_uuid(sub),
         "text" | "varchar" => Some(sub.to_owned()),
         _ => None,
     }
+}
+
+/// `text` as Postgres prints a `uuid` (lowercase, hyphenated 8-4-4-4-12), for every
+/// spelling its input accepts: any case, within braces or not, a hyphen after any group of
+/// four digits or none. `None` for what Postgres refuses. Upstream compares a filter's
+/// value with the column as that type, so `eq` on a uuid must not depend on the spelling.
+pub fn canonical_uuid(text: &str) -> Option<String> {
+    let digits = match text.strip_prefix('{') {
+        Some(braced) => braced.strip_suffix('}')?,
+        None => text,
+    }
+    .as_bytes();
+    let mut out = String::with_capacity(36);
+    let mut at = 0;
+    // Postgres's `string_to_uuid`: sixteen pairs of hex digits, and after every second pair
+    // but the last, an optional hyphen.
+    for pair in 0..16 {
+        let two = digits.get(at..at + 2)?;
+        if !two.iter().all(u8::is_ascii_hexdigit) {
+            return None;
+        }
+        if matches!(pair, 4 | 6 | 8 | 10) {
+            out.push('-');
+        }
+        out.extend(two.iter().map(|b| char::from(b.to_ascii_lowercase())));
+        at += 2;
+        if pair % 2 == 1 && pair < 15 && digits.get(at) == Some(&b'-') {
+            at += 1;
+        }
+    }
+    (at == digits.len()).then_some(out)
 }
 
 /// The answer for one [`RowCheck`].
@@ -196,4 +219,48 @@ pub enum Verdict {
     Hidden,
     /// The role may not select from the table at all (`Error 401: Unauthorized`).
     Unauthorized,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::canonical_uuid;
+
+    #[test]
+    fn uuids_are_spelled_as_postgres_reads_and_prints_them() {
+        let canonical = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11";
+        // The spellings PostgreSQL's manual lists for `uuid` input (§8.12), and one more
+        // hyphen placement its parser allows.
+        for spelling in [
+            "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11",
+            "{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}",
+            "a0eebc999c0b4ef8bb6d6bb9bd380a11",
+            "a0ee-bc99-9c0b-4ef8-bb6d-6bb9-bd38-0a11",
+            "{a0eebc99-9c0b4ef8-bb6d6bb9-bd380a11}",
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+        ] {
+            assert_eq!(
+                canonical_uuid(spelling).as_deref(),
+                Some(canonical),
+                "{spelling}"
+            );
+        }
+        for refused in [
+            "",
+            "not-a-uuid",
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a1",
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a111",
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11-",
+            "-a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "a0eeb-c99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "a0ee--bc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}",
+            "{{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}}",
+            " a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "g0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380aé",
+        ] {
+            assert_eq!(canonical_uuid(refused), None, "{refused:?}");
+        }
+    }
 }

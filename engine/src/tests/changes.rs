@@ -286,6 +286,81 @@ fn filters_select_rows_and_deletes_need_identity_columns() {
     assert_eq!(got[0]["data"]["record"]["owner"], "ann");
 }
 
+/// Upstream compares a filter's value with the column as the column's type: a uuid
+/// filter matches however the uuid is spelled, and one that is no uuid is refused as
+/// Postgres refuses the cast.
+#[test]
+fn uuid_filters_match_every_spelling_postgres_accepts() {
+    let mut t = engine();
+    let notes = Table {
+        schema: "public".into(),
+        name: "notes".into(),
+        columns: vec![
+            Column {
+                name: "id".into(),
+                type_name: "int8".into(),
+            },
+            Column {
+                name: "owner".into(),
+                type_name: "uuid".into(),
+            },
+        ],
+        primary_key: vec!["id".into()],
+        rls: false,
+    };
+    t.handle(Input::Publication(vec![notes.clone()]));
+    let ann = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11";
+    let bob = "b0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11";
+    let filters = [
+        "owner=eq.A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11",
+        "owner=eq.{a0eebc999c0b4ef8bb6d6bb9bd380a11}",
+        "owner=in.(A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11,c0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11)",
+        "owner=neq.B0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11",
+    ];
+    let conns: Vec<ConnId> = filters
+        .iter()
+        .enumerate()
+        .map(|(i, filter)| {
+            let conn = t.connect(Vsn::V2);
+            let binding = json!([{"event": "INSERT", "schema": "public", "table": "notes", "filter": filter}]);
+            subscribe(&mut t, conn, &format!("r{i}"), binding, None);
+            conn
+        })
+        .collect();
+    let note = |id: i64, owner: &str| Change {
+        table: "notes".into(),
+        columns: notes.columns.clone(),
+        record: row(json!({"id": id, "owner": owner})),
+        ..insert("notes", id, owner)
+    };
+    batch(&mut t, 1, vec![note(1, ann), note(2, bob)]);
+    for (conn, filter) in conns.into_iter().zip(filters) {
+        let got = changes_for(&mut t, conn);
+        let owners: Vec<&Value> = got.iter().map(|c| &c["data"]["record"]["owner"]).collect();
+        assert_eq!(owners, [ann], "{filter}");
+    }
+
+    let conn = t.connect(Vsn::V2);
+    let reply = t.join_with(
+        conn,
+        "bad",
+        json!({"config": {"postgres_changes": [{"event": "INSERT", "schema": "public", "table": "notes", "filter": "owner=eq.ann"}]}}),
+    );
+    assert_eq!(reply["status"], "ok");
+    assert!(
+        t.take(conn).is_empty(),
+        "the publication is read again first"
+    );
+    t.handle(Input::Publication(vec![notes]));
+    let system = t.take(conn);
+    assert_eq!(system[0].payload()["status"], "error");
+    let message = system[0].payload()["message"].as_str().unwrap();
+    assert!(
+        message.ends_with(r#"Exception: ERROR 22P02 (invalid_text_representation) invalid input syntax for type uuid: "ann""#),
+        "{message}"
+    );
+}
+
 #[test]
 fn unpublished_tables_bad_filters_and_empty_params_get_upstream_errors() {
     let mut t = engine();
