@@ -277,6 +277,16 @@ async fn every_column_type_round_trips() {
     );
 }
 
+/// A throwaway Postgres whose publication has one table, `public.items (id int8)`.
+fn publishing_items() -> TempPostgres {
+    let pg = TempPostgres::start();
+    pg.psql(
+        "create table public.items (id int8 primary key);
+         alter publication supabase_realtime add table public.items;",
+    );
+    pg
+}
+
 async fn insert_each(client: &tokio_postgres::Client, ids: std::ops::RangeInclusive<i64>) {
     for id in ids {
         client
@@ -289,11 +299,7 @@ async fn insert_each(client: &tokio_postgres::Client, ids: std::ops::RangeInclus
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_restart_loses_repeats_and_reorders_nothing() {
-    let pg = TempPostgres::start();
-    pg.psql(
-        "create table public.items (id int8 primary key);
-         alter publication supabase_realtime add table public.items;",
-    );
+    let pg = publishing_items();
     let mut engine = Engine::start(PostgresConfig::new(pg.url()));
     let client = pg.client().await;
     wait_streaming(&client).await;
@@ -320,11 +326,7 @@ async fn a_postgres_restart_loses_repeats_and_reorders_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_reader_resends_exactly_the_unconfirmed_changes() {
-    let pg = TempPostgres::start();
-    pg.psql(
-        "create table public.items (id int8 primary key);
-         alter publication supabase_realtime add table public.items;",
-    );
+    let pg = publishing_items();
     let mut engine = Engine::start(PostgresConfig::new(pg.url()));
     let client = pg.client().await;
     wait_streaming(&client).await;
@@ -461,11 +463,7 @@ async fn a_quiet_publication_does_not_hold_back_wal() {
 /// never jams on resends, and streaming carries on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_crash_resends_nothing_confirmed_and_streaming_resumes() {
-    let pg = TempPostgres::start();
-    pg.psql(
-        "create table public.items (id int8 primary key);
-         alter publication supabase_realtime add table public.items;",
-    );
+    let pg = publishing_items();
     let mut config = PostgresConfig::new(pg.url());
     config.batches_in_flight_max = 2;
     config.batch_changes_max = 5;
@@ -501,11 +499,7 @@ async fn a_postgres_crash_resends_nothing_confirmed_and_streaming_resumes() {
 /// transactions that arrive meanwhile leave together once it does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_leaves_once_the_stream_is_drained_and_grows_while_the_engine_is_busy() {
-    let pg = TempPostgres::start();
-    pg.psql(
-        "create table public.items (id int8 primary key);
-         alter publication supabase_realtime add table public.items;",
-    );
+    let pg = publishing_items();
     let mut config = PostgresConfig::new(pg.url());
     config.batch_delay = Duration::from_secs(3600);
     config.batches_in_flight_max = 1;
