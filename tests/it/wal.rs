@@ -494,23 +494,22 @@ async fn a_postgres_crash_resends_nothing_confirmed_and_streaming_resumes() {
     assert_eq!(ids(&after), (61..=80).collect::<Vec<_>>());
 }
 
-/// A batch leaves as soon as the stream has nothing more ready, not after `batch_delay`
-/// (an hour here, so waiting it out fails the test); while the engine has no room, the
-/// transactions that arrive meanwhile leave together once it does.
+/// A batch leaves as soon as the stream has nothing more ready and no batch is in flight,
+/// not after `batch_delay` (an hour here, so waiting it out fails the test); the
+/// transactions that arrive while one is in flight leave together once it is done.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_leaves_once_the_stream_is_drained_and_grows_while_the_engine_is_busy() {
     let pg = publishing_items();
     let mut config = PostgresConfig::new(pg.url());
     config.batch_delay = Duration::from_secs(3600);
-    config.batches_in_flight_max = 1;
     let mut engine = Engine::start(config);
     let client = pg.client().await;
     wait_streaming(&client).await;
     insert_each(&client, 1..=1).await;
     let first = engine.batch().await;
     assert_eq!(ids(&first.changes), [1]);
-    // Unconfirmed, the first batch fills the flight: these wait in the socket until the
-    // walsender has sent them all.
+    // While the first batch is unconfirmed, these gather, 20 ms apart, until the walsender
+    // has sent them all.
     insert_each(&client, 2..=6).await;
     for attempt in 0.. {
         let sent: bool = client

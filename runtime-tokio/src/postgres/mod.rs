@@ -58,8 +58,8 @@ pub struct PostgresConfig {
     /// A batch is handed over once it holds this many changes (whole transactions, so a big
     /// one may exceed it).
     pub batch_changes_max: usize,
-    /// A batch is handed over as soon as the stream has nothing more ready, and at the
-    /// latest this long after its first transaction, however fast changes keep coming.
+    /// A batch is handed over as soon as the stream has nothing more ready and the engine
+    /// has no batch in flight, and at the latest this long after its first transaction.
     pub batch_delay: Duration,
     /// How often the publication's tables are re-read, so `ALTER PUBLICATION … ADD TABLE`
     /// is noticed without any change to the new table.

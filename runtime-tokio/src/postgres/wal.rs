@@ -109,7 +109,7 @@ struct Pending {
     /// Commit end LSN of the last transaction.
     lsn: u64,
     /// When the first transaction arrived: the batch leaves once the stream has nothing
-    /// more ready, and at most `batch_delay` later.
+    /// more ready and no batch is in flight, and at most `batch_delay` later.
     since: Instant,
     /// When the first transaction committed (pgoutput's microseconds).
     committed: i64,
@@ -231,10 +231,14 @@ impl Reader {
                     let message = parser.parse_wal_message_bytes(raw?.data)?;
                     self.message(message.message, &client).await?;
                 }
-                // Polled last: nothing more has arrived, so what is pending leaves now
-                // instead of waiting out `batch_delay` for company. Under load the stream
-                // always has more, and batches grow until full or the in-flight limit.
-                () = std::future::ready(()), if room && self.pending.is_some() => self.flush(),
+                // Polled last: nothing more has arrived and the engine has every batch
+                // done, so what is pending leaves now instead of waiting out `batch_delay`
+                // for company. While a batch is in flight, changes gather (Nagle's rule),
+                // so many small transactions never make more batches, each with its own
+                // visibility questions, than a fixed delay would.
+                () = std::future::ready(()), if self.in_flight.is_empty() && self.pending.is_some() => {
+                    self.flush()
+                }
             }
         }
     }
