@@ -337,9 +337,9 @@ async fn questions_queued_together_get_the_verdicts_each_gets_alone() {
     assert_eq!(counted.get(), 4);
 }
 
-/// A table guarded by Supabase's usual `owner = auth.uid()` is judged from the row's owner
-/// and the claims' `sub`, as Postgres would judge it; a `sub` that is no uuid, or an
-/// `auth.uid()` of the project's own, is still left to Postgres.
+/// A table guarded by Supabase's usual `owner = auth.uid()` (or `(select auth.uid())`) is
+/// judged from the row's owner and the claims' `sub`, as Postgres would judge it; a `sub`
+/// that is no uuid, or an `auth.uid()` of the project's own, is still left to Postgres.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn owner_policies_get_the_verdicts_postgres_gives() {
     use Verdict::{Hidden, Unauthorized, Visible};
@@ -446,6 +446,24 @@ async fn owner_policies_get_the_verdicts_postgres_gives() {
             switchboard_engine::changes::canonical_uuid(&spelling),
             postgres,
             "{spelling:?}"
+        );
+    }
+    // Written as Supabase's performance advisor asks, `(select auth.uid())`, the policy is
+    // the same rule.
+    pg.psql(
+        "drop policy mine on public.owned;
+         create policy mine on public.owned for select to authenticated
+           using ((select auth.uid()) = owner);",
+    );
+    for (sub, expected) in [
+        (ALICE, [Visible, Hidden, Hidden]),
+        (BOB, [Hidden, Visible, Hidden]),
+    ] {
+        let question = ask_as("authenticated", json!({ "sub": sub }));
+        assert_eq!(
+            answer(&mut engine, question).await,
+            (Some(expected.to_vec()), owned(Some("owner"))),
+            "(select auth.uid()) for {sub}"
         );
     }
     // A helper of the project's own reads another claim: Postgres decides by it.

@@ -62,6 +62,25 @@ struct Args {
     /// Which tables to load: the RLS table, the table without RLS, or both in turn.
     #[arg(long, value_enum, default_value = "both")]
     tables: Tables,
+    /// How the RLS table's policy names the user: `owner = auth.uid()`, or
+    /// `owner = (select auth.uid())` as Supabase's performance advisor recommends.
+    #[arg(long, value_enum, default_value = "uid")]
+    policy: Policy,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Policy {
+    Uid,
+    SelectUid,
+}
+
+impl Policy {
+    fn uid(self) -> &'static str {
+        match self {
+            Policy::Uid => "auth.uid()",
+            Policy::SelectUid => "(select auth.uid())",
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -71,12 +90,13 @@ enum Tables {
     Both,
 }
 
+/// The schema; `{uid}` is the policy's [`Policy::uid`].
 const SETUP: &str = "
 drop table if exists public.bench_rls;
 drop table if exists public.bench_open;
 create table public.bench_rls (id bigserial primary key, owner uuid not null, body text);
 alter table public.bench_rls enable row level security;
-create policy own on public.bench_rls for select to authenticated using (owner = auth.uid());
+create policy own on public.bench_rls for select to authenticated using (owner = {uid});
 create table public.bench_open (id bigserial primary key, owner uuid not null, body text);
 grant all on public.bench_rls, public.bench_open to authenticated;
 grant all on sequence public.bench_rls_id_seq, public.bench_open_id_seq to authenticated;
@@ -269,6 +289,7 @@ async fn step(
     let kept_up = delivered >= expected * 99 / 100 && ms(0.99) <= args.p99_max_ms as f64;
     let report = json!({
         "table": table,
+        "policy": args.policy.uid(),
         "subscribers": args.subscribers,
         "claims_groups": args.groups,
         "rate": rate,
@@ -290,7 +311,9 @@ async fn step(
 async fn main() {
     let args = Args::parse();
     let db = database(&args.database_url).await;
-    db.batch_execute(SETUP).await.expect("bench schema");
+    db.batch_execute(&SETUP.replace("{uid}", args.policy.uid()))
+        .await
+        .expect("bench schema");
     // Wait until switchboard knows the new tables: a row makes the WAL reader announce
     // them (once its slot exists), and a probe subscription tells when that happened.
     let probe_claims = json!({"role": "service_role", "exp": 4_000_000_000u64});

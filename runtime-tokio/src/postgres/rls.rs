@@ -739,6 +739,8 @@ fn squashed(sql: &str) -> String {
 /// The column `col` when a table's policies for a role are exactly one permissive
 /// `(col = auth.uid())` (or `(auth.uid() = col)`, as `pg_get_expr` prints them) and no
 /// restrictive one, `col` is a plainly named uuid column, and `auth.uid()` is Supabase's.
+/// `(select auth.uid())` in its place is the same rule: Supabase's performance advisor
+/// tells projects to write it so, and Postgres evaluates it once per statement.
 /// Anything else is left to Postgres.
 fn owner_column(
     permissive: &[String],
@@ -756,15 +758,34 @@ fn owner_column(
     if !restrictive.is_empty() || !standard {
         return None;
     }
-    let inner = only.strip_prefix('(')?.strip_suffix(')')?;
-    let column = inner
-        .strip_suffix(" = auth.uid()")
-        .or_else(|| inner.strip_prefix("auth.uid() = "))?;
-    let plain = column.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-        && column
+    let (left, right) = only
+        .strip_prefix('(')?
+        .strip_suffix(')')?
+        .split_once(" = ")?;
+    let column = match (uid_call(left), uid_call(right)) {
+        (false, true) => left,
+        (true, false) => right,
+        _ => return None,
+    };
+    (plain(column) && uuid_columns.iter().any(|c| c == column)).then(|| column.to_owned())
+}
+
+/// `auth.uid()`, or `(select auth.uid())` as `pg_get_expr` prints it: `( SELECT auth.uid()
+/// AS uid)`, under whatever plain alias.
+fn uid_call(expr: &str) -> bool {
+    expr == "auth.uid()"
+        || expr
+            .strip_prefix("( SELECT auth.uid() AS ")
+            .and_then(|rest| rest.strip_suffix(')'))
+            .is_some_and(plain)
+}
+
+/// A name `pg_get_expr` prints without quotes.
+fn plain(name: &str) -> bool {
+    name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && name
             .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    (plain && uuid_columns.iter().any(|c| c == column)).then(|| column.to_owned())
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
 /// Indices of `batch` grouped by role, in first-seen order: each group shares a
@@ -849,6 +870,20 @@ mod tests {
             owner(&one("(auth.uid() = id)"), &[], Some(uid)).as_deref(),
             Some("id")
         );
+        // `(select auth.uid())`, as Supabase's advisor recommends, either side, any alias.
+        assert_eq!(
+            owner(
+                &one("(( SELECT auth.uid() AS uid) = owner)"),
+                &[],
+                Some(uid)
+            )
+            .as_deref(),
+            Some("owner")
+        );
+        assert_eq!(
+            owner(&one("(owner = ( SELECT auth.uid() AS me))"), &[], Some(uid)).as_deref(),
+            Some("owner")
+        );
         let old_uid = "select nullif(current_setting('request.jwt.claim.sub', true), '')::uuid;";
         assert!(owner(&one("(owner = auth.uid())"), &[], Some(old_uid)).is_some());
         // A helper of the project's own, a restrictive policy, a second permissive one, a
@@ -862,6 +897,31 @@ mod tests {
         assert!(owner(&one("(name = auth.uid())"), &[], Some(uid)).is_none());
         assert!(owner(&one("(\"Owner\" = auth.uid())"), &[], Some(uid)).is_none());
         assert!(owner(&one("((owner = auth.uid()) or true)"), &[], Some(uid)).is_none());
+        assert!(owner(&one("(auth.uid() = auth.uid())"), &[], Some(uid)).is_none());
+        assert!(owner(
+            &one("(owner = ( SELECT auth.uid() AS uid LIMIT 1))"),
+            &[],
+            Some(uid)
+        )
+        .is_none());
+        assert!(owner(
+            &one("(owner = ( SELECT auth.uid() AS \"Uid\"))"),
+            &[],
+            Some(uid)
+        )
+        .is_none());
+        assert!(owner(
+            &one("(owner = ( SELECT auth.jwt() AS jwt))"),
+            &[],
+            Some(uid)
+        )
+        .is_none());
+        assert!(owner(
+            &one("((owner = auth.uid()) AND (id = auth.uid()))"),
+            &[],
+            Some(uid)
+        )
+        .is_none());
     }
 
     #[test]
