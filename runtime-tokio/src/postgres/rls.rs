@@ -894,34 +894,18 @@ mod tests {
         assert!(owner(&one("(owner = auth.uid())"), &one("(x)"), Some(uid)).is_none());
         let two = ["(owner = auth.uid())".to_owned(), "shared".to_owned()];
         assert!(owner(&two, &[], Some(uid)).is_none());
-        assert!(owner(&one("(name = auth.uid())"), &[], Some(uid)).is_none());
-        assert!(owner(&one("(\"Owner\" = auth.uid())"), &[], Some(uid)).is_none());
-        assert!(owner(&one("((owner = auth.uid()) or true)"), &[], Some(uid)).is_none());
-        assert!(owner(&one("(auth.uid() = auth.uid())"), &[], Some(uid)).is_none());
-        assert!(owner(
-            &one("(owner = ( SELECT auth.uid() AS uid LIMIT 1))"),
-            &[],
-            Some(uid)
-        )
-        .is_none());
-        assert!(owner(
-            &one("(owner = ( SELECT auth.uid() AS \"Uid\"))"),
-            &[],
-            Some(uid)
-        )
-        .is_none());
-        assert!(owner(
-            &one("(owner = ( SELECT auth.jwt() AS jwt))"),
-            &[],
-            Some(uid)
-        )
-        .is_none());
-        assert!(owner(
-            &one("((owner = auth.uid()) AND (id = auth.uid()))"),
-            &[],
-            Some(uid)
-        )
-        .is_none());
+        for other in [
+            "(name = auth.uid())",
+            "(\"Owner\" = auth.uid())",
+            "((owner = auth.uid()) or true)",
+            "(auth.uid() = auth.uid())",
+            "(owner = ( SELECT auth.uid() AS uid LIMIT 1))",
+            "(owner = ( SELECT auth.uid() AS \"Uid\"))",
+            "(owner = ( SELECT auth.jwt() AS jwt))",
+            "((owner = auth.uid()) AND (id = auth.uid()))",
+        ] {
+            assert!(owner(&one(other), &[], Some(uid)).is_none(), "{other}");
+        }
     }
 
     #[test]
