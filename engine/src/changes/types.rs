@@ -223,7 +223,62 @@ pub enum Verdict {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::canonical_uuid;
+
+    /// A uuid's 16 bytes spelled as Postgres may read them: each digit in either case, a
+    /// hyphen or none after each group of four digits but the last, braces or none.
+    fn spelling() -> impl Strategy<Value = ([u8; 16], String)> {
+        (
+            any::<[u8; 16]>(),
+            any::<[bool; 32]>(),
+            any::<[bool; 7]>(),
+            any::<bool>(),
+        )
+            .prop_map(|(bytes, upper, hyphens, braced)| {
+                let mut text = String::new();
+                for (i, byte) in bytes.iter().enumerate() {
+                    for (j, digit) in format!("{byte:02x}").chars().enumerate() {
+                        let upper = upper[i * 2 + j];
+                        text.push(if upper {
+                            digit.to_ascii_uppercase()
+                        } else {
+                            digit
+                        });
+                    }
+                    if i % 2 == 1 && i < 15 && hyphens[i / 2] {
+                        text.push('-');
+                    }
+                }
+                (bytes, if braced { format!("{{{text}}}") } else { text })
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn every_spelling_of_a_uuid_reads_as_its_bytes((bytes, text) in spelling()) {
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let expected = format!(
+                "{}-{}-{}-{}-{}",
+                &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..]
+            );
+            prop_assert_eq!(canonical_uuid(&text), Some(expected));
+        }
+
+        #[test]
+        fn what_is_read_is_canonical_and_reads_as_itself(text in "\\PC{0,40}|[{}0-9a-fA-F-]{30,40}") {
+            if let Some(canonical) = canonical_uuid(&text) {
+                prop_assert_eq!(canonical.len(), 36);
+                let shaped = canonical.char_indices().all(|(i, c)| match i {
+                    8 | 13 | 18 | 23 => c == '-',
+                    _ => matches!(c, '0'..='9' | 'a'..='f'),
+                });
+                prop_assert!(shaped, "{}", canonical);
+                prop_assert_eq!(canonical_uuid(&canonical), Some(canonical.clone()));
+            }
+        }
+    }
 
     #[test]
     fn uuids_are_spelled_as_postgres_reads_and_prints_them() {
