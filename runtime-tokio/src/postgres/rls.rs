@@ -909,7 +909,7 @@ mod tests {
     }
 
     #[test]
-    fn owner_verdicts_need_a_canonical_uuid_sub() {
+    fn owner_verdicts_need_a_sub_postgres_reads_as_a_uuid() {
         let alice = "1111aaaa-1111-1111-1111-111111111111";
         let canonical = |sub| owner_key("uuid", sub);
         assert_eq!(
