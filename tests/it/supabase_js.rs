@@ -19,7 +19,7 @@ pub fn node_tests(
         dir.join("node_modules/@supabase/supabase-js").exists(),
         "run `npm ci` in tests/js (scripts/test does)"
     );
-    let status = Command::new("node")
+    let output = Command::new("node")
         .arg("--test")
         .arg("--test-concurrency=1")
         .args(files)
@@ -33,9 +33,49 @@ pub fn node_tests(
             heartbeat_timeout_ms.to_string(),
         )
         .envs(env.iter().map(|(k, v)| (k, v)))
-        .status()
+        .output()
         .expect("node runs");
-    assert!(status.success(), "supabase-js tests failed: {files:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    // Through the test harness's capture: shown in full under the failing test's name.
+    print!("{stdout}");
+    eprint!("{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "supabase-js tests failed: {files:?}\n{}",
+        failures(&stdout)
+    );
+}
+
+/// The `not ok` entries of node's TAP report with their YAML blocks (what was expected,
+/// what came, where): the panic message carries them, so a failure in a long, interleaved
+/// log still says what went wrong.
+fn failures(tap: &str) -> String {
+    let mut out = String::new();
+    let mut inside = false;
+    for line in tap.lines() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with("not ok ") {
+            inside = true;
+        } else if inside && (trimmed.starts_with("ok ") || trimmed.starts_with("# Subtest")) {
+            inside = false;
+        }
+        if inside {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[test]
+fn failures_keep_each_not_ok_entry_with_its_details() {
+    let tap = "# Subtest: a\nok 1 - a\n  ---\n  duration_ms: 1\n  ...\n\
+               # Subtest: b\nnot ok 2 - b\n  ---\n  error: 'Expected 1, got 2'\n  ...\n\
+               # Subtest: c\nok 3 - c\n";
+    assert_eq!(
+        failures(tap),
+        "not ok 2 - b\n  ---\n  error: 'Expected 1, got 2'\n  ...\n"
+    );
 }
 
 #[test]
