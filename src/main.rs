@@ -618,7 +618,7 @@ fn run(serve: Serve) -> anyhow::Result<()> {
     let (to_cluster, from_shards) = tokio::sync::mpsc::unbounded_channel();
     let cluster = serve.cluster_nats.is_some().then_some(to_cluster);
     let set = options.shards(process, shards, cluster);
-    let (servers, tasks): (Vec<_>, Vec<_>) = set.options.into_iter().map(Server::new).unzip();
+    let (servers, tasks) = Server::shards(set.options);
     let handles: Vec<_> = servers.iter().map(Server::handle).collect();
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let shutdown = move || async move {

@@ -74,6 +74,7 @@ impl Server {
         };
         let task = ServerTask {
             state: State {
+                rest: handle.clone(),
                 engine: handle,
                 metrics,
                 rest_body_bytes_max,
@@ -91,6 +92,26 @@ impl Server {
     /// A handle that feeds the engine.
     pub fn handle(&self) -> EngineHandle {
         self.handle.clone()
+    }
+
+    /// The servers of one process's shards, from each shard's options in shard order
+    /// ([`Options::shards`], [`Options::replicas`]).
+    ///
+    /// Every shard hands its REST requests to the first shard's engine, whichever listener
+    /// accepted them. A client that sends one REST broadcast after another opens a new
+    /// connection now and then, which the kernel may put on another shard; were each handled
+    /// where it landed, a later message delivered by its own shard would overtake an earlier
+    /// one still crossing over from the other. Through one engine, each goes out in the
+    /// order sent, locally or over the one FIFO link to each other shard.
+    pub fn shards(options: Vec<Options>) -> (Vec<Server>, Vec<ServerTask>) {
+        let (servers, mut tasks): (Vec<Server>, Vec<ServerTask>) =
+            options.into_iter().map(Server::new).unzip();
+        if let Some(first) = servers.first() {
+            for task in &mut tasks {
+                task.state.rest = first.handle();
+            }
+        }
+        (servers, tasks)
     }
 }
 
@@ -145,7 +166,10 @@ impl ServerTask {
 /// What every request handler shares.
 #[derive(Clone)]
 struct State {
+    /// This shard's engine: its sockets' upgrades, frames and closes.
     engine: EngineHandle,
+    /// The engine REST requests go to: the first shard's ([`Server::shards`]).
+    rest: EngineHandle,
     metrics: Arc<Metrics>,
     /// REST bodies above this are refused unread.
     rest_body_bytes_max: usize,
@@ -488,7 +512,7 @@ async fn rest(request: Request<Incoming>, target: RestTarget, state: State) -> A
         return Answer::too_large();
     };
     let request = target.request(auth, content_type, private, body);
-    let (status, body) = state.engine.rest(request).await;
+    let (status, body) = state.rest.rest(request).await;
     Answer::json(status, body).with_cors()
 }
 

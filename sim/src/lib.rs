@@ -286,17 +286,12 @@ impl Scenario {
                         .expect("metrics lock")
                         .push(base.shared.metrics.clone());
                     // The shards' ids and links come from the bus, which knows every host.
-                    let mut handles = Vec::new();
-                    let mut tasks = Vec::new();
                     let replicas = (0..shards).map(|shard| {
                         let (node, link) = bus.join(host, shard);
                         (node, Some(link))
                     });
-                    for options in base.replicas(replicas) {
-                        let (server, task) = Server::new(options);
-                        handles.push(server.handle());
-                        tasks.push(task);
-                    }
+                    let (servers, tasks) = Server::shards(base.replicas(replicas));
+                    let handles: Vec<_> = servers.iter().map(Server::handle).collect();
                     tokio::spawn(db.replicate(host, handles, outputs));
                     let listeners = split(listener, tasks.len());
                     let serving = tasks.into_iter().zip(listeners).map(|(task, listener)| {

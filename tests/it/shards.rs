@@ -122,6 +122,46 @@ async fn clients_on_different_shards_share_broadcast_presence_and_rest() {
     assert_eq!(left, ());
 }
 
+/// REST requests a client makes one after another reach every member in that order, on
+/// whichever shard the kernel puts each request's connection: each goes through one shard,
+/// the one every REST request goes through, so a later one never overtakes an earlier one
+/// still crossing to the members' shard.
+#[tokio::test]
+async fn rest_broadcasts_made_one_after_another_arrive_in_order_on_every_shard() {
+    let server = Server::start(&["--shards", "2"]);
+    let mut members = one_per_shard(&server, 2).await;
+    for ws in &mut members {
+        crate::support::join(ws, "ordered", json!({})).await;
+    }
+    const SENT: u64 = 300;
+    let key = token("service_role", 3600);
+    for n in 0..SENT {
+        // A fresh connection each: the kernel spreads them over both shards.
+        let (status, _, _) = http(
+            &server.addr,
+            "POST",
+            "/api/broadcast",
+            &[("apikey", &key), ("content-type", "application/json")],
+            json!({"messages": [{"topic": "ordered", "event": "n", "payload": {"n": n}}]})
+                .to_string()
+                .as_bytes(),
+        )
+        .await;
+        assert_eq!(status, 202);
+    }
+    for (shard, ws) in members.iter_mut().enumerate() {
+        let mut got = Vec::new();
+        while got.len() < SENT as usize {
+            let frame = recv(ws).await;
+            if frame[4]["event"] == "n" {
+                got.push(frame[4]["payload"]["n"].as_u64().expect("n"));
+            }
+        }
+        let sent: Vec<u64> = (0..SENT).collect();
+        assert_eq!(got, sent, "the member on shard {shard}");
+    }
+}
+
 const RLS_SCHEMA: &str = "
 create table public.r (id bigserial primary key, owner uuid not null, n int8 not null);
 alter table public.r enable row level security;
