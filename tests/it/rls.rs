@@ -479,3 +479,56 @@ async fn owner_policies_get_the_verdicts_postgres_gives() {
         "no rule the engine could judge by"
     );
 }
+
+/// The dashboard's "Enable read access for all users" template, `using (true)`, shows every
+/// row: the engine judges it as [`Rule::All`], whatever other permissive policies say. A
+/// restrictive policy beside it is left to Postgres.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_using_true_policy_is_every_row_visible_without_postgres() {
+    use Verdict::{Hidden, Visible};
+    let pg = TempPostgres::start();
+    pg.psql(
+        "create table public.open (id int8 primary key, owner uuid);
+         alter table public.open enable row level security;
+         create policy \"Enable read access for all users\" on public.open for select using (true);
+         create policy mine on public.open for select to authenticated using (owner = auth.uid());
+         grant select on public.open to anon, authenticated;",
+    );
+    let mut engine = Engine::start(PostgresConfig::new(pg.url()));
+    let mut n = 0;
+    let mut ask_as = |role: &str, claims: Value| {
+        n += 1;
+        let rows = vec![
+            check("open", json!({"id": 1, "owner": ALICE})),
+            check("open", json!({"id": 2, "owner": BOB})),
+            check("open", json!({"id": 3, "owner": null})),
+        ];
+        let mut question = query(n, role, "", rows, vec![]);
+        question.claims = Arc::new(claims.as_object().expect("an object").clone());
+        question
+    };
+    let open = |rule: Option<Rule>| {
+        vec![TableRule {
+            schema: "public".into(),
+            table: "open".into(),
+            rule,
+        }]
+    };
+    for (role, claims) in [
+        ("anon", json!({})),
+        ("authenticated", json!({"sub": ALICE})),
+        ("authenticated", json!({})),
+    ] {
+        assert_eq!(
+            answer(&mut engine, ask_as(role, claims.clone())).await,
+            (Some(vec![Visible; 3]), open(Some(Rule::All))),
+            "{role} {claims}"
+        );
+    }
+    pg.psql("create policy early on public.open as restrictive for select using (id < 3);");
+    assert_eq!(
+        answer(&mut engine, ask_as("anon", json!({}))).await,
+        (Some(vec![Visible, Visible, Hidden]), open(None)),
+        "a restrictive policy: Postgres decides"
+    );
+}

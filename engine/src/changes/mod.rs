@@ -199,7 +199,9 @@ fn slot(
     };
     let owner = || {
         let name = (schema.clone(), table.clone());
-        let Rule::Owner { column } = rules.get(&name)?.get(&group.role)?;
+        let Rule::Owner { column } = rules.get(&name)?.get(&group.role)? else {
+            return None;
+        };
         Some(Slot::Owner {
             schema: schema.clone(),
             table: table.clone(),
@@ -218,9 +220,13 @@ fn slot(
 /// The verdict `rule` gives `change` for `group`, or `None` when only the database can
 /// tell (the group's `sub` has no owner key, the column is gone).
 fn judged(rule: &Rule, group: &ClaimsGroup, change: &Change, table: &Table) -> Option<Verdict> {
-    let Rule::Owner { column } = rule;
-    let key = group.owner_key(table, column)?;
-    Some(rule.verdict(change.record.as_ref(), &key))
+    match rule {
+        Rule::All => Some(Verdict::Visible),
+        Rule::Owner { column } => {
+            let key = group.owner_key(table, column)?;
+            Some(rule.verdict(change.record.as_ref(), &key))
+        }
+    }
 }
 
 /// `[event: INSERT, schema: public, table: todos, filters: [], select: nil]`, as upstream

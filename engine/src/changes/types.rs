@@ -131,9 +131,10 @@ pub struct VisibilityQuery {
 
 /// How a table's policies judge rows for one role when the judgment needs no database. The
 /// runtime reports it with every answer, for each table the question named; the engine then
-/// asks only the claims groups the rule cannot judge, and files each channel under its
-/// owner so a change costs its recipients, not every subscriber. A batch judged by a rule
-/// still sends one question of the role, whose answer confirms the rule holds for it.
+/// asks only the claims groups the rule cannot judge, and files each channel of an owner
+/// rule under its owner so a change costs its recipients, not every subscriber. A batch
+/// judged by a rule still sends one question of the role, whose answer confirms the rule
+/// holds for it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Rule {
     /// A row is visible exactly when its `column` holds the subscriber's `sub`, spelled as
@@ -142,13 +143,18 @@ pub enum Rule {
         /// The owner column.
         column: String,
     },
+    /// Every row is visible: a permissive policy `using (true)` and no restrictive one, as
+    /// the Supabase dashboard's "Enable read access for all users" template makes.
+    All,
 }
 
 impl Rule {
     /// The verdict for `row` of a subscriber whose owner key ([`owner_key`]) is `key`: the
-    /// one comparison both the engine and the checker judge owner rows by.
+    /// one comparison both the engine and the checker judge rows by.
     pub fn verdict(&self, row: Option<&Map<String, Value>>, key: &str) -> Verdict {
-        let Rule::Owner { column } = self;
+        let Rule::Owner { column } = self else {
+            return Verdict::Visible;
+        };
         match row.and_then(|row| row.get(column)) {
             Some(Value::String(owner)) if owner == key => Verdict::Visible,
             _ => Verdict::Hidden,

@@ -858,13 +858,15 @@ mod index {
             }
         }
 
-        /// Filed by owner and judged by the owner rule, subscribers get exactly what the
-        /// database's verdicts would give them: their own inserts and updates that pass
-        /// their filters, every delete, and everything for `service_role`.
+        /// Judged by a rule (filed by owner under an owner rule, by their filters when every
+        /// row is visible), subscribers get exactly what the database's verdicts would give
+        /// them: their own inserts and updates (or all of them) that pass their filters,
+        /// every delete, and everything for `service_role`.
         #[test]
-        fn owner_filing_equals_asking_every_group(
+        fn judging_by_a_rule_equals_asking_every_group(
             subscribers in prop::collection::vec((prop::sample::select(vec!["ann", "bob", "cy", "service_role"]), filter_strategy()), 1..10),
             rows in prop::collection::vec((0..6i64, prop::sample::select(vec!["ann", "bob", "a b"]), 0..3u8), 1..10),
+            everyone in any::<bool>(),
         ) {
             use crate::changes::{Rule, TableRule};
             let mut t = engine();
@@ -881,14 +883,14 @@ mod index {
                 );
                 subscribe(&mut t, *conn, &format!("c{i}"), json!([binding]), Some(token));
             }
-            // Answers as the database would: by owner, and the rule that says so.
+            // Answers as the database would: by owner or all visible, and the rule that says so.
             let answer_all = |t: &mut TestEngine| {
                 for q in queries(t) {
                     let sub = q.claims.get("sub").and_then(Value::as_str);
                     let verdicts = q.checks.iter().map(|c| {
-                        if c.row.get("owner").and_then(Value::as_str) == sub { Verdict::Visible } else { Verdict::Hidden }
+                        if everyone || c.row.get("owner").and_then(Value::as_str) == sub { Verdict::Visible } else { Verdict::Hidden }
                     }).collect();
-                    let rule = Some(Rule::Owner { column: "owner".into() });
+                    let rule = Some(if everyone { Rule::All } else { Rule::Owner { column: "owner".into() } });
                     let rules = vec![TableRule { schema: "public".into(), table: "secrets".into(), rule }];
                     t.handle(Input::Visibility { id: q.id, verdicts: Some(verdicts), rules });
                 }
@@ -921,7 +923,7 @@ mod index {
                     .iter()
                     .filter(|(id, owner, kind)| {
                         expected(filter, *id as f64, owner)
-                            && (*kind == 2 || *sub == "service_role" || owner == sub)
+                            && (*kind == 2 || *sub == "service_role" || everyone || owner == sub)
                     })
                     .count();
                 prop_assert_eq!(changes_for(&mut t, *conn).len(), want, "{} {:?}", sub, filter);

@@ -77,6 +77,8 @@ struct Policies {
     /// The column of the table's one policy `col = auth.uid()`: a row passes exactly when
     /// it holds the subscriber's `sub` ([`owner_column`]).
     owner: Option<String>,
+    /// A permissive policy is `using (true)` and none is restrictive: every row passes.
+    everyone: bool,
 }
 
 /// The role and claims of a question, transaction-local as Supabase's helpers read them.
@@ -629,6 +631,8 @@ impl Policies {
         let uuid_columns: Vec<String> = row.get(5);
         let uid: Option<String> = row.get(6);
         let owner = owner_column(&permissive, &restrictive, &uuid_columns, uid.as_deref());
+        // `pg_get_expr` prints the constant as `true`, however the policy spelled it.
+        let everyone = restrictive.is_empty() && permissive.iter().any(|e| e == "true");
         Policies {
             exists: row.get(0),
             active: row.get(1),
@@ -636,12 +640,13 @@ impl Policies {
             permissive,
             restrictive,
             owner,
+            everyone,
         }
     }
 
     /// The verdicts for the rows at `group` of `checks` that need no policy evaluated (the
-    /// table is gone or unreadable, RLS does not apply, no permissive policy, or an owner
-    /// policy), or `None` when Postgres must evaluate them.
+    /// table is gone or unreadable, RLS does not apply, no permissive policy, a `using
+    /// (true)` one, or an owner policy), or `None` when Postgres must evaluate them.
     fn decide(
         &self,
         checks: &[RowCheck],
@@ -656,16 +661,24 @@ impl Policies {
         } else if self.permissive.is_empty() {
             // No permissive policy: Postgres lets nothing through.
             all(Verdict::Hidden)
+        } else if self.everyone {
+            all(Verdict::Visible)
         } else {
             self.by_owner(checks, group, sub)
         }
     }
 
     /// The rule the engine may judge this table's rows by for the role, without asking:
-    /// an owner policy that applies ([`Policies::by_owner`]).
+    /// `using (true)`, or an owner policy ([`Policies::by_owner`]), where it applies.
     fn rule(&self) -> Option<Rule> {
         let applies = self.exists && self.readable && self.active && !self.permissive.is_empty();
-        let column = self.owner.clone().filter(|_| applies)?;
+        if !applies {
+            return None;
+        }
+        if self.everyone {
+            return Some(Rule::All);
+        }
+        let column = self.owner.clone()?;
         Some(Rule::Owner { column })
     }
 
@@ -930,6 +943,7 @@ mod tests {
             permissive: vec!["(owner = auth.uid())".into()],
             restrictive: vec![],
             owner: Some("owner".into()),
+            everyone: false,
         };
         let row = |owner: Value| RowCheck {
             schema: "public".into(),
@@ -977,6 +991,7 @@ mod tests {
             permissive: vec!["a = 1".into(), "b".into()],
             restrictive: vec!["c".into(), "d".into()],
             owner: None,
+            everyone: false,
         };
         let sql = evaluation("public", "we\"ird", &policies);
         assert!(sql.contains("null::\"public\".\"we\"\"ird\""), "{sql}");
