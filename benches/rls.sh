@@ -8,8 +8,9 @@
 # Usage: benches/rls.sh [seconds per step] [visibility connections]
 #   RLS_ONLY: a pattern (grep -E) of the configurations ("100/10", …) to run; default all.
 #            The log keeps the other configurations' lines, so the table shows them all.
-#   RLS_POLICY: `uid` (default), a policy `owner = auth.uid()`, or `select-uid`, the same
-#            written `owner = (select auth.uid())` as Supabase's performance advisor asks.
+#   RLS_POLICY: `uid` (default), a policy `owner = auth.uid()`; `select-uid`, the same
+#            written `owner = (select auth.uid())` as Supabase's performance advisor asks;
+#            or `true`, `using (true)`, each subscriber filtering on its owner.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-5}"

@@ -62,23 +62,28 @@ struct Args {
     /// Which tables to load: the RLS table, the table without RLS, or both in turn.
     #[arg(long, value_enum, default_value = "both")]
     tables: Tables,
-    /// How the RLS table's policy names the user: `owner = auth.uid()`, or
-    /// `owner = (select auth.uid())` as Supabase's performance advisor recommends.
+    /// The RLS table's policy: `owner = auth.uid()`; `owner = (select auth.uid())` as
+    /// Supabase's performance advisor recommends; or `true`, the dashboard's "Enable read
+    /// access for all users", with each subscriber filtering on its owner as on the table
+    /// without RLS, so the same rows reach the same subscribers.
     #[arg(long, value_enum, default_value = "uid")]
     policy: Policy,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Policy {
     Uid,
     SelectUid,
+    True,
 }
 
 impl Policy {
-    fn uid(self) -> &'static str {
+    /// The policy's `using` expression.
+    fn using(self) -> &'static str {
         match self {
-            Policy::Uid => "auth.uid()",
-            Policy::SelectUid => "(select auth.uid())",
+            Policy::Uid => "owner = auth.uid()",
+            Policy::SelectUid => "owner = (select auth.uid())",
+            Policy::True => "true",
         }
     }
 }
@@ -90,13 +95,13 @@ enum Tables {
     Both,
 }
 
-/// The schema; `{uid}` is the policy's [`Policy::uid`].
+/// The schema; `{using}` is the policy's [`Policy::using`].
 const SETUP: &str = "
 drop table if exists public.bench_rls;
 drop table if exists public.bench_open;
 create table public.bench_rls (id bigserial primary key, owner uuid not null, body text);
 alter table public.bench_rls enable row level security;
-create policy own on public.bench_rls for select to authenticated using (owner = {uid});
+create policy own on public.bench_rls for select to authenticated using ({using});
 create table public.bench_open (id bigserial primary key, owner uuid not null, body text);
 grant all on public.bench_rls, public.bench_open to authenticated;
 grant all on sequence public.bench_rls_id_seq, public.bench_open_id_seq to authenticated;
@@ -189,7 +194,7 @@ async fn subscribers(args: &Args, table: &str, received: &Arc<Received>) -> Subs
         let claims = json!({"role": "authenticated", "sub": sub, "exp": 4_000_000_000u64});
         let token = auth::sign(&args.secret, &claims);
         let mut binding = json!({"event": "INSERT", "schema": "public", "table": table});
-        if table == "bench_open" {
+        if table == "bench_open" || args.policy == Policy::True {
             binding["filter"] = Value::from(format!("owner=eq.{sub}"));
         }
         let mut ws = subscribe(&args.addr, &token, &format!("{table}-{i}"), &binding)
@@ -289,7 +294,7 @@ async fn step(
     let kept_up = delivered >= expected * 99 / 100 && ms(0.99) <= args.p99_max_ms as f64;
     let report = json!({
         "table": table,
-        "policy": args.policy.uid(),
+        "policy": args.policy.using(),
         "subscribers": args.subscribers,
         "claims_groups": args.groups,
         "rate": rate,
@@ -311,7 +316,7 @@ async fn step(
 async fn main() {
     let args = Args::parse();
     let db = database(&args.database_url).await;
-    db.batch_execute(&SETUP.replace("{uid}", args.policy.uid()))
+    db.batch_execute(&SETUP.replace("{using}", args.policy.using()))
         .await
         .expect("bench schema");
     // Wait until switchboard knows the new tables: a row makes the WAL reader announce
