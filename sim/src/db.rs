@@ -1,13 +1,14 @@
 //! A simulated database: a commit log standing in for the WAL, a replication slot per
 //! node that advances only as far as the node confirms (the lowest position its shards
-//! report), a simple RLS model answering visibility queries (a role sees a row when the
-//! row's `owner` is its `sub`), and policies on `realtime.messages` answering private
-//! channels' authorization questions ([`may_read`], [`may_write`]). Some commits are
-//! messages sent from SQL (`realtime.send`) to a public or a private room.
+//! report), a simple RLS model answering visibility queries (as the seed draws it, a role
+//! sees a row when the row's `owner` is its `sub`, or sees every row: [`Policy`]), and
+//! policies on `realtime.messages` answering private channels' authorization questions
+//! ([`may_read`], [`may_write`]). Some commits are messages sent from SQL
+//! (`realtime.send`) to a public or a private room.
 //!
-//! Answers report the owner rule the model is, so engines judge rows themselves and ask
-//! once per batch to confirm; some answers, as the seed says, report no rule instead, as if
-//! the policies had been rewritten into an equivalent the engine cannot judge.
+//! Answers report the rule the model is, so engines judge rows themselves and ask once per
+//! batch to confirm; some answers, as the seed says, report no rule instead, as if the
+//! policies had been rewritten into an equivalent the engine cannot judge.
 //!
 //! The database misbehaves as the seed says: visibility answers are delayed, some fail,
 //! and during an outage every one fails and the change stream stops, as when Postgres is
@@ -40,9 +41,36 @@ pub struct DbFaults {
     /// Number of outages: every question fails and no change is streamed meanwhile.
     pub outages: u32,
     /// Chance that an answer finds the table's policies in a form only the database can
-    /// evaluate (same verdicts, no owner rule): batches the engine planned by the rule are
+    /// evaluate (same verdicts, no rule): batches the engine planned by the rule are
     /// planned again.
     pub rule_flaps: f64,
+}
+
+/// The published table's read policy for `authenticated`, drawn from the seed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Policy {
+    /// `owner = auth.uid()`: a row is visible to the `sub` in its `owner` column.
+    #[default]
+    Owner,
+    /// `using (true)`: every row is visible.
+    Everyone,
+}
+
+impl Policy {
+    /// Whether the row of `owner` is visible to `sub`.
+    pub fn visible(self, owner: Option<&str>, sub: &str) -> bool {
+        self == Policy::Everyone || owner == Some(sub)
+    }
+
+    /// The rule the database reports for the policy.
+    fn rule(self) -> Rule {
+        match self {
+            Policy::Owner => Rule::Owner {
+                column: "owner".into(),
+            },
+            Policy::Everyone => Rule::All,
+        }
+    }
 }
 
 /// The private room clients use: its policies are [`may_read`] and [`may_write`].
@@ -124,18 +152,20 @@ struct State {
 pub struct Db {
     state: Arc<Mutex<State>>,
     faults: DbFaults,
+    policy: Policy,
     seed: u64,
     /// A bug planted in the node side of replication ([`Progress::planted`]).
     planted: Option<PlantedBug>,
 }
 
 impl Db {
-    /// A database that misbehaves as `faults` say, its choices drawn from `seed`, fed by
-    /// nodes that confirm with `planted` in them.
-    pub fn new(faults: DbFaults, seed: u64, planted: Option<PlantedBug>) -> Db {
+    /// A database whose table is read under `policy`, that misbehaves as `faults` say, its
+    /// choices drawn from `seed`, fed by nodes that confirm with `planted` in them.
+    pub fn new(faults: DbFaults, policy: Policy, seed: u64, planted: Option<PlantedBug>) -> Db {
         Db {
             state: Arc::default(),
             faults,
+            policy,
             seed,
             planted,
         }
@@ -181,7 +211,7 @@ impl Db {
     }
 
     /// Visibility questions asked under a role alone (every client has a `sub`): engines
-    /// judged rows by the owner rule and asked only to confirm it.
+    /// judged rows by the table's rule and asked only to confirm it.
     pub fn confirmations(&self) -> u64 {
         self.state.lock().expect("db lock").confirmations
     }
@@ -249,13 +279,13 @@ impl Db {
                                 .iter()
                                 .map(|check| {
                                     let owner = check.row.get("owner").and_then(Value::as_str);
-                                    if owner == Some(sub.as_str()) { Verdict::Visible } else { Verdict::Hidden }
+                                    if self.policy.visible(owner, &sub) { Verdict::Visible } else { Verdict::Hidden }
                                 })
                                 .collect()
                         });
                         let flapped = self.faults.rule_flaps > 0.0
                             && (rng.next_u64() % 1000) as f64 / 1000.0 < self.faults.rule_flaps;
-                        let rule = (!flapped).then(|| Rule::Owner { column: "owner".into() });
+                        let rule = (!flapped).then(|| self.policy.rule());
                         let table = table();
                         let rules = vec![TableRule { schema: table.schema, table: table.name, rule }];
                         let delay = match self.faults.delay_ms_max {

@@ -29,7 +29,7 @@ use switchboard_tokio::Server;
 
 use crate::bus::Bus;
 use crate::client::Plan;
-use crate::db::{Db, DbFaults};
+use crate::db::{Db, DbFaults, Policy};
 use crate::oracle::{Event, Oracle};
 
 const PORT: u16 = 4000;
@@ -157,6 +157,8 @@ pub struct Scenario {
     pub chaos: Duration,
     /// Quiet time after healing, before checking.
     pub settle: Duration,
+    /// The published table's read policy: `owner = auth.uid()` in three runs of four.
+    pub policy: Policy,
     /// A deliberate bug to plant in the engine.
     pub planted_bug: Option<PlantedBug>,
 }
@@ -178,7 +180,7 @@ pub struct Report {
     pub reconnects: usize,
     /// Sockets the servers closed because their send queue overflowed.
     pub slow_consumers: u64,
-    /// Visibility questions that only confirmed an owner rule the engines judged rows by.
+    /// Visibility questions that only confirmed a rule the engines judged rows by.
     pub rule_confirmations: u64,
     /// How connections ended, as their clients saw it.
     pub endings: BTreeMap<String, usize>,
@@ -228,12 +230,18 @@ impl Scenario {
         };
         // A stream of its own, so the draws above stay what they were.
         let shards = 1 + (ChaCha8Rng::seed_from_u64(seed ^ 0x5aa2d).next_u64() % 4) as u16;
+        // A stream of its own, so the draws above stay what they were.
+        let policy = match ChaCha8Rng::seed_from_u64(seed ^ 0x70e).next_u64() % 4 {
+            0 => Policy::Everyone,
+            _ => Policy::Owner,
+        };
         Scenario {
             seed,
             nodes,
             shards,
             clients,
             faults,
+            policy,
             chaos: Duration::from_secs(20),
             settle: Duration::from_secs(12),
             planted_bug: None,
@@ -260,7 +268,7 @@ impl Scenario {
             .enable_random_order()
             .build();
         let bus = Bus::default();
-        let db = Db::new(self.faults.db, self.seed, self.planted_bug);
+        let db = Db::new(self.faults.db, self.policy, self.seed, self.planted_bug);
         let oracle = Oracle::default();
         let metrics: Arc<Mutex<Vec<Arc<Metrics>>>> = Arc::default();
         for host in 0..self.nodes {
@@ -476,7 +484,7 @@ impl Scenario {
             violations.push(format!("invariant 7: {panics} tasks panicked"));
         }
         let events = oracle.events();
-        violations.extend(oracle::check(&events, &db.log()));
+        violations.extend(oracle::check(&events, &db.log(), self.policy));
         violations.extend(db.violations());
         if let Ok(path) = std::env::var("SIM_TRACE") {
             // The whole event log, one event a line, for reading a replayed failure.

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use switchboard_engine::changes::ChangeKind;
 
-use crate::db::{self, Commit};
+use crate::db::{self, Commit, Policy};
 use crate::TICK_MS;
 
 /// Milliseconds of simulated time.
@@ -182,15 +182,15 @@ struct Subscription {
 }
 
 impl Subscription {
-    /// Whether filters and the RLS model let this subscriber see `commit`.
-    fn allows(&self, commit: &Commit) -> bool {
+    /// Whether filters and the RLS model, under `policy`, let this subscriber see `commit`.
+    fn allows(&self, commit: &Commit, policy: Policy) -> bool {
         let filter = self
             .filter_owner
             .as_ref()
             .is_none_or(|owner| *owner == commit.owner);
         let rls = commit.kind == ChangeKind::Delete
             || self.service
-            || commit.owner == format!("c{}", self.who.client);
+            || policy.visible(Some(&commit.owner), &format!("c{}", self.who.client));
         filter && rls
     }
 }
@@ -200,6 +200,7 @@ impl Subscription {
 fn check_changes(
     events: &[Event],
     commits: &[Commit],
+    policy: Policy,
     disconnected: &BTreeMap<Who, Ms>,
     violations: &mut Vec<String>,
 ) {
@@ -262,7 +263,7 @@ fn check_changes(
             ));
         }
         for id in &s.seen {
-            if by_id.get(id).is_none_or(|c| !s.allows(c)) {
+            if by_id.get(id).is_none_or(|c| !s.allows(c, policy)) {
                 violations.push(format!(
                     "invariant 6: {} got change {id} its filter or RLS forbid",
                     s.who
@@ -270,7 +271,7 @@ fn check_changes(
             }
         }
         if s.open && !disconnected.contains_key(&s.who) {
-            let owed = |c: &&Commit| c.at > s.at + TICK_MS && s.allows(c);
+            let owed = |c: &&Commit| c.at > s.at + TICK_MS && s.allows(c, policy);
             for commit in commits.iter().copied().filter(owed) {
                 if !s.seen.contains(&commit.id) {
                     violations.push(format!(
@@ -290,8 +291,9 @@ const CLOSE_CODES: [u16; 4] = [1000, 1001, 1008, 1012];
 /// A broadcast: its sender connection, room and sequence number.
 type Message = (Who, String, u64);
 
-/// Checks the invariants over the log of client events and the database's commits.
-pub fn check(events: &[Event], commits: &[Commit]) -> Vec<String> {
+/// Checks the invariants over the log of client events and the database's commits, read
+/// under `policy`.
+pub fn check(events: &[Event], commits: &[Commit], policy: Policy) -> Vec<String> {
     let mut violations = Vec::new();
     let mut membership: BTreeMap<(Who, String), Membership> = BTreeMap::new();
     let mut disconnected: BTreeMap<Who, Ms> = BTreeMap::new();
@@ -486,7 +488,7 @@ pub fn check(events: &[Event], commits: &[Commit]) -> Vec<String> {
             ));
         }
     }
-    check_changes(events, commits, &disconnected, &mut violations);
+    check_changes(events, commits, policy, &disconnected, &mut violations);
     check_private(events, &mut violations);
     check_sent(events, commits, &membership, &disconnected, &mut violations);
     violations
