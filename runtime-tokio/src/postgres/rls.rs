@@ -77,8 +77,6 @@ struct Policies {
     /// The column of the table's one policy `col = auth.uid()`: a row passes exactly when
     /// it holds the subscriber's `sub` ([`owner_column`]).
     owner: Option<String>,
-    /// A permissive policy is `using (true)` and none is restrictive: every row passes.
-    everyone: bool,
 }
 
 /// The role and claims of a question, transaction-local as Supabase's helpers read them.
@@ -631,8 +629,6 @@ impl Policies {
         let uuid_columns: Vec<String> = row.get(5);
         let uid: Option<String> = row.get(6);
         let owner = owner_column(&permissive, &restrictive, &uuid_columns, uid.as_deref());
-        // `pg_get_expr` prints the constant as `true`, however the policy spelled it.
-        let everyone = restrictive.is_empty() && permissive.iter().any(|e| e == "true");
         Policies {
             exists: row.get(0),
             active: row.get(1),
@@ -640,8 +636,13 @@ impl Policies {
             permissive,
             restrictive,
             owner,
-            everyone,
         }
+    }
+
+    /// A permissive policy is `using (true)` and none is restrictive: every row passes.
+    /// `pg_get_expr` prints the constant as `true`, however the policy spelled it.
+    fn everyone(&self) -> bool {
+        self.restrictive.is_empty() && self.permissive.iter().any(|e| e == "true")
     }
 
     /// The verdicts for the rows at `group` of `checks` that need no policy evaluated (the
@@ -661,7 +662,7 @@ impl Policies {
         } else if self.permissive.is_empty() {
             // No permissive policy: Postgres lets nothing through.
             all(Verdict::Hidden)
-        } else if self.everyone {
+        } else if self.everyone() {
             all(Verdict::Visible)
         } else {
             self.by_owner(checks, group, sub)
@@ -675,7 +676,7 @@ impl Policies {
         if !applies {
             return None;
         }
-        if self.everyone {
+        if self.everyone() {
             return Some(Rule::All);
         }
         let column = self.owner.clone()?;
@@ -943,7 +944,6 @@ mod tests {
             permissive: vec!["(owner = auth.uid())".into()],
             restrictive: vec![],
             owner: Some("owner".into()),
-            everyone: false,
         };
         let row = |owner: Value| RowCheck {
             schema: "public".into(),
@@ -991,7 +991,6 @@ mod tests {
             permissive: vec!["a = 1".into(), "b".into()],
             restrictive: vec!["c".into(), "d".into()],
             owner: None,
-            everyone: false,
         };
         let sql = evaluation("public", "we\"ird", &policies);
         assert!(sql.contains("null::\"public\".\"we\"\"ird\""), "{sql}");
