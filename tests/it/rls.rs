@@ -38,6 +38,23 @@ fn query(n: u64, role: &str, sub: &str, checks: Vec<RowCheck>, xids: Vec<u32>) -
     }
 }
 
+/// A question of `role` carrying exactly `claims`, about `checks`.
+fn claimed(n: u64, role: &str, claims: Value, checks: Vec<RowCheck>) -> VisibilityQuery {
+    VisibilityQuery {
+        claims: Arc::new(claims.as_object().expect("an object").clone()),
+        ..query(n, role, "", checks, vec![])
+    }
+}
+
+/// The rules an answer reports when it asked about `public.<table>` alone.
+fn ruled(table: &str, rule: Option<Rule>) -> Vec<TableRule> {
+    vec![TableRule {
+        schema: "public".into(),
+        table: table.into(),
+        rule,
+    }]
+}
+
 async fn ask(engine: &mut Engine, question: VisibilityQuery) -> Option<Vec<Verdict>> {
     answer(engine, question).await.0
 }
@@ -361,9 +378,7 @@ async fn owner_policies_get_the_verdicts_postgres_gives() {
     let mut n = 0;
     let mut ask_as = |role: &str, claims: Value| {
         n += 1;
-        let mut question = query(n, role, "", rows(), vec![]);
-        question.claims = Arc::new(claims.as_object().expect("an object").clone());
-        question
+        claimed(n, role, claims, rows())
     };
     let upper = ALICE.to_uppercase();
     let braced = format!("{{{}}}", upper.replace('-', ""));
@@ -395,13 +410,10 @@ async fn owner_policies_get_the_verdicts_postgres_gives() {
         ),
     ];
     let owned = |column: Option<&str>| {
-        vec![TableRule {
-            schema: "public".into(),
-            table: "owned".into(),
-            rule: column.map(|column| Rule::Owner {
-                column: column.into(),
-            }),
-        }]
+        let rule = column.map(|column| Rule::Owner {
+            column: column.into(),
+        });
+        ruled("owned", rule)
     };
     for (question, expected) in cases {
         let (claims, role) = (question.claims.clone(), question.role.clone());
@@ -503,17 +515,9 @@ async fn a_using_true_policy_is_every_row_visible_without_postgres() {
             check("open", json!({"id": 2, "owner": BOB})),
             check("open", json!({"id": 3, "owner": null})),
         ];
-        let mut question = query(n, role, "", rows, vec![]);
-        question.claims = Arc::new(claims.as_object().expect("an object").clone());
-        question
+        claimed(n, role, claims, rows)
     };
-    let open = |rule: Option<Rule>| {
-        vec![TableRule {
-            schema: "public".into(),
-            table: "open".into(),
-            rule,
-        }]
-    };
+    let open = |rule: Option<Rule>| ruled("open", rule);
     for (role, claims) in [
         ("anon", json!({})),
         ("authenticated", json!({"sub": ALICE})),
