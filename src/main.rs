@@ -625,6 +625,18 @@ fn run(serve: Serve) -> anyhow::Result<()> {
         let mut stopped = stopped;
         let _ = stopped.wait_for(|stop| *stop).await;
     };
+    // The database side and the signals run on this thread, beside the shards. The signal
+    // handlers go in before the shards serve anyone: a SIGTERM sent as soon as a client
+    // could connect (a supervisor's, or a test's once it read the address) drains the
+    // server instead of killing it unannounced.
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the control runtime")?;
+    let signals = {
+        let _runtime = control.enter();
+        Signals::new().context("installing the SIGINT and SIGTERM handlers")?
+    };
     let serving = tasks.into_iter().zip(listeners).collect();
     let shards = match serve.runtime {
         Runtime::Tokio => Shards::Tokio(
@@ -632,11 +644,6 @@ fn run(serve: Serve) -> anyhow::Result<()> {
         ),
         Runtime::Glommio => Shards::Glommio(switchboard_glommio::Shards::start(serving, shutdown)?),
     };
-    // The database side and the signals run on this thread, beside the shards.
-    let control = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the control runtime")?;
     if let Some((url, _)) = &database {
         // Before the WAL reader starts, so that creating its slot (which waits for every
         // open transaction) never waits for ours. A database that is down now only delays
@@ -734,7 +741,7 @@ fn run(serve: Serve) -> anyhow::Result<()> {
     println!("switchboard listening on http://{addr}");
     std::io::stdout().flush().context("writing to stdout")?;
     info!(%addr, runtime = ?serve.runtime, shards = count, config = serve.config, "listening");
-    control.block_on(shutdown_signal());
+    control.block_on(signals.recv());
     let _ = stop.send(true);
     // The shards drain on their threads while this one keeps the cluster link and the
     // database side running: the presence leaves of the drained sockets reach the other
@@ -750,13 +757,29 @@ fn run(serve: Serve) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
+/// SIGINT and SIGTERM, caught from the moment this is made: until then either kills the
+/// process.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers; needs a tokio runtime entered.
+    fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
     }
-    info!("shutting down");
+
+    /// Completes on either signal.
+    async fn recv(mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        info!("shutting down");
+    }
 }

@@ -8,7 +8,7 @@ use serde_json::json;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::{connect, http, join, metric, recv, send, token, Server, UPGRADE};
+use crate::support::{connect, http, join, metric, recv, send, token, Server, SECRET, UPGRADE};
 
 #[tokio::test]
 async fn refused_upgrades_get_upstream_status_and_text() {
@@ -261,6 +261,32 @@ async fn sigterm_tells_channels_and_closes_sockets_with_1012() {
     assert_eq!(frame.code, CloseCode::Restart);
     let _ = ws.close(None).await;
     assert!(exited_ok.await.unwrap(), "exit status 0");
+}
+
+/// The signal handlers are in before the shards serve anyone: a SIGTERM sent the moment the
+/// address is printed drains the server, which exits 0. Before, they were installed after
+/// that line, so such a SIGTERM could kill the server (this loop failed within its first 25
+/// starts in each of three runs), and a client already joined lost its socket without a
+/// close frame. bash sends it with its builtin `kill`; `Server::terminate` runs the `kill`
+/// program, a fork and exec later, which mostly hid the race.
+#[test]
+fn a_sigterm_as_soon_as_the_server_listens_drains_it() {
+    let script = r#"coproc S {
+            exec "$0" serve --bind 127.0.0.1:0 --jwt-secret "$1" --runtime "$2" --shards "$3" \
+                --log-level error
+        }
+        read -r line <&"${S[0]}"
+        kill -TERM "$S_PID"
+        wait "$S_PID""#;
+    let (runtime, shards) = (crate::support::runtime(), crate::support::shards());
+    for start in 0..100 {
+        let binary = env!("CARGO_BIN_EXE_switchboard");
+        let status = std::process::Command::new("bash")
+            .args(["-c", script, binary, SECRET, &runtime, &shards])
+            .status()
+            .expect("bash runs");
+        assert!(status.success(), "start {start}: {status}");
+    }
 }
 
 #[tokio::test]
